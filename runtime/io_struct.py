@@ -1,0 +1,62 @@
+"""Records passed between the HTTP server, the engine and the scheduler thread.
+
+They are plain dataclasses so that the server, the offline `Engine.generate` and
+the tests all speak the same shapes; the server turns a `RequestOutput` into the
+JSON of NATIVE_API.md with `to_generate_response`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Literal
+
+from runtime.sampling import SamplingParams
+
+RequestKind = Literal["generate", "embed", "classify"]
+
+
+@dataclasses.dataclass
+class EngineRequest:
+    """One prompt and one sample; the server expands batches and `n > 1` into several."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    kind: RequestKind = "generate"
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    token_ids_logprob: list[int] | None = None
+    return_text_in_logprobs: bool = False
+    return_hidden_states: bool = False
+    text: str | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state as seen by its client: cumulative, so every event stands alone."""
+
+    rid: str
+    output_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    e2e_latency: float = 0.0
+    # Logprob entries are (logprob or None, token id); the server adds text when asked.
+    input_token_logprobs: list[tuple[float | None, int]] | None = None
+    output_token_logprobs: list[tuple[float | None, int]] | None = None
+    input_top_logprobs: list[list[tuple[float, int]] | None] | None = None
+    output_top_logprobs: list[list[tuple[float, int]]] | None = None
+    input_token_ids_logprobs: list[list[tuple[float, int]] | None] | None = None
+    output_token_ids_logprobs: list[list[tuple[float, int]]] | None = None
+    hidden_states: list[list[float]] | None = None
+    embedding: list[float] | None = None
+    error: str | None = None
+
+
+OutputCallback = Callable[[RequestOutput], None]
