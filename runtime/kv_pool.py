@@ -1,0 +1,210 @@
+"""Device KV pages and the host-side free-page allocator.
+
+The KV cache is two device arrays (`k_pool`, `v_pool`) of fixed shape
+`[num_layers, num_pages, page_size, num_kv_heads, head_dim]`; a token's KV sits
+in slot `page * page_size + offset`. Which pages are free is host bookkeeping,
+kept by `PageAllocator` and owned by the scheduler thread alone (no locks).
+Page 0 is reserved: padding tokens write their KV there and padding page-table
+entries point at it, so it is never handed to a request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RESERVED_PAGE = 0
+
+
+class PageAllocator:
+    """Free list of KV pages 1..num_pages-1.
+
+    A stack keeps `alloc`/`free` O(pages touched); a per-page in-use flag makes a
+    double free or a stray page id fail loudly instead of silently handing the
+    same page to two sequences (which would corrupt their KV without any error).
+    """
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 2:
+            raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
+        self._num_pages = num_pages
+        self._in_use = np.zeros(num_pages, dtype=np.bool_)
+        self._free: list[int] = []
+        self.reset()
+
+    @property
+    def num_free(self) -> int:
+        """Pages that `alloc` can hand out now."""
+        return len(self._free)
+
+    @property
+    def num_total(self) -> int:
+        """Usable pages: every page but the reserved page 0."""
+        return self._num_pages - 1
+
+    @property
+    def num_pages(self) -> int:
+        """Pages in the pool, the reserved page 0 included."""
+        return self._num_pages
+
+    def alloc(self, n: int) -> list[int] | None:
+        """Hand out `n` pages, or None (and nothing) when fewer than `n` are free."""
+        if n < 0:
+            raise ValueError(f"cannot allocate a negative number of pages ({n})")
+        if n > len(self._free):
+            return None
+        if n == 0:
+            return []
+        pages = self._free[-n:]
+        del self._free[-n:]
+        pages.reverse()
+        self._in_use[pages] = True
+        return pages
+
+    def free(self, pages: Iterable[int]) -> None:
+        """Return pages to the free list; all-or-nothing, `ValueError` on a bad id or a double free."""
+        pages = [int(p) for p in pages]
+        seen: set[int] = set()
+        for page in pages:
+            if not 0 < page < self._num_pages:
+                raise ValueError(f"cannot free page {page}: valid pages are 1..{self._num_pages - 1}")
+            if not self._in_use[page] or page in seen:
+                raise ValueError(f"double free of page {page}")
+            seen.add(page)
+        if pages:
+            self._in_use[pages] = False
+            # Reversed so that a later alloc of the same count returns them in the same order.
+            self._free.extend(reversed(pages))
+
+    def is_free(self, page: int) -> bool:
+        """Whether `page` sits in the free list (for checks and tests)."""
+        return 0 < page < self._num_pages and not self._in_use[page]
+
+    def reset(self) -> None:
+        """Mark every usable page free; the caller guarantees nobody holds one."""
+        self._in_use[:] = False
+        self._in_use[RESERVED_PAGE] = True
+        # Stack top last: a fresh allocator hands out 1, 2, 3, ...
+        self._free = list(range(self._num_pages - 1, 0, -1))
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: Any) -> int:
+    """Bytes of K plus V that one token occupies across all layers."""
+    itemsize = np.dtype(dtype).itemsize
+    return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+
+def _host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what the host can give without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                parts = line.split()
+                return int(parts[1]) * 1024  # the figure is in kB
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")
+
+
+def available_memory_bytes(device: jax.Device | None = None) -> int:
+    """Memory free for the KV pool on `device`, read after the weights are loaded.
+
+    CPU devices share the host's memory, so their figure is the host's MemAvailable;
+    accelerators report `bytes_limit - bytes_in_use` of their allocator. A backend
+    without memory stats falls back to the host figure.
+    """
+    device = device if device is not None else jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats()
+        if stats and "bytes_limit" in stats:
+            return max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return _host_available_bytes()
+
+
+def pages_for_budget(
+    *,
+    page_size: int,
+    bytes_per_token: int,
+    max_total_tokens: int | None = None,
+    mem_fraction_static: float = 0.88,
+    device: jax.Device | None = None,
+    available_bytes: int | None = None,
+) -> int:
+    """Number of pages to allocate for the KV pool, the reserved page 0 included.
+
+    With `max_total_tokens` the pool holds exactly that many tokens rounded up to
+    whole pages. Otherwise it takes `mem_fraction_static` of the memory available
+    now (`available_bytes`, or `available_memory_bytes(device)`), rounded down to
+    whole pages. `bytes_per_token` is per device: divide by the tensor-parallel
+    degree when KV heads are sharded.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    if bytes_per_token < 1:
+        raise ValueError(f"bytes_per_token must be >= 1, got {bytes_per_token}")
+    if max_total_tokens is not None:
+        if max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {max_total_tokens}")
+        return math.ceil(max_total_tokens / page_size) + 1
+    if not 0.0 < mem_fraction_static <= 1.0:
+        raise ValueError(f"mem_fraction_static must be in (0, 1], got {mem_fraction_static}")
+    if available_bytes is None:
+        available_bytes = available_memory_bytes(device)
+    budget = int(available_bytes * mem_fraction_static)
+    usable_pages = budget // (bytes_per_token * page_size)
+    if usable_pages < 1:
+        raise ValueError(
+            f"KV budget of {budget} bytes ({mem_fraction_static} of {available_bytes}) holds no page of "
+            f"{page_size} tokens at {bytes_per_token} bytes per token; lower the model size or set "
+            "max_total_tokens"
+        )
+    return usable_pages + 1
+
+
+class KVPool:
+    """The device KV arrays plus the allocator over their pages.
+
+    `k_pool` and `v_pool` are plain attributes because the model runner donates
+    them to every step and stores the step's outputs back (`pool.k_pool = new_k`).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_pages: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: Any,
+        sharding: jax.sharding.Sharding | None = None,
+    ) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.num_layers = num_layers
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = jnp.dtype(dtype)
+        self.allocator = PageAllocator(num_pages)
+        shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+        self.k_pool: jax.Array = jnp.zeros(shape, self.dtype, device=sharding)
+        self.v_pool: jax.Array = jnp.zeros(shape, self.dtype, device=sharding)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of each of `k_pool` and `v_pool`."""
+        return (self.num_layers, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens the usable pages can hold (page 0 excluded)."""
+        return self.allocator.num_total * self.page_size
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of both arrays together (all shards)."""
+        return 2 * math.prod(self.shape) * self.dtype.itemsize
