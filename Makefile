@@ -6,7 +6,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Kernel tests need Python 3.12 + JAX 0.11 (see docs/kernels.md).
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)
+# The first python3.12 that actually runs (a pyenv shim may exist yet fail when 3.12 is not the active version).
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
+	$$p -c '' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 KVENV := .venv-kernels
 KPY := $(KVENV)/bin/python
 export SGLAX_CACHE ?= $(CURDIR)/.cache

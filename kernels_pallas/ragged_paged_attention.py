@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas._backend import pl, plgpu, resolve_backend
 
 # Finite, so that a fully masked row gives zeros instead of NaN from (-inf) - (-inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)

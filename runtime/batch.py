@@ -1,0 +1,96 @@
+"""The host-side description of one device step, and the bucket sizes that keep shapes few.
+
+The scheduler fills a `ScheduledBatch` with numpy arrays already padded to
+buckets; the model runner only moves it to the device and runs it. Keeping this
+record plain (no device arrays, no requests) lets each side be tested alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from runtime.sampling import SamplingBatch
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def power_of_two_buckets(minimum: int, maximum: int) -> list[int]:
+    """Powers of two from `minimum` up to the first one >= `maximum`."""
+    buckets = [minimum]
+    while buckets[-1] < maximum:
+        buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    """The smallest bucket holding n; n beyond the last bucket is a scheduler bug."""
+    for bucket in buckets:
+        if n <= bucket:
+            return bucket
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass
+class Buckets:
+    """Every padded size a step can take; their product bounds the compiled programs."""
+
+    decode_seqs: list[int]  # includes 0
+    prefill_seqs: list[int]  # includes 0
+    prefill_tokens: list[int]  # includes 0
+    page_table_width: list[int]
+
+    @classmethod
+    def build(cls, max_running: int, max_prefill_seqs: int, chunk_tokens: int, max_pages_per_seq: int) -> Buckets:
+        return cls(
+            decode_seqs=[0, *power_of_two_buckets(1, max_running)],
+            prefill_seqs=[0, *power_of_two_buckets(1, max_prefill_seqs)],
+            prefill_tokens=[0, *power_of_two_buckets(16, chunk_tokens)],
+            page_table_width=power_of_two_buckets(1, max_pages_per_seq),
+        )
+
+    def max_programs(self) -> int:
+        """An upper bound on the step programs: each (decode, prefill seqs, prefill q, width) combination."""
+        prefill_shapes = 1 + (len(self.prefill_seqs) - 1) * (len(self.prefill_tokens) - 1) * (
+            len(self.prefill_tokens) - 1
+        )
+        return len(self.decode_seqs) * prefill_shapes * len(self.page_table_width)
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    """One step: decode rows first (one token each), then prefill chunks, all padded."""
+
+    input_ids: np.ndarray  # int32[T]: host-known tokens
+    token_source: np.ndarray  # int32[T]: row of the previous step's sampled tokens, or -1 to use input_ids
+    positions: np.ndarray  # int32[T]
+    cu_q_lens: np.ndarray  # int32[S + 1]
+    kv_lens: np.ndarray  # int32[S]
+    page_table: np.ndarray  # int32[S, P]
+    write_slots: np.ndarray  # int32[T]
+    num_tokens: int
+    num_decode_seqs: int  # padded decode rows (static)
+    max_prefill_q_len: int  # static
+    sample_rows: np.ndarray  # int32[S]: flat index of each sequence's last token
+    sample_valid: np.ndarray  # bool[S]: the row's token is really wanted this step
+    sampling: SamplingBatch  # numpy arrays, one row per sequence
+
+    @property
+    def num_padded_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def shape_key(self) -> tuple[int, ...]:
+        """What a compiled program is specialised on."""
+        return (
+            self.num_padded_tokens,
+            int(self.kv_lens.shape[0]),
+            int(self.page_table.shape[1]),
+            self.num_decode_seqs,
+            self.max_prefill_q_len,
+            int(self.sampling.suppressed_ids.shape[1]),
+        )

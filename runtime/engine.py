@@ -1,0 +1,365 @@
+"""The engine: model, tokenizer, KV pool, runner and scheduler thread behind one object.
+
+The HTTP server and offline users (`Engine(model_path=...).generate(...)`)
+share it. Everything that can be checked before a request is queued is checked
+in `validate_request`, so the scheduler only ever sees valid requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import random
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from models.loader import load_model
+from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
+from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
+from runtime.model_runner import ModelRunner
+from runtime.request import Req
+from runtime.response import embedding_response, generate_response
+from runtime.sampling import SamplingParams
+from runtime.scheduler import Scheduler
+from runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+CLASSIFY_SUFFIX = "ForSequenceClassification"
+
+
+@dataclasses.dataclass
+class ModelInfo:
+    model_path: str
+    tokenizer_path: str | None
+    is_generation: bool
+    embedding_kind: str | None  # "embed", "classify" or None for generation models
+    context_length: int
+    vocab_size: int
+    served_model_name: str
+    architecture: str
+
+
+def _enable_compile_cache(directory: str) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _eos_ids(config: Any, tokenizer: Any, model_path: str) -> frozenset[int]:
+    """EOS ids from the config, generation_config.json and the tokenizer, as HF generate would stop on."""
+    ids: set[int] = set()
+    sources = [getattr(config, "eos_token_id", None)]
+    generation_config = Path(model_path) / "generation_config.json"
+    if generation_config.is_file():
+        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        sources.append(tokenizer.eos_token_id)
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(int(x) for x in source)
+    return frozenset(ids)
+
+
+class Engine:
+    """Owns the model and the scheduler thread; thread-safe entry points for the server."""
+
+    def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any) -> None:
+        self.server_args = server_args or ServerArgs(**kwargs)
+        args = self.server_args
+        if args.enable_compile_cache and args.compile_cache_dir:
+            _enable_compile_cache(args.compile_cache_dir)
+        loaded = load_model(args.model_path, dtype=args.dtype, load_format=args.load_format)
+        self.config = loaded.config
+        self.model = loaded.model
+        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer()
+        self.model_info = self._model_info(loaded.architecture)
+        if self.model_info.is_generation and args.is_embedding:
+            raise ValueError(f"{args.model_path} is a generation model: --is-embedding cannot serve it.")
+        self._rng = random.Random(args.random_seed)
+        self._rid_lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self.encoder = None
+        self.scheduler: Scheduler | None = None
+        if loaded.architecture == "BertModel":
+            from runtime.encoder_runner import EncoderRunner
+
+            self.encoder = EncoderRunner(self.model, args.model_path, self.model_info.context_length)
+        else:
+            self._build_scheduler()
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path)
+        if self.server_args.chat_template:
+            template = Path(self.server_args.chat_template)
+            tokenizer.chat_template = template.read_text() if template.is_file() else self.server_args.chat_template
+        return tokenizer
+
+    def _model_info(self, architecture: str) -> ModelInfo:
+        args = self.server_args
+        config = self.config
+        if architecture == "BertModel":
+            kind = "embed"
+        elif architecture.endswith(CLASSIFY_SUFFIX):
+            kind = "classify"
+        elif args.is_embedding:
+            kind = "embed"
+        else:
+            kind = None
+        limit = getattr(config, "max_position_embeddings", None) or 2048
+        context = args.context_length or limit
+        return ModelInfo(
+            model_path=args.model_path,
+            tokenizer_path=None if args.skip_tokenizer_init else args.tokenizer_path,
+            is_generation=kind is None,
+            embedding_kind=kind,
+            context_length=int(context),
+            vocab_size=int(config.vocab_size),
+            served_model_name=args.served_model_name or args.model_path,
+            architecture=architecture,
+        )
+
+    def _build_scheduler(self) -> None:
+        args = self.server_args
+        config = self.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        layers = config.num_hidden_layers
+        dtype = self.model_dtype
+        per_token = kv_bytes_per_token(layers, num_kv_heads, head_dim, dtype)
+        fraction = args.mem_fraction_static if args.mem_fraction_static is not None else (
+            0.88 if jax.devices()[0].platform != "cpu" else 0.2
+        )
+        num_pages = pages_for_budget(
+            page_size=args.page_size, bytes_per_token=per_token,
+            max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
+        )
+        self.pool = KVPool(layers, num_pages, args.page_size, num_kv_heads, head_dim, dtype)
+        self.runner = ModelRunner(self.model, self.pool, args.max_running_requests, self.model_info.vocab_size)
+        context = self.model_info.context_length
+        chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
+        self.scheduler = Scheduler(
+            self.runner, self.pool, self.tokenizer,
+            context_length=context,
+            max_running_requests=args.max_running_requests,
+            chunked_prefill_size=chunk,
+            schedule_policy=args.schedule_policy,
+            disable_radix_cache=args.disable_radix_cache,
+            stream_interval=args.stream_interval,
+            eos_ids=_eos_ids(config, self.tokenizer, args.model_path),
+        )
+        self.scheduler.start()
+        logger.info(
+            "KV pool: %d pages of %d tokens (%d tokens, %.1f MB)",
+            num_pages - 1, args.page_size, self.pool.max_total_tokens, 2 * self.pool.k_pool.nbytes / 1e6,
+        )
+
+    @property
+    def model_dtype(self) -> Any:
+        leaves = jax.tree_util.tree_leaves(nnx.state(self.model, nnx.Param))
+        return leaves[0].dtype
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("The server was launched with --skip-tokenizer-init: send input_ids instead of text.")
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def validate_request(self, req: EngineRequest) -> None:
+        """Every check that can fail a request, with the message the client sees."""
+        info = self.model_info
+        if req.kind == "generate" and not info.is_generation:
+            raise ValueError("This model is an embedding model: /generate is not served. Use /encode or /classify.")
+        if req.kind != "generate" and info.is_generation:
+            raise ValueError(
+                "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
+                "when launching the server or try another model."
+            )
+        if not req.input_ids:
+            raise ValueError("input_ids cannot be empty.")
+        for token in req.input_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < info.vocab_size:
+                raise ValueError(f"Token id {token} is outside the vocabulary (size {info.vocab_size}).")
+        context = info.context_length
+        if len(req.input_ids) >= context and req.kind == "generate" or len(req.input_ids) > context:
+            if self.server_args.allow_auto_truncate:
+                req.input_ids = req.input_ids[: context - 1]
+            else:
+                raise ValueError(
+                    f"The input ({len(req.input_ids)} tokens) is longer than the model's context length "
+                    f"({context} tokens)."
+                )
+        params = req.sampling_params
+        if req.kind == "generate" and params.max_new_tokens is not None:
+            total = len(req.input_ids) + params.max_new_tokens
+            if total > context:
+                raise ValueError(
+                    f"Requested token count exceeds the model's maximum context length of {context} tokens. "
+                    f"You requested a total of {total} tokens: {len(req.input_ids)} tokens from the input "
+                    f"messages and {params.max_new_tokens} tokens for the completion. Please reduce the number "
+                    "of tokens in the input messages or the completion to fit within the limit."
+                )
+        params.verify(info.vocab_size)
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer: the server runs with --skip-tokenizer-init.")
+        if req.return_logprob and req.top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be at least 0, got {req.top_logprobs_num}.")
+        if req.return_logprob and req.logprob_start_len >= len(req.input_ids):
+            raise ValueError(
+                f"logprob_start_len ({req.logprob_start_len}) must be less than the input length "
+                f"({len(req.input_ids)})."
+            )
+        with self._rid_lock:
+            if req.rid in self._inflight:
+                raise ValueError(f"Request id {req.rid!r} is already in flight.")
+
+    def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
+        """Queue a validated request; `callback` runs on the scheduler thread for each output."""
+        with self._rid_lock:
+            if req.rid in self._inflight:
+                raise ValueError(f"Request id {req.rid!r} is already in flight.")
+            self._inflight.add(req.rid)
+
+        def deliver(output: RequestOutput) -> None:
+            if output.finished:
+                with self._rid_lock:
+                    self._inflight.discard(req.rid)
+            callback(output)
+
+        if self.encoder is not None:
+            self.encoder.submit(req, deliver)
+            return
+        assert self.scheduler is not None
+        if self.scheduler.error is not None:
+            deliver(RequestOutput(req.rid, [], None, True, {"type": "abort", "message": "engine failed"},
+                                  len(req.input_ids), 0, 0, error=f"The engine failed: {self.scheduler.error}"))
+            return
+        params = req.sampling_params
+        limit = self.model_info.context_length - len(req.input_ids)
+        max_new = limit if params.max_new_tokens is None else min(params.max_new_tokens, limit)
+        if req.kind != "generate":
+            max_new = 0
+        seed = params.sampling_seed if params.sampling_seed is not None else self._rng.getrandbits(63)
+        self.scheduler.submit(Req(request=req, callback=deliver, max_new_tokens=max_new, seed=seed,
+                                  eos_ids=self.scheduler.eos_ids))
+
+    def abort(self, rid: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.abort(rid)
+
+    # -- control ------------------------------------------------------------------------------------
+
+    def flush_cache(self) -> bool:
+        if self.scheduler is None:
+            return True
+        return self.scheduler.call(self.scheduler.flush_cache)
+
+    def stats(self) -> dict[str, Any]:
+        if self.scheduler is None:
+            return self.encoder.stats()
+        return self.scheduler.call(self.scheduler.stats)
+
+    @property
+    def num_compiled_programs(self) -> int:
+        if self.scheduler is None:
+            return self.encoder.num_compiled_programs
+        return self.runner.num_compiled_programs
+
+    def get_server_info(self) -> dict[str, Any]:
+        info = self.stats()
+        max_total = self.pool.max_total_tokens if self.scheduler is not None else 0
+        info.update(
+            max_total_num_tokens=max_total,
+            max_req_input_len=self.model_info.context_length - 1,
+            version=VERSION,
+            num_compiled_programs=self.num_compiled_programs,
+        )
+        return info
+
+    def shutdown(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        if self.encoder is not None:
+            self.encoder.shutdown()
+
+    # -- offline use ----------------------------------------------------------------------------------
+
+    def _make_requests(self, prompt, input_ids, sampling_params, kind, **extra) -> tuple[list[EngineRequest], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("Give exactly one of prompt or input_ids.")
+        single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
+        if prompt is not None:
+            prompts = [prompt] if single else list(prompt)
+            id_lists = [self.tokenize(p) for p in prompts]
+        else:
+            id_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
+        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
+        requests = []
+        for ids, params in zip(id_lists, params_list, strict=True):
+            parsed = params if isinstance(params, SamplingParams) else SamplingParams.from_dict(params or {})
+            request = EngineRequest(rid=uuid.uuid4().hex, input_ids=ids, sampling_params=parsed, kind=kind, **extra)
+            self.validate_request(request)
+            requests.append(request)
+        return requests, single
+
+    def _run_blocking(self, requests: list[EngineRequest]) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def collect(output: RequestOutput) -> None:
+            if output.finished:
+                with lock:
+                    results[output.rid] = output
+                    if len(results) == len(requests):
+                        done.set()
+
+        for request in requests:
+            self.submit(request, collect)
+        done.wait()
+        return [results[r.rid] for r in requests]
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False, **extra):
+        """Offline generation; the result has the /generate response's shape (a list for a batch)."""
+        requests, single = self._make_requests(prompt, input_ids, sampling_params, "generate", stream=stream, **extra)
+        skip = self.tokenizer is None
+        if stream:
+            if not single:
+                raise ValueError("Offline streaming takes one prompt.")
+            return self._stream(requests[0], skip)
+        outputs = self._run_blocking(requests)
+        responses = [generate_response(r, o, self.tokenizer, skip) for r, o in zip(requests, outputs, strict=True)]
+        return responses[0] if single else responses
+
+    def _stream(self, request: EngineRequest, skip: bool) -> Iterator[dict]:
+        events: queue.Queue = queue.Queue()
+        self.submit(request, events.put)
+        while True:
+            output = events.get()
+            yield generate_response(request, output, self.tokenizer, skip)
+            if output.finished:
+                return
+
+    def encode(self, prompt=None, input_ids=None):
+        """Offline embedding or reward scores, shaped like /encode's answer."""
+        kind = self.model_info.embedding_kind or "embed"
+        requests, single = self._make_requests(prompt, input_ids, None, kind)
+        responses = [embedding_response(o) for o in self._run_blocking(requests)]
+        return responses[0] if single else responses

@@ -1,0 +1,177 @@
+"""Jit-compiled step functions over bucketed shapes, and the device state they update.
+
+The runner owns what lives on the device between steps: the weights (an
+argument of every program, so a same-shaped swap recompiles nothing), the KV
+pool and the penalty tables (donated and written in place), the expert
+histogram, and the previous step's sampled tokens, which the next step reads
+directly so the host can dispatch step N+1 before it has read step N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels_pallas.ragged_paged_attention import AttentionMetadata
+from runtime.batch import ScheduledBatch
+from runtime.kv_pool import KVPool
+from runtime.sampling import reset_penalty_rows, sample, update_output_counts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """Device handles of one step; reading any of them waits for that step alone."""
+
+    next_tokens: jax.Array  # int32[S]
+    chosen_logprobs: jax.Array  # float32[S]
+    logprobs: jax.Array  # float32[S, V], log-softmax of the raw logits
+    hidden: jax.Array  # [T, H], final-norm hidden states of every token
+
+
+class ModelRunner:
+    """Runs `ScheduledBatch`es through one causal model; never decides who runs."""
+
+    def __init__(self, model: nnx.Module, pool: KVPool, max_running_requests: int, vocab_size: int) -> None:
+        self.graphdef, self.params = nnx.split(model)
+        self.pool = pool
+        self.vocab_size = vocab_size
+        self.penalty_rows = max_running_requests + 1  # row 0 serves padding rows
+        self.output_counts = jnp.zeros((self.penalty_rows, vocab_size), jnp.int32)
+        self.prompt_mask = jnp.zeros((self.penalty_rows, vocab_size), jnp.bool_)
+        self.num_experts = getattr(model, "num_experts", 0)
+        self.num_layers = getattr(model, "num_layers", pool.k_pool.shape[0])
+        self.expert_hist = jnp.zeros((self.num_layers, max(self.num_experts, 1)), jnp.int32)
+        self.recording = jnp.zeros((), jnp.int32)
+        self._prev_tokens = jnp.zeros((1,), jnp.int32)
+        self._compiled: set[tuple] = set()
+        self._compile_lock = threading.Lock()
+        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2, 3, 4))
+        self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
+        self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
+        self._token_logprobs = jax.jit(self._token_logprobs_fn)
+
+    # -- the step -------------------------------------------------------------------------
+
+    def _step_fn(self, params, k_pool, v_pool, output_counts, expert_hist, prompt_mask, recording,
+                 prev_tokens, host, meta, sampling):
+        model = nnx.merge(self.graphdef, params)
+        input_ids = jnp.where(
+            host["token_source"] >= 0,
+            prev_tokens[jnp.clip(host["token_source"], 0, prev_tokens.shape[0] - 1)],
+            host["input_ids"],
+        )
+        hidden, k_pool, v_pool, expert_counts = model(input_ids, host["positions"], k_pool, v_pool, meta)
+        logits = model.compute_logits(hidden[host["sample_rows"]])
+        out = sample(logits, sampling, output_counts, prompt_mask)
+        output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, host["sample_valid"])
+        if expert_counts is not None:
+            expert_hist = expert_hist + expert_counts * recording
+        return out.tokens, out.chosen_logprob, out.logprobs, hidden, k_pool, v_pool, output_counts, expert_hist
+
+    def run(self, batch: ScheduledBatch) -> StepOutput:
+        """Dispatch one step asynchronously; the returned handles resolve when it ends."""
+        key = ("step", batch.shape_key())
+        with self._compile_lock:
+            if key not in self._compiled:
+                self._compiled.add(key)
+                logger.debug("compiling step program %s", key)
+        host = {
+            "input_ids": batch.input_ids,
+            "token_source": batch.token_source,
+            "positions": batch.positions,
+            "sample_rows": batch.sample_rows,
+            "sample_valid": batch.sample_valid,
+        }
+        meta = AttentionMetadata(
+            cu_q_lens=batch.cu_q_lens,
+            kv_lens=batch.kv_lens,
+            page_table=batch.page_table,
+            write_slots=batch.write_slots,
+            num_tokens=np.int32(batch.num_tokens),
+            num_decode_seqs=batch.num_decode_seqs,
+            max_prefill_q_len=batch.max_prefill_q_len,
+        )
+        host, meta, sampling = jax.device_put((host, meta, batch.sampling))
+        tokens, chosen, logprobs, hidden, k_pool, v_pool, counts, hist = self._step(
+            self.params, self.pool.k_pool, self.pool.v_pool, self.output_counts, self.expert_hist,
+            self.prompt_mask, self.recording, self._prev_tokens, host, meta, sampling,
+        )
+        self.pool.k_pool, self.pool.v_pool = k_pool, v_pool
+        self.output_counts, self.expert_hist = counts, hist
+        self._prev_tokens = tokens
+        return StepOutput(tokens, chosen, logprobs, hidden)
+
+    # -- per-request device state -----------------------------------------------------------
+
+    def reset_penalties(self, slot: int, prompt_ids: list[int]) -> None:
+        """Clear a penalty row for a newly admitted request and mark its prompt tokens."""
+        width = 1 << max(len(prompt_ids) - 1, 0).bit_length()
+        padded = np.full((1, width), -1, np.int32)
+        padded[0, : len(prompt_ids)] = prompt_ids
+        self._compiled.add(("reset_penalties", width))
+        self.output_counts, self.prompt_mask = self._reset_penalties(
+            self.output_counts, self.prompt_mask, np.array([slot], np.int32), padded
+        )
+
+    # -- reading hidden states -----------------------------------------------------------------
+
+    def _readout_fn(self, params, hidden, rows, *, kind: str):
+        model = nnx.merge(self.graphdef, params)
+        selected = hidden[rows].astype(jnp.float32)
+        if kind == "classify":
+            return model.score(selected.astype(hidden.dtype)).astype(jnp.float32)
+        if kind == "embed":
+            norm = jnp.linalg.norm(selected, axis=-1, keepdims=True)
+            return selected / jnp.maximum(norm, 1e-12)
+        return selected
+
+    def readout(self, hidden: jax.Array, rows: list[int], kind: str) -> np.ndarray:
+        """Pooled outputs for embedding / reward requests, or raw hidden states (`kind="hidden"`)."""
+        padded = np.zeros((1 << max(len(rows) - 1, 0).bit_length(),), np.int32)
+        padded[: len(rows)] = rows
+        self._compiled.add(("readout", kind, padded.shape[0], hidden.shape[0]))
+        return np.asarray(self._readout(self.params, hidden, padded, kind=kind))[: len(rows)]
+
+    def _token_logprobs_fn(self, params, hidden, rows, targets):
+        model = nnx.merge(self.graphdef, params)
+        logits = model.compute_logits(hidden[rows])
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        return logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+
+    def prompt_logprobs(self, hidden: jax.Array, rows: list[int], targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Log-softmax rows at prompt positions (for input logprobs) and each next token's logprob."""
+        width = 1 << max(len(rows) - 1, 0).bit_length()
+        padded_rows = np.zeros((width,), np.int32)
+        padded_rows[: len(rows)] = rows
+        padded_targets = np.zeros((width,), np.int32)
+        padded_targets[: len(targets)] = targets
+        self._compiled.add(("prompt_logprobs", width, hidden.shape[0]))
+        full, chosen = self._token_logprobs(self.params, hidden, padded_rows, padded_targets)
+        return np.asarray(full)[: len(rows)], np.asarray(chosen)[: len(rows)]
+
+    # -- weights and accounting ------------------------------------------------------------------
+
+    def swap_params(self, new_params) -> None:
+        """Same structure, shapes and dtypes as the serving weights, so nothing recompiles."""
+        self.params = new_params
+
+    def set_recording(self, on: bool) -> None:
+        self.recording = jnp.asarray(1 if on else 0, jnp.int32)
+
+    def take_expert_histogram(self) -> np.ndarray:
+        """Read and reset the histogram (one host transfer per dump, none per step)."""
+        hist = np.asarray(self.expert_hist)
+        self.expert_hist = jnp.zeros_like(self.expert_hist)
+        return hist
+
+    @property
+    def num_compiled_programs(self) -> int:
+        return len(self._compiled)

@@ -1,0 +1,74 @@
+"""A request's host-side state while the scheduler owns it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from runtime.detokenizer import IncrementalDetokenizer
+from runtime.io_struct import EngineRequest, OutputCallback
+from runtime.radix_cache import TreeNode
+
+
+@dataclasses.dataclass(eq=False)
+class Req:
+    """Everything the scheduler tracks for one `EngineRequest`.
+
+    `all_ids` is the prompt plus every output token read back so far;
+    `num_computed` counts tokens whose KV is written or will be written by a step
+    already dispatched; `inflight` counts sampled tokens not yet read back (the
+    host runs one step behind the device).
+    """
+
+    request: EngineRequest
+    callback: OutputCallback
+    max_new_tokens: int
+    seed: int
+    eos_ids: frozenset[int]
+    all_ids: list[int] = dataclasses.field(default_factory=list)
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    inflight: int = 0
+    pages: list[int] = dataclasses.field(default_factory=list)
+    locked_node: TreeNode | None = None
+    cached_tokens: int = 0
+    penalty_slot: int = 0
+    finished: bool = False
+    finish_reason: dict | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    text: str = ""
+    stop_scan_from: int = 0
+    last_streamed: int = 0
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    output_logprobs: list[tuple[float | None, int]] = dataclasses.field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
+    output_ids_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
+    input_logprobs: list[tuple[float | None, int]] = dataclasses.field(default_factory=list)
+    input_top_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
+    input_ids_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
+    hidden_states: list[list[float]] = dataclasses.field(default_factory=list)
+    embedding: list[float] | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.request.rid
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.input_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to feed: 1 means a decode row, more means a prefill chunk."""
+        return len(self.all_ids) + self.inflight - self.num_computed
+
+    @property
+    def produced(self) -> int:
+        """Output tokens sampled so far, read back or not."""
+        return len(self.output_ids) + self.inflight
+
+    @property
+    def is_generation(self) -> bool:
+        return self.request.kind == "generate"

@@ -1,0 +1,547 @@
+"""Sampling parameters (validation, defaults) and batched on-device sampling.
+
+`SamplingParams` is the request-side record: `from_dict` turns a client's
+`sampling_params` object into one, with the reference server's defaults and
+error messages (NATIVE_API.md), so the server can answer 400 before anything runs.
+
+`sample` is the device side: one row per sequence of a padded batch, every
+per-request knob an array (never a static argument), so one compiled program
+serves every mix of greedy and sampled requests. The costly parts only run
+when some row needs them (`lax.cond` on a runtime predicate): on a 2-core CPU
+a full sort of [32, 49152] logits costs ~250 ms, so top-k / top-p take their
+cutoff from a 256-candidate `lax.top_k` and fall back to an exact bisection
+only for rows whose cutoff lies deeper. A row's random draw comes from
+`fold_in(request_key, output_index)`, so its token does not depend on its
+batch neighbours or on the step it runs in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Temperatures below this are greedy (the reference's _SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-6
+# top-k / top-p cutoffs are read from this many best candidates when they lie there.
+TOP_CANDIDATES = 256
+# Tokens per block of the two-level inverse-CDF draw.
+_DRAW_BLOCK = 256
+# Smallest suppressed-id width, so typical batches share one shape.
+MIN_SUPPRESSED_WIDTH = 4
+# repetition_penalty 0 would divide by zero; its limit is reached with a tiny positive value.
+_MIN_REPETITION_PENALTY = 1e-6
+_PRNG_IMPL = "threefry2x32"
+
+
+# ----------------------------------------------------------------------------- request parameters
+
+_FLOAT_KEYS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
+_INT_KEYS = ("min_new_tokens", "top_k", "n")
+_OPTIONAL_INT_KEYS = ("max_new_tokens", "sampling_seed")
+_BOOL_KEYS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+_GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """One request's `sampling_params`, with the reference's defaults (NATIVE_API.md).
+
+    Numbers keep the type the client sent (an int temperature stays an int), so
+    error messages print values exactly as the reference does.
+    """
+
+    max_new_tokens: int | None = 128  # None: up to the context length
+    min_new_tokens: int = 0
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_token_ids: list[int] = dataclasses.field(default_factory=list)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    regex: str | None = None
+    json_schema: str | dict[str, Any] | None = None
+    ebnf: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    custom_params: dict[str, Any] | None = None
+    sampling_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # The API accepts one string or null for `stop`; the engine always sees a list.
+        # Empty strings would match at once and end every request: they are dropped.
+        stop: Any = self.stop
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        self.stop = [s for s in stop if s]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        """Build from a client's JSON object; ValueError names the offending key."""
+        if d is None:
+            d = {}
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be an object, got {type(d).__name__}.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in known:
+                raise ValueError(f"Unknown sampling parameter: {key!r}.")
+            kwargs[key] = _checked_type(key, value)
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        """Range checks in the reference's order and wording."""
+        if self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.top_k < 1 and self.top_k != -1:
+            raise ValueError(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.")
+        if not 0.0 <= self.repetition_penalty <= 2.0:
+            raise ValueError(f"repetition_penalty must be in [0, 2], got {self.repetition_penalty}.")
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
+        upper = self.max_new_tokens if self.max_new_tokens is not None else math.inf
+        if not 0 <= self.min_new_tokens <= upper:
+            raise ValueError(
+                f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], "
+                f"got {self.min_new_tokens}."
+            )
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        for token_id in self.stop_token_ids:
+            if token_id < 0:
+                raise ValueError(f"stop_token_ids must be non-negative token ids, got {token_id}.")
+        grammars = [key for key in _GRAMMAR_KEYS if getattr(self, key) is not None]
+        if len(grammars) > 1:
+            raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+        if grammars:
+            raise ValueError(f"{grammars[0]} is not supported by this server.")
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported by this server.")
+
+    def verify(self, vocab_size: int) -> None:
+        """Checks that need the model: stop token ids must lie inside the vocabulary."""
+        self.validate()
+        for token_id in self.stop_token_ids:
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(
+                    f"stop_token_ids contains {token_id}, outside the vocabulary [0, {vocab_size})."
+                )
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding: the same rule `sample` applies on the device."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+
+def _type_error(key: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"{key} must be {expected}, got {value!r}.")
+
+
+def _as_int(key: str, value: Any) -> int:
+    """JSON has one number type: 128.0 is accepted as 128, 1.5 and true are not."""
+    if isinstance(value, bool):
+        raise _type_error(key, "an integer", value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _type_error(key, "an integer", value)
+
+
+def _checked_type(key: str, value: Any) -> Any:
+    """The value of `key` if its JSON type fits (integral floats become ints), else ValueError."""
+    if key in _FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _type_error(key, "a number", value)
+        if not math.isfinite(value):
+            raise _type_error(key, "a finite number", value)
+        return value
+    if key in _INT_KEYS:
+        return _as_int(key, value)
+    if key in _OPTIONAL_INT_KEYS:
+        return None if value is None else _as_int(key, value)
+    if key in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise _type_error(key, "a boolean", value)
+        return value
+    if key == "stop":
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return value
+        raise _type_error(key, "a string or a list of strings", value)
+    if key == "stop_token_ids":
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [_as_int(key, v) for v in value]
+        raise _type_error(key, "a list of integers", value)
+    if key in ("regex", "ebnf"):
+        if value is not None and not isinstance(value, str):
+            raise _type_error(key, "a string", value)
+        return value
+    if key in ("json_schema", "structural_tag"):
+        if value is not None and not isinstance(value, str | dict):
+            raise _type_error(key, "a string or an object", value)
+        return value
+    if key == "custom_params":
+        if value is not None and not isinstance(value, dict):
+            raise _type_error(key, "an object", value)
+        return value
+    raise AssertionError(f"no type rule for sampling parameter {key!r}")
+
+
+# ----------------------------------------------------------------------------- device batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingBatch:
+    """Per-row sampling knobs of one step, S rows (padded rows: temperature 0, ignored).
+
+    Numpy on the host (`make_sampling_batch`), device arrays inside the step.
+    """
+
+    temperature: Any  # f32[S]
+    top_p: Any  # f32[S]
+    top_k: Any  # i32[S]; 0 or >= V: off
+    min_p: Any  # f32[S]
+    frequency_penalty: Any  # f32[S]
+    presence_penalty: Any  # f32[S]
+    repetition_penalty: Any  # f32[S]
+    seeds: Any  # u32[S, 2]: raw threefry key data of each request
+    output_index: Any  # i32[S]: index of the token being sampled in its request's output
+    suppressed_ids: Any  # i32[S, K]: ids banned this step, -1 padding
+    penalty_slot: Any  # i32[S]: row of the penalty tables
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SampleOutput:
+    """What `sample` returns, all device arrays."""
+
+    tokens: jax.Array  # i32[S]
+    logprobs: jax.Array  # f32[S, V]: log-softmax of the raw logits
+    chosen_logprob: jax.Array  # f32[S]: logprobs at tokens
+
+
+@dataclasses.dataclass
+class SamplingRow:
+    """What the host knows about one row to sample."""
+
+    params: SamplingParams
+    seed: int
+    output_index: int
+    penalty_slot: int
+    eos_ids: Sequence[int] = ()
+
+
+def seed_to_key_data(seed: int) -> np.ndarray:
+    """uint32[2] key data equal to `jax.random.key_data(jax.random.PRNGKey(seed))`.
+
+    Exact for 0 <= seed < 2**32; other seeds use their 64-bit two's complement
+    (JAX's own result with x64 on), so seeds differing above bit 32 stay distinct.
+    """
+    value = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+    return np.array([value >> 32, value & 0xFFFF_FFFF], dtype=np.uint32)
+
+
+def suppressed_ids_of(row: SamplingRow) -> list[int]:
+    """Ids that would end the request while min_new_tokens is not reached yet.
+
+    With ignore_eos neither EOS nor stop_token_ids end a request (the reference's
+    check_finished), so nothing needs banning.
+    """
+    params = row.params
+    if params.ignore_eos or row.output_index >= params.min_new_tokens:
+        return []
+    return list(dict.fromkeys([*row.eos_ids, *params.stop_token_ids]))
+
+
+def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBatch:
+    """Numpy `SamplingBatch` of `pad_to` rows; K is a power of two >= MIN_SUPPRESSED_WIDTH."""
+    if pad_to < len(rows):
+        raise ValueError(f"{len(rows)} rows do not fit in pad_to={pad_to}")
+    banned = [suppressed_ids_of(row) for row in rows]
+    width = max([MIN_SUPPRESSED_WIDTH, *(len(ids) for ids in banned)])
+    width = 1 << (width - 1).bit_length()
+    batch = SamplingBatch(
+        temperature=np.zeros(pad_to, np.float32),
+        top_p=np.ones(pad_to, np.float32),
+        top_k=np.zeros(pad_to, np.int32),
+        min_p=np.zeros(pad_to, np.float32),
+        frequency_penalty=np.zeros(pad_to, np.float32),
+        presence_penalty=np.zeros(pad_to, np.float32),
+        repetition_penalty=np.ones(pad_to, np.float32),
+        seeds=np.zeros((pad_to, 2), np.uint32),
+        output_index=np.zeros(pad_to, np.int32),
+        suppressed_ids=np.full((pad_to, width), -1, np.int32),
+        penalty_slot=np.zeros(pad_to, np.int32),
+    )
+    for i, (row, ids) in enumerate(zip(rows, banned, strict=True)):
+        p = row.params
+        batch.temperature[i] = p.temperature
+        batch.top_p[i] = p.top_p
+        batch.top_k[i] = max(p.top_k, 0)
+        batch.min_p[i] = p.min_p
+        batch.frequency_penalty[i] = p.frequency_penalty
+        batch.presence_penalty[i] = p.presence_penalty
+        batch.repetition_penalty[i] = p.repetition_penalty
+        batch.seeds[i] = seed_to_key_data(row.seed)
+        batch.output_index[i] = row.output_index
+        batch.suppressed_ids[i, : len(ids)] = ids
+        batch.penalty_slot[i] = row.penalty_slot
+    return batch
+
+
+# ----------------------------------------------------------------------------- device functions
+
+
+def apply_penalties(
+    logits: jax.Array,
+    output_counts: jax.Array,
+    seen_in_prompt: jax.Array,
+    frequency_penalty: jax.Array,
+    presence_penalty: jax.Array,
+    repetition_penalty: jax.Array,
+) -> jax.Array:
+    """Penalised logits f32[S, V] from each row's output counts i32[S, V] and prompt mask bool[S, V].
+
+    repetition (HF): tokens seen in prompt or output have positive logits divided
+    by r and negative ones multiplied by r; then frequency / presence (OpenAI):
+    subtract count * f and (count > 0) * p, counting output tokens only. Neutral
+    values (0, 0, 1) leave a row bit-identical.
+    """
+    r = jnp.maximum(repetition_penalty, _MIN_REPETITION_PENALTY)[:, None]
+    seen_in_output = output_counts > 0
+    repeated = jnp.where(logits > 0, logits / r, logits * r)
+    logits = jnp.where(seen_in_prompt | seen_in_output, repeated, logits)
+    counts = output_counts.astype(jnp.float32)
+    return (
+        logits
+        - counts * frequency_penalty[:, None]
+        - seen_in_output.astype(jnp.float32) * presence_penalty[:, None]
+    )
+
+
+def _first_argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis, lowest index on ties; two plain reductions, ~4x faster on CPU
+    than jnp.argmax's variadic reduce."""
+    vocab = x.shape[-1]
+    best = jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(vocab, dtype=jnp.int32)
+    return jnp.min(jnp.where(x == best, ids, vocab), axis=-1).astype(jnp.int32)
+
+
+def _sortable_key(x: jax.Array) -> jax.Array:
+    """uint32 keys ordered like the float32 values (for an exact bisection over values)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    ordered = jnp.where(bits >= 0, bits, bits ^ jnp.int32(0x7FFFFFFF))
+    return jax.lax.bitcast_convert_type(ordered, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _key_to_float(key: jax.Array) -> jax.Array:
+    """Inverse of `_sortable_key`."""
+    ordered = jax.lax.bitcast_convert_type(key ^ jnp.uint32(0x80000000), jnp.int32)
+    bits = jnp.where(ordered >= 0, ordered, ordered ^ jnp.int32(0x7FFFFFFF))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _bisect_cutoff(scaled: jax.Array, probs: jax.Array, k_eff: jax.Array, p_eff: jax.Array) -> jax.Array:
+    """Exact top-k/top-p cutoff f32[S] without sorting: the least value T with
+    count(x > T) < k and mass(x > T) <= p, found by 32 halvings of the uint32 key range."""
+    keys = _sortable_key(scaled)
+    lo = jnp.min(keys, axis=-1) - jnp.uint32(1)  # below every value: the predicate may fail here
+    hi = jnp.max(keys, axis=-1)  # the row maximum: nothing is above it, the predicate holds
+
+    def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds
+        mid = lo + (hi - lo) // jnp.uint32(2)
+        above = keys > mid[:, None]
+        count = jnp.sum(above, axis=-1, dtype=jnp.int32)
+        mass = jnp.sum(jnp.where(above, probs, 0.0), axis=-1)
+        holds = (count < k_eff) & (mass <= p_eff)
+        return jnp.where(holds, lo, mid), jnp.where(holds, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+    return _key_to_float(hi)
+
+
+def _top_k_top_p_cutoff(
+    scaled: jax.Array, probs: jax.Array, top_k: jax.Array, top_p: jax.Array, active: jax.Array
+) -> jax.Array:
+    """Least logit kept by top-k and top-p (applied jointly on the same distribution, like the
+    reference), -inf for rows without either filter. Ties at the cutoff are all kept."""
+    vocab = scaled.shape[-1]
+    k_on = active & (top_k > 0) & (top_k < vocab)
+    p_on = active & (top_p < 1.0)
+    k_eff = jnp.where(k_on, top_k, vocab + 1)
+    p_eff = jnp.where(p_on, top_p, 2.0)
+    num = min(TOP_CANDIDATES, vocab)
+    best, best_ids = jax.lax.top_k(scaled, num)
+    best_probs = jnp.take_along_axis(probs, best_ids, axis=-1)
+    mass_before = jnp.cumsum(best_probs, axis=-1) - best_probs
+    count_p = jnp.sum(mass_before <= p_eff[:, None], axis=-1, dtype=jnp.int32)
+    keep = jnp.clip(jnp.minimum(count_p, k_eff), 1, num)
+    cutoff = jnp.take_along_axis(best, (keep - 1)[:, None], axis=-1)[:, 0]
+    filtered = k_on | p_on
+    # A row is settled among the candidates unless both its top-p and top-k reach beyond them.
+    settled = ~filtered | (k_eff <= num) | (count_p < num)
+    cutoff = jax.lax.cond(
+        jnp.all(settled),
+        lambda: cutoff,
+        lambda: jnp.where(settled, cutoff, _bisect_cutoff(scaled, probs, k_eff, p_eff)),
+    )
+    return jnp.where(filtered, cutoff, -jnp.inf)
+
+
+def _row_uniforms(seeds: jax.Array, output_index: jax.Array) -> jax.Array:
+    """One uniform in [0, 1) per row from fold_in(request key, output index)."""
+
+    def draw(seed: jax.Array, index: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.wrap_key_data(seed, impl=_PRNG_IMPL), index)
+        return jax.random.uniform(key, (), jnp.float32)
+
+    return jax.vmap(draw)(seeds, output_index)
+
+
+def _draw(weights: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """Inverse-CDF draw from unnormalised weights f32[S, V], in two levels (block masses, then
+    one block) so no V-long prefix sum is needed."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // _DRAW_BLOCK)
+    padded = jnp.pad(weights, ((0, 0), (0, blocks * _DRAW_BLOCK - vocab)))
+    padded = padded.reshape(rows, blocks, _DRAW_BLOCK)
+    block_cdf = jnp.cumsum(jnp.sum(padded, axis=-1), axis=-1)
+    target = uniforms * block_cdf[:, -1]
+    block = jnp.minimum(jnp.sum(block_cdf <= target[:, None], axis=-1, dtype=jnp.int32), blocks - 1)
+    previous = jnp.take_along_axis(block_cdf, jnp.maximum(block - 1, 0)[:, None], axis=-1)[:, 0]
+    before = jnp.where(block > 0, previous, 0.0)
+    inner = jnp.take_along_axis(padded, block[:, None, None], axis=1)[:, 0]
+    inner_cdf = jnp.cumsum(inner, axis=-1)
+    # Clamped at 0 so leading zero-weight tokens of the block are skipped, never chosen.
+    residual = jnp.maximum(target - before, 0.0)
+    offset = jnp.sum(inner_cdf <= residual[:, None], axis=-1, dtype=jnp.int32)
+    return block * _DRAW_BLOCK + jnp.minimum(offset, _DRAW_BLOCK - 1)
+
+
+def _sample_rows(
+    logits: jax.Array, batch: SamplingBatch, greedy: jax.Array, greedy_tokens: jax.Array
+) -> jax.Array:
+    """Tokens of the non-greedy rows (greedy rows keep `greedy_tokens`)."""
+    temperature = jnp.where(greedy, 1.0, jnp.maximum(batch.temperature, GREEDY_TEMPERATURE))
+    scaled = logits / temperature[:, None]
+    row_max = jnp.max(scaled, axis=-1, keepdims=True)
+    weights = jnp.exp(scaled - row_max)
+    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    needs_cutoff = ~greedy & (((batch.top_k > 0) & (batch.top_k < logits.shape[-1])) | (batch.top_p < 1.0))
+    cutoff = jax.lax.cond(
+        jnp.any(needs_cutoff),
+        lambda: _top_k_top_p_cutoff(scaled, probs, batch.top_k, batch.top_p, ~greedy),
+        lambda: jnp.full(logits.shape[:1], -jnp.inf, jnp.float32),
+    )
+    # min-p keeps probs >= min_p * max prob, i.e. scaled >= max + log(min_p); the max always survives.
+    cutoff = jnp.maximum(cutoff, row_max[:, 0] + jnp.log(batch.min_p))
+    weights = jnp.where(scaled >= cutoff[:, None], weights, 0.0)
+    drawn = _draw(weights, _row_uniforms(batch.seeds, batch.output_index))
+    # Rounding in the prefix sums can land on a zero-weight token (odds ~1e-7): never emit one.
+    drawn_weight = jnp.take_along_axis(weights, drawn[:, None], axis=-1)[:, 0]
+    drawn = jnp.where(drawn_weight > 0, drawn, greedy_tokens)
+    return jnp.where(greedy, greedy_tokens, drawn)
+
+
+def sample(
+    logits: jax.Array, batch: SamplingBatch, output_counts: jax.Array, prompt_mask: jax.Array
+) -> SampleOutput:
+    """Next tokens of S rows from logits f32[S, V], with penalties from the tables [R, V].
+
+    Order: penalties (only when some row has one), suppressed ids -> -inf, then
+    greedy rows (temperature < 1e-6 or top_k == 1) take the argmax and the rest
+    are scaled by temperature, filtered by top-k, top-p and min-p, and drawn.
+    The sampling branch runs only when some row samples.
+    """
+    logits = logits.astype(jnp.float32)
+    rows, vocab = logits.shape
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    penalised = (
+        (batch.frequency_penalty != 0.0) | (batch.presence_penalty != 0.0) | (batch.repetition_penalty != 1.0)
+    )
+    logits = jax.lax.cond(
+        jnp.any(penalised),
+        lambda x: apply_penalties(
+            x,
+            output_counts[batch.penalty_slot],
+            prompt_mask[batch.penalty_slot],
+            batch.frequency_penalty,
+            batch.presence_penalty,
+            batch.repetition_penalty,
+        ),
+        lambda x: x,
+        logits,
+    )
+    banned = jnp.where(batch.suppressed_ids >= 0, batch.suppressed_ids, vocab)
+    logits = logits.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
+    greedy_tokens = _first_argmax(logits)
+    greedy = (batch.temperature < GREEDY_TEMPERATURE) | (batch.top_k == 1)
+    tokens = jax.lax.cond(
+        jnp.all(greedy),
+        lambda: greedy_tokens,
+        lambda: _sample_rows(logits, batch, greedy, greedy_tokens),
+    )
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampleOutput(tokens=tokens, logprobs=logprobs, chosen_logprob=chosen)
+
+
+def update_output_counts(
+    output_counts: jax.Array, penalty_slot: jax.Array, tokens: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """Count each valid row's new token in its penalty row (i32[R, V]); invalid rows add nothing."""
+    slots = jnp.where(valid, penalty_slot, output_counts.shape[0])
+    return output_counts.at[slots, tokens].add(1, mode="drop")
+
+
+def reset_penalty_rows(
+    output_counts: jax.Array, prompt_mask: jax.Array, slots: jax.Array, prompt_ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Clear the penalty rows `slots` i32[N] (-1: padding) for new requests and mark their
+    prompts i32[N, L] (-1 padded) in the prompt mask, for repetition_penalty."""
+    num_rows, vocab = prompt_mask.shape
+    rows = jnp.where(slots >= 0, slots, num_rows)
+    output_counts = output_counts.at[rows].set(0, mode="drop")
+    prompt_mask = prompt_mask.at[rows].set(False, mode="drop")
+    ids = jnp.where(prompt_ids >= 0, prompt_ids, vocab)
+    prompt_mask = prompt_mask.at[rows[:, None], ids].set(True, mode="drop")
+    return output_counts, prompt_mask

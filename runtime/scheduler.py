@@ -1,0 +1,646 @@
+"""The host loop: admit, prefix-match, allocate, batch, run, read back, stream out.
+
+Runs on its own thread and owns every host structure (requests, radix tree,
+allocator) without locks; other threads reach it through `self.inbox`. Each
+iteration dispatches step N+1 before reading step N's tokens, so host work
+overlaps device work; a decode row whose previous token is still on the device
+names that token's row in the previous step (`token_source`) instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from runtime.batch import Buckets, ScheduledBatch, bucket_for, next_power_of_two
+from runtime.detokenizer import IncrementalDetokenizer, find_stop_string
+from runtime.io_struct import RequestOutput
+from runtime.kv_pool import KVPool
+from runtime.model_runner import ModelRunner, StepOutput
+from runtime.radix_cache import RadixCache
+from runtime.request import Req
+from runtime.sampling import SamplingRow, make_sampling_batch
+
+logger = logging.getLogger(__name__)
+
+MAX_PREFILL_SEQS = 8
+TOP_LOGPROBS_CAP = 20
+
+
+class _Plan:
+    """What a dispatched step means for the host: which request sits in which row."""
+
+    def __init__(self) -> None:
+        self.sampled: list[tuple[Req, int]] = []  # (request, sequence row) whose token is wanted
+        self.finished_prefill: list[tuple[Req, int]] = []  # embedding requests done this step: (req, token row)
+        self.chunks: list[tuple[Req, int, int]] = []  # (request, first position, first token row)
+        self.num_new_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_new_seqs = 0
+        self.num_decode = 0
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill, a radix prefix cache and retraction."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        pool: KVPool,
+        tokenizer: Any,
+        *,
+        context_length: int,
+        max_running_requests: int,
+        chunked_prefill_size: int,
+        schedule_policy: str,
+        disable_radix_cache: bool,
+        stream_interval: int,
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.runner = runner
+        self.pool = pool
+        self.allocator = pool.allocator
+        self.page_size = pool.page_size
+        self.radix = RadixCache(self.allocator, self.page_size, disable=disable_radix_cache)
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.max_running = max_running_requests
+        self.chunk_tokens = chunked_prefill_size
+        self.policy = schedule_policy
+        self.stream_interval = max(1, stream_interval)
+        self.eos_ids = eos_ids
+        max_pages_per_seq = -(-context_length // self.page_size)
+        self.buckets = Buckets.build(max_running_requests, MAX_PREFILL_SEQS, chunked_prefill_size, max_pages_per_seq)
+        self.inbox: queue.Queue = queue.Queue()
+        self.waiting: collections.deque[Req] = collections.deque()
+        self.running: list[Req] = []
+        self.by_rid: dict[str, Req] = {}
+        self.free_slots = list(range(max_running_requests, 0, -1))
+        self._pending: tuple[_Plan, StepOutput] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
+        self._hold_admission = False
+        # Statistics for logs, /get_server_info and /metrics.
+        self.last_gen_throughput = 0.0
+        self._gen_tokens_since_log = 0
+        self._last_log = time.monotonic()
+        self.total_prompt_tokens = 0
+        self.total_cached_tokens = 0
+        self.error: BaseException | None = None
+
+    # -- thread plumbing -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake",))
+        self._thread.join(timeout=30)
+
+    def submit(self, req: Req) -> None:
+        self.inbox.put(("req", req))
+
+    def abort(self, rid: str) -> None:
+        self.inbox.put(("abort", rid))
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the scheduler thread between two steps and return its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.inbox.put(("call", fn, future))
+        return future.result()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self._has_work())
+                plan, batch = self._schedule()
+                output = self.runner.run(batch) if batch is not None else None
+                if self._pending is not None:
+                    self._process(*self._pending)
+                self._pending = (plan, output) if batch is not None else None
+                self._maybe_log()
+        except BaseException as exc:  # a bug must not leave clients hanging
+            logger.exception("scheduler crashed")
+            self.error = exc
+            for req in list(self.by_rid.values()):
+                self._finish(req, {"type": "abort", "message": f"internal error: {exc}"}, release=False)
+
+    def _has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._pending)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            kind = item[0]
+            if kind == "req":
+                req = item[1]
+                if req.rid in self.by_rid:
+                    self._reject(req, f"Request id {req.rid!r} is already in flight.")
+                    continue
+                self.by_rid[req.rid] = req
+                req.all_ids = list(req.request.input_ids)
+                self.waiting.append(req)
+            elif kind == "abort":
+                self._abort(item[1])
+            elif kind == "call":
+                _, fn, future = item
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def _reject(self, req: Req, message: str) -> None:
+        req.callback(self._output(req, finished=True, error=message,
+                                  finish_reason={"type": "abort", "message": message}))
+
+    # -- scheduling -----------------------------------------------------------------------------
+
+    def _schedule(self) -> tuple[_Plan, ScheduledBatch | None]:
+        plan = _Plan()
+        decodes = [r for r in self.running if not r.finished and r.remaining == 1 and self._wants_more(r)]
+        decodes = self._ensure_decode_pages(decodes)
+        prefills: list[tuple[Req, int]] = []
+        budget = self.chunk_tokens
+        for req in self.running:
+            if budget <= 0 or len(prefills) >= MAX_PREFILL_SEQS:
+                break
+            if not req.finished and req.remaining > 1:
+                take = self._take_chunk(req, budget)
+                if take == 0:
+                    break
+                prefills.append((req, take))
+                budget -= take
+        if not self._hold_admission:
+            self._order_waiting()
+            while self.waiting and budget > 0 and len(prefills) < MAX_PREFILL_SEQS:
+                if len(self.running) >= self.max_running:
+                    break
+                req = self.waiting[0]
+                take = self._admit(req, budget, plan)
+                if take == 0:
+                    break
+                self.waiting.popleft()
+                self.running.append(req)
+                if req.remaining == 1:
+                    decodes.append(req)
+                else:
+                    prefills.append((req, take))
+                    budget -= take
+        if not decodes and not prefills:
+            return plan, None
+        return plan, self._build_batch(plan, decodes, prefills)
+
+    def _wants_more(self, req: Req) -> bool:
+        if not req.is_generation:
+            return False
+        return req.produced < req.max_new_tokens and len(req.all_ids) + req.inflight < self.context_length
+
+    def _order_waiting(self) -> None:
+        if self.policy == "lpm" and len(self.waiting) > 1:
+            ranked = sorted(self.waiting, key=lambda r: -self.radix.match_prefix(r.all_ids[:-1]).num_tokens)
+            self.waiting = collections.deque(ranked)
+
+    def _pages_needed(self, req: Req, new_tokens: int) -> int:
+        total = -(-(req.num_computed + new_tokens) // self.page_size)
+        return max(0, total - len(req.pages))
+
+    def _alloc(self, n: int) -> list[int] | None:
+        if n == 0:
+            return []
+        pages = self.allocator.alloc(n)
+        if pages is None:
+            self.radix.evict(n - self.allocator.num_free)
+            pages = self.allocator.alloc(n)
+        return pages
+
+    def _ensure_decode_pages(self, decodes: list[Req]) -> list[Req]:
+        """Give each decode row its next page; retract the newest requests when the pool is short."""
+        needed = sum(self._pages_needed(r, 1) for r in decodes)
+        if needed > self.allocator.num_free:
+            self.radix.evict(needed - self.allocator.num_free)
+        while needed > self.allocator.num_free and decodes:
+            victim = max(decodes, key=lambda r: r.admitted_at or 0.0)
+            decodes.remove(victim)
+            needed -= self._pages_needed(victim, 1)
+            self._retract(victim)
+        for req in decodes:
+            pages = self._alloc(self._pages_needed(req, 1))
+            assert pages is not None
+            req.pages.extend(pages)
+        return decodes
+
+    def _retract(self, req: Req) -> None:
+        """Give back a running request's pages and queue it to recompute later (its output is kept)."""
+        if req.inflight:
+            # Its newest token is still on the device: read the pending step first.
+            self._flush_pending()
+        self._release(req)
+        req.num_computed = 0
+        req.cached_tokens = 0
+        self.running.remove(req)
+        self.waiting.appendleft(req)
+        logger.info("retracted request %s to free KV pages", req.rid)
+
+    def _take_chunk(self, req: Req, budget: int) -> int:
+        take = min(req.remaining, budget)
+        pages = self._alloc(self._pages_needed(req, take))
+        if pages is None:
+            return 0
+        req.pages.extend(pages)
+        return take
+
+    def _admit(self, req: Req, budget: int, plan: _Plan) -> int:
+        """Prefix-match, lock and allocate for a waiting request; 0 if it cannot start now."""
+        match = self.radix.match_prefix(req.all_ids[:-1])
+        self.radix.inc_lock(match.node)
+        req.locked_node = match.node
+        req.pages = list(match.pages)
+        req.num_computed = match.num_tokens
+        take = min(req.remaining, budget)
+        pages = self._alloc(self._pages_needed(req, take))
+        if pages is None:
+            self.radix.dec_lock(match.node)
+            req.locked_node, req.pages, req.num_computed = None, [], 0
+            return 0
+        req.pages.extend(pages)
+        if req.admitted_at is None:
+            req.cached_tokens = match.num_tokens
+            self.total_prompt_tokens += req.prompt_len
+            self.total_cached_tokens += match.num_tokens
+        req.admitted_at = time.monotonic()
+        req.penalty_slot = self.free_slots.pop()
+        params = req.request.sampling_params
+        if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
+            self.runner.reset_penalties(req.penalty_slot, req.request.input_ids)
+            for token in req.output_ids:  # a retracted request keeps its counts
+                self.runner.output_counts = self.runner.output_counts.at[req.penalty_slot, token].add(1)
+        plan.num_new_seqs += 1
+        plan.num_cached_tokens += match.num_tokens
+        return take
+
+    def _build_batch(self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]]) -> ScheduledBatch:
+        ps = self.page_size
+        num_decode = bucket_for(len(decodes), self.buckets.decode_seqs)
+        prefill_tokens = sum(take for _, take in prefills)
+        num_prefill = bucket_for(len(prefills), self.buckets.prefill_seqs)
+        padded_prefill_tokens = bucket_for(prefill_tokens, self.buckets.prefill_tokens)
+        max_q = next_power_of_two(max((take for _, take in prefills), default=0), 16) if prefills else 0
+        max_q = min(max_q, padded_prefill_tokens)
+        num_tokens = num_decode + padded_prefill_tokens
+        num_seqs = num_decode + num_prefill
+        kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
+        width = bucket_for(max(-(-kv // ps) for kv in kv_after), self.buckets.page_table_width)
+
+        input_ids = np.zeros(num_tokens, np.int32)
+        token_source = np.full(num_tokens, -1, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        write_slots = np.arange(num_tokens, dtype=np.int32) % ps  # padding writes land in page 0
+        cu_q_lens = np.zeros(num_seqs + 1, np.int32)
+        kv_lens = np.zeros(num_seqs, np.int32)
+        page_table = np.zeros((num_seqs, width), np.int32)
+        sample_rows = np.zeros(num_seqs, np.int32)
+        sample_valid = np.zeros(num_seqs, np.bool_)
+        rows: list[SamplingRow | None] = [None] * num_seqs
+        prev_rows = self._previous_rows()
+
+        cu_q_lens[1 : num_decode + 1] = np.arange(1, num_decode + 1)
+        for seq, req in enumerate(decodes):
+            pos = req.num_computed
+            if req.inflight:
+                token_source[seq] = prev_rows[id(req)]
+            else:
+                input_ids[seq] = req.all_ids[pos]
+            positions[seq] = pos
+            write_slots[seq] = req.pages[pos // ps] * ps + pos % ps
+            kv_lens[seq] = pos + 1
+            page_table[seq, : len(req.pages)] = req.pages
+            sample_rows[seq] = seq
+            sample_valid[seq] = True
+            rows[seq] = self._sampling_row(req)
+            plan.sampled.append((req, seq))
+            req.num_computed += 1
+            req.inflight += 1
+        plan.num_decode = len(decodes)
+
+        offset = num_decode
+        for i, (req, take) in enumerate(prefills):
+            seq = num_decode + i
+            start = req.num_computed
+            input_ids[offset : offset + take] = req.all_ids[start : start + take]
+            span = np.arange(start, start + take)
+            positions[offset : offset + take] = span
+            pages = np.asarray(req.pages, np.int32)
+            write_slots[offset : offset + take] = pages[span // ps] * ps + span % ps
+            kv_lens[seq] = start + take
+            page_table[seq, : len(req.pages)] = req.pages
+            cu_q_lens[seq + 1] = offset + take
+            sample_rows[seq] = offset + take - 1
+            plan.chunks.append((req, start, offset))
+            req.num_computed += take
+            plan.num_new_tokens += take
+            if req.num_computed == len(req.all_ids):
+                if req.is_generation:
+                    sample_valid[seq] = True
+                    rows[seq] = self._sampling_row(req)
+                    plan.sampled.append((req, seq))
+                    req.inflight += 1
+                else:
+                    plan.finished_prefill.append((req, offset + take - 1))
+            offset += take
+        cu_q_lens[num_decode + len(prefills) + 1 :] = offset
+        sampling = make_sampling_batch(rows, num_seqs)
+        return ScheduledBatch(
+            input_ids=input_ids,
+            token_source=token_source,
+            positions=positions,
+            cu_q_lens=cu_q_lens,
+            kv_lens=kv_lens,
+            page_table=page_table,
+            write_slots=write_slots,
+            num_tokens=len(decodes) + prefill_tokens,
+            num_decode_seqs=num_decode,
+            max_prefill_q_len=max_q,
+            sample_rows=sample_rows,
+            sample_valid=sample_valid,
+            sampling=sampling,
+        )
+
+    def _previous_rows(self) -> dict[int, int]:
+        if self._pending is None:
+            return {}
+        return {id(req): row for req, row in self._pending[0].sampled}
+
+    def _sampling_row(self, req: Req) -> SamplingRow:
+        return SamplingRow(
+            params=req.request.sampling_params,
+            seed=req.seed,
+            output_index=req.produced,
+            penalty_slot=req.penalty_slot,
+            eos_ids=sorted(self.eos_ids),
+        )
+
+    # -- reading results back ------------------------------------------------------------------------
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._process(*pending)
+
+    def _process(self, plan: _Plan, output: StepOutput) -> None:
+        tokens = np.asarray(output.next_tokens)
+        wants_logprob = any(r.request.return_logprob for r, _ in plan.sampled)
+        chosen = np.asarray(output.chosen_logprobs) if wants_logprob else None
+        wants_full = any(
+            r.request.return_logprob and (r.request.top_logprobs_num or r.request.token_ids_logprob)
+            for r, _ in plan.sampled
+        )
+        full = np.asarray(output.logprobs) if wants_full else None
+        self._prompt_logprobs(plan, output)
+        self._hidden_states(plan, output)
+        for req, row in plan.finished_prefill:
+            if not req.finished:
+                vector = self.runner.readout(output.hidden, [row], req.request.kind)[0]
+                req.embedding = [float(x) for x in vector]
+                self._finish(req, {"type": "length", "length": 0})
+        for req, row in plan.sampled:
+            req.inflight -= 1
+            if req.finished:
+                continue
+            token = int(tokens[row])
+            if req.first_token_at is None:
+                req.first_token_at = time.monotonic()
+            req.output_ids.append(token)
+            req.all_ids.append(token)
+            self._gen_tokens_since_log += 1
+            if req.request.return_logprob:
+                req.output_logprobs.append((float(chosen[row]), token))
+                if req.request.top_logprobs_num:
+                    req.output_top_logprobs.append(_top(full[row], req.request.top_logprobs_num))
+                if req.request.token_ids_logprob:
+                    req.output_ids_logprobs.append([(float(full[row, t]), t) for t in req.request.token_ids_logprob])
+            self._check_finish(req, token)
+
+    def _prompt_logprobs(self, plan: _Plan, output: StepOutput) -> None:
+        """Input-token logprobs for the prompt positions this step computed, when a request asks."""
+        rows, targets, owners = [], [], []
+        for req, start, first_row in plan.chunks:
+            request = req.request
+            if not request.return_logprob or request.logprob_start_len < 0 or req.output_ids:
+                continue
+            begin = max(request.logprob_start_len, 0)
+            if start == 0 or begin >= req.prompt_len:
+                pass
+            end = min(req.num_computed, req.prompt_len)
+            for pos in range(start, end):
+                target = pos + 1
+                if target <= begin or target >= req.prompt_len:
+                    continue
+                rows.append(first_row + pos - start)
+                targets.append(req.all_ids[target])
+                owners.append((req, target))
+        if not rows:
+            return
+        full, chosen = self.runner.prompt_logprobs(output.hidden, rows, targets)
+        for i, (req, target) in enumerate(owners):
+            request = req.request
+            req.input_logprobs.append((float(chosen[i]), req.all_ids[target]))
+            if request.top_logprobs_num:
+                req.input_top_logprobs.append(_top(full[i], request.top_logprobs_num))
+            if request.token_ids_logprob:
+                req.input_ids_logprobs.append([(float(full[i, t]), t) for t in request.token_ids_logprob])
+
+    def _hidden_states(self, plan: _Plan, output: StepOutput) -> None:
+        wanted = [(req, row) for req, row in plan.sampled if req.request.return_hidden_states and not req.finished]
+        if wanted:
+            states = self.runner.readout(output.hidden, [row for _, row in wanted], "hidden")
+            for (req, _), state in zip(wanted, states, strict=True):
+                req.hidden_states.append([float(x) for x in state])
+
+    def _check_finish(self, req: Req, token: int) -> None:
+        params = req.request.sampling_params
+        reason: dict | None = None
+        if len(req.output_ids) > params.min_new_tokens:
+            if params.stop_token_ids and token in params.stop_token_ids:
+                reason = {"type": "stop", "matched": token}
+            elif not params.ignore_eos and token in self.eos_ids:
+                reason = {"type": "stop", "matched": token}
+        if reason is None and self.tokenizer is not None and (req.request.stream or params.stop):
+            self._detokenize(req)
+            if params.stop:
+                found = find_stop_string(req.text, params.stop, req.stop_scan_from)
+                if found is not None:
+                    position, stop = found
+                    req.text = req.text[: position + len(stop)] if params.no_stop_trim else req.text[:position]
+                    reason = {"type": "stop", "matched": stop}
+                else:
+                    longest = max(len(s) for s in params.stop)
+                    req.stop_scan_from = max(0, len(req.text) - longest + 1)
+        if reason is None and (len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length):
+            reason = {"type": "length", "length": req.max_new_tokens}
+        if reason is not None:
+            self._finish(req, reason)
+        elif req.request.stream and (len(req.output_ids) - req.last_streamed) >= self.stream_interval:
+            req.last_streamed = len(req.output_ids)
+            req.callback(self._output(req, finished=False))
+
+    def _detokenize(self, req: Req) -> None:
+        if req.detokenizer is None:
+            params = req.request.sampling_params
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
+            )
+            req.detokenizer.add(req.output_ids[:-1])
+        req.text += req.detokenizer.add(req.output_ids[-1:])
+
+    def _final_text(self, req: Req) -> str | None:
+        if self.tokenizer is None or not req.is_generation:
+            return None
+        params = req.request.sampling_params
+        if req.finish_reason and isinstance(req.finish_reason.get("matched"), str):
+            return req.text
+        if req.detokenizer is not None:
+            return req.text + req.detokenizer.flush()
+        return self.tokenizer.decode(
+            req.output_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
+
+    # -- ending requests ---------------------------------------------------------------------------
+
+    def _finish(self, req: Req, reason: dict, release: bool = True) -> None:
+        req.finished = True
+        req.finish_reason = reason
+        if release and req in self.running:
+            self._release(req)
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.by_rid.pop(req.rid, None)
+        req.text = self._final_text(req) or ""
+        req.callback(self._output(req, finished=True))
+
+    def _release(self, req: Req) -> None:
+        """Cache the request's computed tokens in the radix tree, free the rest, unlock its prefix."""
+        if req.locked_node is not None:
+            self.radix.cache_finished(req.all_ids[: req.num_computed], req.pages, req.locked_node)
+        elif req.pages:
+            self.allocator.free(req.pages)
+        req.pages, req.locked_node = [], None
+        if req.penalty_slot:
+            self.free_slots.append(req.penalty_slot)
+            req.penalty_slot = 0
+
+    def _abort(self, rid: str) -> None:
+        req = self.by_rid.get(rid)
+        if req is not None and not req.finished:
+            self._finish(req, {"type": "abort", "message": "Aborted by the client."})
+
+    def _output(self, req: Req, finished: bool, error: str | None = None,
+                finish_reason: dict | None = None) -> RequestOutput:
+        request = req.request
+        logprobs = request.return_logprob
+        input_logprobs = None
+        if logprobs:
+            if request.logprob_start_len < 0:
+                input_logprobs = [(None, request.input_ids[-1])]
+            else:
+                first = min(request.logprob_start_len, req.prompt_len - 1)
+                input_logprobs = [(None, request.input_ids[first]), *req.input_logprobs]
+        top_needed = logprobs and request.top_logprobs_num > 0
+        ids_needed = logprobs and request.token_ids_logprob is not None
+        return RequestOutput(
+            rid=req.rid,
+            output_ids=list(req.output_ids),
+            text=req.text if finished else self._streamable_text(req),
+            finished=finished,
+            finish_reason=finish_reason or (req.finish_reason if finished else None),
+            prompt_tokens=req.prompt_len,
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens,
+            e2e_latency=time.monotonic() - req.arrival,
+            input_token_logprobs=input_logprobs,
+            output_token_logprobs=list(req.output_logprobs) if logprobs else None,
+            input_top_logprobs=[None, *req.input_top_logprobs] if top_needed else None,
+            output_top_logprobs=list(req.output_top_logprobs) if top_needed else None,
+            input_token_ids_logprobs=[None, *req.input_ids_logprobs] if ids_needed else None,
+            output_token_ids_logprobs=list(req.output_ids_logprobs) if ids_needed else None,
+            hidden_states=list(req.hidden_states) if request.return_hidden_states else None,
+            embedding=req.embedding,
+            error=error,
+        )
+
+    def _streamable_text(self, req: Req) -> str:
+        """Text so far, less a tail that could still become a trimmed stop string."""
+        stops = req.request.sampling_params.stop
+        if not stops:
+            return req.text
+        hold = max(len(s) for s in stops) - 1
+        return req.text[: max(0, len(req.text) - hold)]
+
+    # -- control operations (run on this thread through `call`) ----------------------------------------
+
+    def flush_cache(self) -> bool:
+        if self.running or self.waiting:
+            return False
+        self._flush_pending()
+        self.radix.flush()
+        return True
+
+    def is_idle(self) -> bool:
+        return not (self.running or self.waiting or self._pending)
+
+    def stats(self) -> dict[str, Any]:
+        total = self.allocator.num_total
+        used_pages = total - self.allocator.num_free - self.radix.evictable_pages()
+        return {
+            "num_running_reqs": len(self.running),
+            "num_queue_reqs": len(self.waiting),
+            "num_used_tokens": used_pages * self.page_size,
+            "token_usage": used_pages / max(total, 1),
+            "num_free_pages": self.allocator.num_free,
+            "num_cached_pages": self.radix.total_cached_pages(),
+            "num_total_pages": total,
+            "cache_hit_rate": self.total_cached_tokens / max(self.total_prompt_tokens, 1),
+            "gen_throughput": self.last_gen_throughput,
+            "last_gen_throughput": self.last_gen_throughput,
+        }
+
+    def _maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < 5.0:
+            return
+        elapsed = now - self._last_log
+        self.last_gen_throughput = self._gen_tokens_since_log / elapsed
+        if self._gen_tokens_since_log:
+            stats = self.stats()
+            logger.info(
+                "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): %.2f, "
+                "#queue-req: %d",
+                stats["num_running_reqs"], stats["num_used_tokens"], stats["token_usage"],
+                self.last_gen_throughput, stats["num_queue_reqs"],
+            )
+        self._gen_tokens_since_log = 0
+        self._last_log = now
+
+
+def _top(row: np.ndarray, k: int) -> list[tuple[float, int]]:
+    k = min(k, row.shape[0])
+    ids = np.argpartition(-row, k - 1)[:k]
+    ids = ids[np.argsort(-row[ids], kind="stable")]
+    return [(float(row[i]), int(i)) for i in ids]

@@ -1,0 +1,136 @@
+"""PageAllocator, pool sizing and KVPool: fast, pure host checks plus one small device pool."""
+
+from __future__ import annotations
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from runtime.kv_pool import (
+    KVPool,
+    PageAllocator,
+    available_memory_bytes,
+    kv_bytes_per_token,
+    pages_for_budget,
+)
+
+
+def test_allocator_never_hands_out_page_zero():
+    allocator = PageAllocator(9)
+    assert allocator.num_total == 8 and allocator.num_free == 8
+    pages = allocator.alloc(8)
+    assert pages is not None and sorted(pages) == list(range(1, 9))
+    assert allocator.num_free == 0
+    assert allocator.alloc(1) is None
+
+
+def test_allocator_all_or_nothing():
+    allocator = PageAllocator(6)
+    first = allocator.alloc(3)
+    assert first == [1, 2, 3]
+    assert allocator.alloc(3) is None
+    assert allocator.num_free == 2  # the failed request took nothing
+    assert allocator.alloc(2) == [4, 5]
+    assert allocator.alloc(0) == []
+    with pytest.raises(ValueError):
+        allocator.alloc(-1)
+
+
+def test_allocator_free_detects_bugs_and_is_atomic():
+    allocator = PageAllocator(5)
+    pages = allocator.alloc(2)
+    assert pages == [1, 2]
+    allocator.free([1])
+    with pytest.raises(ValueError, match="double free"):
+        allocator.free([1])
+    with pytest.raises(ValueError, match="double free"):
+        allocator.free([2, 2])
+    with pytest.raises(ValueError, match="valid pages"):
+        allocator.free([0])
+    with pytest.raises(ValueError, match="valid pages"):
+        allocator.free([5])
+    with pytest.raises(ValueError):
+        allocator.free([2, 3])  # 3 was never allocated: 2 must stay allocated
+    assert not allocator.is_free(2) and allocator.num_free == 3
+    allocator.free([2])
+    assert allocator.num_free == 4
+    assert not allocator.is_free(0)
+
+
+def test_allocator_reset_and_random_churn():
+    rng = random.Random(0)
+    allocator = PageAllocator(33)
+    held: list[int] = []
+    for _ in range(500):
+        if held and rng.random() < 0.5:
+            rng.shuffle(held)
+            count = rng.randint(1, len(held))
+            allocator.free(held[:count])
+            del held[:count]
+        else:
+            got = allocator.alloc(rng.randint(0, 10))
+            if got is not None:
+                held.extend(got)
+        assert len(set(held)) == len(held) and 0 not in held
+        assert allocator.num_free + len(held) == allocator.num_total
+        assert all(not allocator.is_free(p) for p in held)
+    allocator.reset()
+    assert allocator.num_free == 32
+    assert allocator.alloc(2) == [1, 2]
+
+
+def test_kv_bytes_per_token():
+    # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64: about 46 KB per token in float32.
+    assert kv_bytes_per_token(30, 3, 64, jnp.float32) == 2 * 30 * 3 * 64 * 4 == 46080
+    assert kv_bytes_per_token(30, 3, 64, jnp.bfloat16) == 23040
+    assert kv_bytes_per_token(2, 1, 8, np.float16) == 64
+
+
+def test_pages_for_budget_max_total_tokens_rounds_up():
+    assert pages_for_budget(page_size=16, bytes_per_token=100, max_total_tokens=500) == 32 + 1
+    assert pages_for_budget(page_size=16, bytes_per_token=100, max_total_tokens=512) == 32 + 1
+    assert pages_for_budget(page_size=1, bytes_per_token=100, max_total_tokens=7) == 8
+    with pytest.raises(ValueError):
+        pages_for_budget(page_size=16, bytes_per_token=100, max_total_tokens=0)
+
+
+def test_pages_for_budget_from_memory_fraction():
+    # 0.5 of 1 MiB at 64 bytes per token in pages of 16 tokens: 512 usable pages.
+    pages = pages_for_budget(
+        page_size=16, bytes_per_token=64, mem_fraction_static=0.5, available_bytes=1 << 20
+    )
+    assert pages == 512 + 1
+    with pytest.raises(ValueError, match="holds no page"):
+        pages_for_budget(page_size=16, bytes_per_token=64, mem_fraction_static=0.5, available_bytes=1000)
+    with pytest.raises(ValueError):
+        pages_for_budget(page_size=16, bytes_per_token=64, mem_fraction_static=1.5, available_bytes=1 << 20)
+
+
+def test_available_memory_on_cpu_reads_meminfo():
+    available = available_memory_bytes(jax.devices("cpu")[0])
+    assert available > 0
+    pages = pages_for_budget(page_size=16, bytes_per_token=46080, mem_fraction_static=0.01)
+    assert pages >= 2
+
+
+def test_kv_pool_arrays():
+    pool = KVPool(num_layers=2, num_pages=5, page_size=4, num_kv_heads=2, head_dim=8, dtype=jnp.bfloat16)
+    assert pool.k_pool.shape == pool.v_pool.shape == (2, 5, 4, 2, 8) == pool.shape
+    assert pool.k_pool.dtype == jnp.bfloat16
+    assert not bool(jnp.any(pool.k_pool)) and not bool(jnp.any(pool.v_pool))
+    assert pool.max_total_tokens == 4 * 4
+    assert pool.allocator.num_total == 4
+    assert pool.nbytes == 2 * 2 * 5 * 4 * 2 * 8 * 2
+    # The runner swaps the arrays after each donated step.
+    pool.k_pool = pool.k_pool.at[0, 1].set(1.0)
+    assert float(pool.k_pool[0, 1].sum()) == 4 * 2 * 8
+
+
+def test_kv_pool_with_sharding():
+    device = jax.devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    pool = KVPool(1, 3, 2, 1, 4, jnp.float32, sharding=sharding)
+    assert pool.k_pool.sharding == sharding and pool.v_pool.sharding == sharding
