@@ -129,3 +129,318 @@ def ragged_paged_attention_reference(
         token_index, rows = _prefill_attention(q, k_pool, v_pool, layer, meta, sm_scale)
         out = out.at[token_index].set(rows, mode="drop")
     return out.astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- Mosaic GPU kernel
+#
+# One launch serves the whole batch. XLA turns the metadata into a work list of
+# (sequence, kv head, query tile) items; a persistent grid of `num_ctas` CTAs
+# walks it round-robin, longest item first. A tile stacks (query token, q head
+# of the kv head's group) into the 64 rows that wgmma's M needs, so a decode row
+# with GQA ratio 8 fills 8 rows and a prefill chunk fills 64 // ratio tokens.
+# Each item streams its KV in blocks of `block_kv` tokens, gathered page by page
+# from the pool by TMA (double-buffered), and runs an online softmax in f32.
+# Q tiles are gathered into a padded `[items, 64, head_dim]` buffer by XLA and
+# the output comes back the same way; both are small next to the KV they read.
+
+# Columns of the int32 work table read by the kernel.
+_W_SEQ, _W_KV_HEAD, _W_KV_LEN, _W_BASE, _W_Q_COUNT, _W_FULL_BLOCKS, _W_BLOCKS, _W_VALID = range(8)
+_WORK_COLUMNS = 8
+TILE_ROWS = 64  # wgmma's M granule on Hopper
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """The work list and the index maps that move Q into tiles and the output back."""
+
+    work: jax.Array  # int32[items_padded, _WORK_COLUMNS]
+    q_rows: jax.Array  # int32[items_padded, TILE_ROWS, 2]: (token, q head) per tile row; token T = padding
+    out_items: jax.Array  # int32[T, q_heads]: work item holding each output row, -1 for padding tokens
+    out_rows: jax.Array  # int32[T, q_heads]: the row inside that item
+
+
+def _plan_work(
+    meta: AttentionMetadata, num_tokens: int, num_heads: int, kv_heads: int, block_kv: int, num_ctas: int
+) -> _Plan:
+    """Build the work list in XLA; every size here is static (bucketed T, S and page-table width)."""
+    group = num_heads // kv_heads
+    tile_tokens = TILE_ROWS // group
+    num_seqs = meta.kv_lens.shape[0]
+    cu = meta.cu_q_lens.astype(jnp.int32)
+    q_len = cu[1:] - cu[:-1]
+    kv_len = meta.kv_lens.astype(jnp.int32)
+    tiles_per_seq = jnp.where(q_len > 0, (q_len + tile_tokens - 1) // tile_tokens, 0)
+    tile_end = jnp.cumsum(tiles_per_seq)
+    tile_begin = tile_end - tiles_per_seq
+    # Sum over sequences of ceil(q_len / tile_tokens) is at most this bound.
+    max_tiles = max(1, (num_tokens + num_seqs * (tile_tokens - 1)) // tile_tokens)
+    tile = jnp.arange(max_tiles, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(tile_end, tile, side="right"), num_seqs - 1).astype(jnp.int32)
+    valid = tile < tile_end[-1]
+    q_start = (tile - tile_begin[seq]) * tile_tokens
+    q_count = jnp.clip(q_len[seq] - q_start, 0, tile_tokens)
+    base = kv_len[seq] - q_len[seq] + q_start  # last kv position row-token 0 may see
+    blocks = jnp.where(valid, jnp.maximum(base + q_count + block_kv - 1, 0) // block_kv, 0)
+    full_blocks = jnp.clip((base + 1) // block_kv, 0, blocks)
+
+    # Items in canonical order (tile-major, kv head minor), then longest first.
+    per_head = lambda x: jnp.repeat(x, kv_heads)
+    heads = jnp.tile(jnp.arange(kv_heads, dtype=jnp.int32), max_tiles)
+    columns = [per_head(seq), heads, per_head(kv_len[seq]), per_head(base), per_head(q_count),
+               per_head(full_blocks), per_head(blocks), per_head(valid.astype(jnp.int32))]
+    work = jnp.stack(columns, axis=1).astype(jnp.int32)
+    cost = jnp.where(work[:, _W_VALID] > 0, work[:, _W_BLOCKS] + 1, 0)
+    order = jnp.argsort(-cost, stable=True)
+    work = work[order]
+    num_items = max_tiles * kv_heads
+    padded = -(-num_items // num_ctas) * num_ctas
+    work = jnp.pad(work, ((0, padded - num_items), (0, 0)))  # padding items have _W_VALID == 0
+    position = jnp.zeros((num_items,), jnp.int32).at[order].set(jnp.arange(num_items, dtype=jnp.int32))
+
+    # Q tile rows: row r of an item is token q_start + r // group, head kv_head * group + r % group.
+    row = jnp.arange(TILE_ROWS, dtype=jnp.int32)
+    item_tile = jnp.pad(order // kv_heads, (0, padded - num_items))
+    item_head = work[:, _W_KV_HEAD]
+    row_token = cu[seq][item_tile][:, None] + q_start[item_tile][:, None] + row[None, :] // group
+    row_live = (work[:, _W_VALID, None] > 0) & (row[None, :] // group < work[:, _W_Q_COUNT, None])
+    row_live &= row[None, :] < tile_tokens * group
+    q_rows = jnp.stack(
+        [jnp.where(row_live, row_token, num_tokens), item_head[:, None] * group + row[None, :] % group], axis=-1
+    )
+
+    # Output row of each (token, q head).
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    token_seq = jnp.minimum(jnp.searchsorted(cu[1:], token, side="right"), num_seqs - 1)
+    offset = token - cu[token_seq]
+    token_tile = tile_begin[token_seq] + offset // tile_tokens
+    head = jnp.arange(num_heads, dtype=jnp.int32)
+    canonical = token_tile[:, None] * kv_heads + head[None, :] // group
+    out_items = jnp.where((token < cu[-1])[:, None], position[jnp.clip(canonical, 0, num_items - 1)], -1)
+    out_rows = (offset % tile_tokens)[:, None] * group + head[None, :] % group
+    return _Plan(work, q_rows.astype(jnp.int32), out_items, out_rows)
+
+
+def _attention_kernel_body(
+    work_ref: Any,
+    page_table_ref: Any,
+    layer_ref: Any,
+    q_tiles_ref: Any,
+    k_pool_ref: Any,
+    v_pool_ref: Any,
+    out_ref: Any,
+    q_smem: Any,
+    k_smem: Any,
+    v_smem: Any,
+    p_smem: Any,
+    o_smem: Any,
+    q_barrier: Any,
+    k_barriers: Any,
+    v_barriers: Any,
+    *,
+    sm_scale: float,
+    group: int,
+    block_kv: int,
+    num_ctas: int,
+) -> None:
+    """One CTA: walk work items `cta, cta + num_ctas, ...`; one warpgroup does the TMA issue and the math."""
+    head_dim = q_smem.shape[-1]
+    page_size = k_pool_ref.shape[2]
+    table_width = page_table_ref.shape[1]
+    rows_per_copy = min(page_size, block_kv)
+    copies_per_block = block_kv // rows_per_copy
+    blocks_per_page = max(1, page_size // block_kv)
+    dtype = q_smem.dtype
+    cta = lax.axis_index("cta")
+    layer = layer_ref[0]
+    rounds = work_ref.shape[0] // num_ctas
+
+    def issue_kv_block(seq, kv_head, block, slot):
+        """TMA one block of K and V (`copies_per_block` page pieces) into `slot`."""
+        for copy in range(copies_per_block):
+            if blocks_per_page == 1:
+                column = block * copies_per_block + copy
+                offset = 0
+            else:
+                column = block // blocks_per_page
+                offset = (block % blocks_per_page) * block_kv
+            # Columns past the table only cover kv positions >= kv_len (masked); keep the read in bounds.
+            page = page_table_ref[seq, jnp.minimum(column, table_width - 1)]
+            source = (layer, page, pl.ds(offset, rows_per_copy), kv_head)
+            target = (slot, pl.ds(copy * rows_per_copy, rows_per_copy))
+            plgpu.copy_gmem_to_smem(k_pool_ref.at[source], k_smem.at[target], k_barriers.at[slot])
+            plgpu.copy_gmem_to_smem(v_pool_ref.at[source], v_smem.at[target], v_barriers.at[slot])
+
+    @pl.loop(0, rounds)
+    def _item_loop(round_index):
+        item = round_index * num_ctas + cta
+
+        @pl.when(work_ref[item, _W_VALID] != 0)
+        def _item():
+            seq = work_ref[item, _W_SEQ]
+            kv_head = work_ref[item, _W_KV_HEAD]
+            kv_len = work_ref[item, _W_KV_LEN]
+            base = work_ref[item, _W_BASE]
+            q_count = work_ref[item, _W_Q_COUNT]
+            full_blocks = work_ref[item, _W_FULL_BLOCKS]
+            blocks = work_ref[item, _W_BLOCKS]
+
+            plgpu.copy_gmem_to_smem(q_tiles_ref.at[item], q_smem, q_barrier)
+
+            @pl.when(blocks > 0)
+            def _first_block():
+                issue_kv_block(seq, kv_head, 0, 0)
+
+            plgpu.barrier_wait(q_barrier)
+
+            def kv_step(block, carry, *, masked: bool):
+                acc, row_max, row_sum = carry
+                slot = lax.rem(block, 2)
+                plgpu.barrier_wait(k_barriers.at[slot])
+
+                @pl.when(block + 1 < blocks)
+                def _prefetch():
+                    # The other slot was last read by the previous step, whose wgmmas have completed.
+                    issue_kv_block(seq, kv_head, block + 1, 1 - slot)
+
+                def scores_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
+
+                scores = pl.run_scoped(scores_scope, plgpu.ACC((TILE_ROWS, block_kv), jnp.float32))
+                scores = scores * sm_scale
+                if masked:
+                    shape = (TILE_ROWS, block_kv)
+                    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+                    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+                    kv_pos = col + block * block_kv
+                    row_token = lax.div(row, jnp.int32(group))
+                    visible = (kv_pos <= base + row_token) & (kv_pos < kv_len) & (row_token < q_count)
+                    scores = jnp.where(visible, scores, MASK_VALUE)
+                new_max = jnp.maximum(row_max, scores.max(axis=1))
+                rescale = jnp.exp(row_max - new_max)
+                probs = jnp.exp(scores - lax.broadcast_in_dim(new_max, scores.shape, [0]))
+                if masked:
+                    probs = jnp.where(visible, probs, 0.0)
+                row_sum = row_sum * rescale + probs.sum(axis=1)
+                # wgmma takes its A operand from SMEM here (the GPU interpreter cannot run a register LHS).
+                p_smem[...] = probs.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(v_barriers.at[slot])
+
+                def values_scope(acc_ref):
+                    plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                    return acc_ref[...]
+
+                block_out = pl.run_scoped(values_scope, plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))
+                acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + block_out
+                return acc, new_max, row_sum
+
+            carry = (
+                plgpu.layout_cast(jnp.zeros((TILE_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((TILE_ROWS,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            )
+            # Blocks every row of the tile sees in full need no mask; the causal edge and the tail do.
+            carry = lax.fori_loop(0, full_blocks, functools.partial(kv_step, masked=False), carry)
+            acc, _, row_sum = lax.fori_loop(full_blocks, blocks, functools.partial(kv_step, masked=True), carry)
+            # Rows that see nothing (tile padding) have row_sum 0 and give zeros.
+            row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
+            out = acc / lax.broadcast_in_dim(row_sum, acc.shape, [0])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has left o_smem
+            o_smem[...] = out.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[item])
+
+    plgpu.wait_smem_to_gmem(0)
+
+
+def kernel_unsupported_reason(q: jax.Array, k_pool: jax.Array, block_kv: int = 64) -> str:
+    """Why the Mosaic GPU kernel cannot take these inputs ('' when it can); the dispatcher then uses XLA."""
+    num_heads, head_dim = q.shape[1:]
+    page_size, kv_heads = k_pool.shape[2:4]
+    if q.dtype not in KERNEL_DTYPES or k_pool.dtype != q.dtype:
+        # wgmma runs f32 operands as tf32, and a tf32 B operand must be K-major, which V's layout is not.
+        return f"needs bfloat16/float16 q and pools of the same dtype, got {q.dtype}/{k_pool.dtype}"
+    if head_dim % 64:
+        return f"needs head_dim % 64 == 0 (128-byte swizzled SMEM rows), got {head_dim}"
+    if page_size % 8 or (block_kv % page_size and page_size % block_kv):
+        return f"needs a page size that is a multiple of 8 and divides or is divided by {block_kv}, got {page_size}"
+    if num_heads % kv_heads or num_heads // kv_heads > TILE_ROWS:
+        return f"needs q_heads a multiple of kv_heads with ratio <= {TILE_ROWS}, got {num_heads}/{kv_heads}"
+    return ""
+
+
+def ragged_paged_attention_mgpu(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    layer: jax.Array,
+    meta: AttentionMetadata,
+    sm_scale: float,
+    *,
+    interpret: Any = None,
+    num_ctas: int = 132,
+    block_kv: int = 64,
+) -> jax.Array:
+    """Mosaic GPU kernel with the reference's contract; `interpret=plgpu.InterpretGPUParams()` runs it on CPU.
+
+    `num_ctas` is the persistent grid (132 SMs on an H100 SXM); tests pass 2-4.
+    """
+    reason = kernel_unsupported_reason(q, k_pool, block_kv)
+    if reason:
+        raise ValueError(f"ragged_paged_attention_mgpu {reason}")
+    if block_kv % 64:
+        raise ValueError(f"block_kv must be a multiple of 64, got {block_kv}")
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k_pool.shape[3]
+    group = num_heads // kv_heads
+    plan = _plan_work(meta, num_tokens, num_heads, kv_heads, block_kv, num_ctas)
+    q_tiles = q.at[plan.q_rows[..., 0], plan.q_rows[..., 1]].get(mode="fill", fill_value=0)
+    num_items = plan.work.shape[0]
+
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    copies_per_block = block_kv // min(k_pool.shape[2], block_kv)
+    kernel = plgpu.kernel(
+        functools.partial(
+            _attention_kernel_body, sm_scale=float(sm_scale), group=group, block_kv=block_kv, num_ctas=num_ctas
+        ),
+        out_type=jax.ShapeDtypeStruct((num_items, TILE_ROWS, head_dim), q.dtype),
+        scratch_types=[
+            plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=swizzled),
+            plgpu.SMEM((2, block_kv, head_dim), q.dtype, transforms=swizzled),
+            plgpu.SMEM((2, block_kv, head_dim), q.dtype, transforms=swizzled),
+            plgpu.SMEM((TILE_ROWS, block_kv), q.dtype, transforms=swizzled),
+            plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=swizzled),
+            plgpu.Barrier(num_arrivals=1),
+            plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=2),
+            plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=2),
+        ],
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        interpret=interpret,
+    )
+    layer_array = jnp.asarray(layer, jnp.int32).reshape(1)
+    out_tiles = kernel(plan.work, meta.page_table.astype(jnp.int32), layer_array, q_tiles, k_pool, v_pool)
+    out = out_tiles.at[plan.out_items, plan.out_rows].get(mode="fill", fill_value=0)
+    return jnp.where((plan.out_items >= 0)[..., None], out, 0).astype(q.dtype)
+
+
+def ragged_paged_attention(
+    q: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    layer: jax.Array,
+    meta: AttentionMetadata,
+    sm_scale: float,
+    backend: str = "auto",
+) -> jax.Array:
+    """Attention for one flat batch: the Mosaic GPU kernel on a GPU with JAX >= 0.11, else the reference.
+
+    backend: "auto" (pick), "pallas" (the kernel; falls back to the reference
+    with a one-line warning where it cannot run), "reference" (XLA).
+    """
+    chosen = resolve_backend(backend, "ragged_paged_attention", kernel_unsupported_reason(q, k_pool))
+    if chosen == "pallas":
+        return ragged_paged_attention_mgpu(q, k_pool, v_pool, layer, meta, sm_scale)
+    return ragged_paged_attention_reference(q, k_pool, v_pool, layer, meta, sm_scale)

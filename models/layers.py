@@ -118,7 +118,9 @@ class RopeConfig:
             high_freq_wavelen = old_len / self.high_freq_factor
             wavelen = 2 * math.pi / inv_freq
             scaled = np.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
-            smooth = (old_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smooth = (old_len / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
             return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -169,10 +171,14 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(
+            x.dtype
+        )
 
 
-def linear(in_features: int, out_features: int, dtype: Dtype, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+def linear(
+    in_features: int, out_features: int, dtype: Dtype, rngs: nnx.Rngs, bias: bool = False
+) -> nnx.Linear:
     """A dense layer whose kernel is `[in, out]` (HF's `[out, in]` transposed) in `dtype`."""
     return nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
@@ -185,7 +191,9 @@ def embedding(num: int, features: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Embe
 class GatedMLP(nnx.Module):
     """`down(act(gate(x)) * up(x))`: Llama's MLP, and Qwen2-MoE's shared expert."""
 
-    def __init__(self, hidden: int, intermediate: int, act: str, dtype: Dtype, rngs: nnx.Rngs, bias: bool = False):
+    def __init__(
+        self, hidden: int, intermediate: int, act: str, dtype: Dtype, rngs: nnx.Rngs, bias: bool = False
+    ):
         self.gate_proj = linear(hidden, intermediate, dtype, rngs, bias)
         self.up_proj = linear(hidden, intermediate, dtype, rngs, bias)
         self.down_proj = linear(intermediate, hidden, dtype, rngs, bias)
@@ -212,7 +220,9 @@ def attention(
     """Ragged paged attention through the backend the model is set to (one place to dispatch)."""
     if backend == "reference":
         return ragged_paged_attention_reference(q, k_pool, v_pool, layer, meta, sm_scale)
-    raise ValueError(f"attention backend {backend!r} is not supported (supported: {list(ATTENTION_BACKENDS)})")
+    raise ValueError(
+        f"attention backend {backend!r} is not supported (supported: {list(ATTENTION_BACKENDS)})"
+    )
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -568,7 +578,11 @@ class HFTensorReader:
             if name not in self.used and not any(p.search(name) for p in self.harmless)
         )
         problems = []
-        for label, names in (("missing", self.missing), ("mis-shaped", self.misshaped), ("unexpected", unexpected)):
+        for label, names in (
+            ("missing", self.missing),
+            ("mis-shaped", self.misshaped),
+            ("unexpected", unexpected),
+        ):
             if names:
                 shown = "; ".join(names[:8]) + (f"; ... ({len(names) - 8} more)" if len(names) > 8 else "")
                 problems.append(f"{len(names)} {label} tensor(s): {shown}")

@@ -58,7 +58,9 @@ def logprob_meta_info(
         meta["input_top_logprobs"] = _per_position_triples(output.input_top_logprobs or [], decoder)
         meta["output_top_logprobs"] = _per_position_triples(output.output_top_logprobs or [], decoder)
     if request.token_ids_logprob is not None:
-        meta["input_token_ids_logprobs"] = _per_position_triples(output.input_token_ids_logprobs or [], decoder)
+        meta["input_token_ids_logprobs"] = _per_position_triples(
+            output.input_token_ids_logprobs or [], decoder
+        )
         meta["output_token_ids_logprobs"] = _per_position_triples(
             output.output_token_ids_logprobs or [], decoder
         )

@@ -27,12 +27,13 @@ from runtime.kv_pool import KVPool
 from runtime.model_runner import ModelRunner, StepOutput
 from runtime.radix_cache import RadixCache
 from runtime.request import Req
-from runtime.sampling import SamplingRow, make_sampling_batch
+from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
 
 logger = logging.getLogger(__name__)
 
 MAX_PREFILL_SEQS = 8
-TOP_LOGPROBS_CAP = 20
+# Rows that sample nothing (padding, unfinished prefill chunks) take the cheapest path: greedy.
+PADDING_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, output_index=0, penalty_slot=0)
 
 
 class _Plan:
@@ -313,7 +314,7 @@ class Scheduler:
         page_table = np.zeros((num_seqs, width), np.int32)
         sample_rows = np.zeros(num_seqs, np.int32)
         sample_valid = np.zeros(num_seqs, np.bool_)
-        rows: list[SamplingRow | None] = [None] * num_seqs
+        rows: list[SamplingRow] = [PADDING_ROW] * num_seqs
         prev_rows = self._previous_rows()
 
         cu_q_lens[1 : num_decode + 1] = np.arange(1, num_decode + 1)

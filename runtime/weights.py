@@ -12,6 +12,7 @@ step.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -232,11 +233,21 @@ def load_hf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def _gguf_reader(path: Path):
-    """A `gguf.GGUFReader` over the file, its failures reported as WeightError."""
+    """A `gguf.GGUFReader` over the file, its failures reported as WeightError.
+
+    Opening parses the whole vocabulary (seconds), and a conversion needs the config, the
+    tokenizer and the tensors of one file: the last reader is kept while the file is unchanged.
+    """
+    st = path.stat()
+    return _gguf_reader_cached(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _gguf_reader_cached(path: str, mtime_ns: int, size: int):
     import gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/struct.error/IndexError on bad files
         raise WeightError(f"{path} is not a readable GGUF file: {e}") from e
 
@@ -528,9 +539,14 @@ def gguf_to_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) 
     os.chmod(tmp / SAFETENSORS_FILE, 0o644)  # save_file creates it private
     del tensors
 
+    # Swap in the finished folder; a reader of the old one only ever sees a complete folder.
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
     if out.exists():
-        shutil.rmtree(out)
+        out.rename(old)
     tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -555,7 +571,7 @@ def load_config(path: str | os.PathLike):
         raise WeightError(f"no config.json in {folder}")
     try:
         return AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # transformers raises OSError, ValueError and its own validation errors
         raise WeightError(f"cannot read {folder / 'config.json'}: {e}") from e
 
 

@@ -205,7 +205,12 @@ TINY_MODELS: tuple[TinyModel, ...] = (
     TinyModel(
         TINY_QWEN2_CLS,
         "Qwen2ForSequenceClassification",
-        {**_QWEN2_BASE, "num_labels": 2},
+        # Explicit labels: HF leaves its default two labels out of config.json.
+        {
+            **_QWEN2_BASE,
+            "id2label": {0: "negative", 1: "positive"},
+            "label2id": {"negative": 0, "positive": 1},
+        },
         seed=6,
         causal=False,
         classifier=True,

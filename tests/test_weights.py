@@ -108,7 +108,9 @@ def test_gguf_dequantization_matches_transformers(gguf_file: Path, gguf_tensors:
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32
+    )
     ref = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     del model
     assert gguf_config_dict(gguf_file)["tie_word_embeddings"]
@@ -176,9 +178,9 @@ def test_converted_tokenizer_matches_transformers(converted, gguf_file: Path):
         assert ours.encode(text) == ref.encode(text), text
         assert ours.decode(ours.encode(text)) == text
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
-    assert ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == ref.apply_chat_template(
-        msgs, add_generation_prompt=True, tokenize=False
-    )
+    prompt = ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert prompt == ref.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert ours.encode(prompt) == ref.encode(prompt)
     # Digits: llama.cpp's "smollm" pre-tokenizer (and SmolLM's own tokenizer) split them one by
     # one; transformers' GGUF route does not, so here ours is checked on its own.
     ids = ours.encode("year 2024")
@@ -199,8 +201,7 @@ def test_unpermute_qk_rows_inverts_llama_cpp_permutation():
 
 def test_sharded_folder_loads_bit_exact(tmp_path: Path, gguf_tensors: dict[str, np.ndarray]):
     names = sorted(gguf_tensors)
-    shards = {"model-00001-of-00003.safetensors": names[0::3], "model-00002-of-00003.safetensors": names[1::3]}
-    shards["model-00003-of-00003.safetensors"] = names[2::3]
+    shards = {f"model-0000{i + 1}-of-00003.safetensors": names[i::3] for i in range(3)}
     weight_map = {}
     for shard, members in shards.items():
         save_file({n: gguf_tensors[n] for n in members}, str(tmp_path / shard), metadata={"format": "pt"})
@@ -244,7 +245,8 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path, keep: str):
     save_file(_small_tensors(), str(path))
     data = path.read_bytes()
     header_end = 8 + int.from_bytes(data[:8], "little")
-    cut = {"half": (header_end + len(data)) // 2, "header_only": header_end, "eight_bytes": 8, "three_bytes": 3}
+    cut = {"half": (header_end + len(data)) // 2, "header_only": header_end, "eight_bytes": 8}
+    cut["three_bytes"] = 3
     path.write_bytes(data[: cut[keep]])
     with pytest.raises(WeightError, match="model.safetensors"):
         load_hf_tensors(folder)
@@ -262,8 +264,9 @@ def test_corrupt_header_names_the_file(tmp_path: Path):
 
 def test_missing_shard_names_the_file(tmp_path: Path):
     small = _small_tensors()
-    save_file({"a.weight": small["a.weight"]}, str(tmp_path / "model-00001-of-00002.safetensors"))
-    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.bias": "model-00002-of-00002.safetensors"}}
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({"a.weight": small["a.weight"]}, str(tmp_path / first))
+    index = {"weight_map": {"a.weight": first, "b.bias": second}}
     (tmp_path / SAFETENSORS_INDEX).write_text(json.dumps(index))
     with pytest.raises(WeightError, match="model-00002-of-00002.safetensors"):
         load_hf_tensors(tmp_path)
@@ -272,7 +275,8 @@ def test_missing_shard_names_the_file(tmp_path: Path):
 def test_shard_missing_an_indexed_tensor(tmp_path: Path):
     small = _small_tensors()
     save_file({"a.weight": small["a.weight"]}, str(tmp_path / "model-00001-of-00001.safetensors"))
-    index = {"weight_map": {"a.weight": "model-00001-of-00001.safetensors", "z": "model-00001-of-00001.safetensors"}}
+    shard = "model-00001-of-00001.safetensors"
+    index = {"weight_map": {"a.weight": shard, "z": shard}}
     (tmp_path / SAFETENSORS_INDEX).write_text(json.dumps(index))
     with pytest.raises(WeightError, match="'z'"):
         load_hf_tensors(tmp_path)
@@ -294,7 +298,8 @@ def test_orbax_roundtrip_bit_exact(tmp_path: Path):
     tree = _small_tree()
     ckpt = tmp_path / "ckpt"
     save_orbax(tree, ckpt / "params")
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    cfg = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
     assert detect_load_format(ckpt) == "orbax"
     got = load_orbax(ckpt)
     flat_want, tree_want = jax.tree.flatten(tree)

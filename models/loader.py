@@ -1,0 +1,156 @@
+"""Checkpoint folder -> a ready NNX model, and weights for a hot swap.
+
+The module is built abstractly (`nnx.eval_shape`: no random init of big
+weights), then its parameters are filled from HF tensors (safetensors, sharded
+safetensors, GGUF through `runtime.weights`) or from an Orbax tree written by
+`scripts/convert_checkpoint.py`, cast to the serving dtype. Every tree is
+checked leaf by leaf against the module before it is used, so a wrong
+checkpoint fails here with the tensor's name, never inside a jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.layers import Params, config_value
+from models.registry import architecture_of, get_model_class
+from runtime.weights import (
+    WeightError,
+    check_params_match,
+    detect_load_format,
+    load_config,
+    load_hf_tensors,
+    load_orbax,
+)
+
+DTYPES: dict[str, Any] = {
+    "float32": jnp.float32,
+    "float": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "half": jnp.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to serve, with the HF config it came from."""
+
+    config: Any  # transformers PretrainedConfig
+    model: nnx.Module
+    architecture: str
+    dtype: Any
+
+    @property
+    def kind(self) -> str:
+        """ "causal_lm", "sequence_classification" or "encoder"."""
+        return type(self.model).kind
+
+
+def resolve_dtype(dtype_arg: str, config: Any, platform: str) -> Any:
+    """The serving dtype: as asked, or for "auto" the checkpoint's own dtype (float32 on CPU).
+
+    CPUs run bfloat16/float16 matmuls slowly and less exactly, so "auto" keeps float32 there.
+    """
+    if dtype_arg != "auto":
+        if dtype_arg not in DTYPES:
+            raise ValueError(f"dtype {dtype_arg!r} is not supported (choose auto or one of {sorted(DTYPES)})")
+        return DTYPES[dtype_arg]
+    if platform == "cpu":
+        return jnp.float32
+    stored = config_value(config, "dtype") or config_value(config, "torch_dtype")
+    name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+    return DTYPES.get(name, jnp.float32)
+
+
+def abstract_model(cls: type[nnx.Module], config: Any, dtype: Any) -> nnx.Module:
+    """The module with shape/dtype placeholders instead of arrays (nothing allocated)."""
+    return nnx.eval_shape(lambda: cls(config, dtype, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(model: nnx.Module) -> Params:
+    """The pure parameter tree of `model` as `jax.ShapeDtypeStruct` leaves."""
+    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def _resolve_format(model_path: str | os.PathLike, load_format: str) -> str:
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load format {load_format!r} is not supported (choose one of {list(LOAD_FORMATS)})")
+    found = detect_load_format(model_path)
+    if load_format not in ("auto", found):
+        raise WeightError(f"{model_path} holds a {found} checkpoint, not {load_format}")
+    return found
+
+
+def _cast_like(tree: Any, like: Any) -> Any:
+    """Each leaf of `tree` as a device array in the dtype of the matching leaf of `like`."""
+    if isinstance(tree, Mapping):
+        return {k: _cast_like(v, like.get(k) if isinstance(like, Mapping) else None) for k, v in tree.items()}
+    if like is None or not hasattr(like, "dtype"):
+        return tree
+    return jnp.asarray(np.asarray(tree), dtype=like.dtype)
+
+
+def read_params(
+    cls: type[nnx.Module], config: Any, expected: Params, model_path: str | os.PathLike, load_format: str
+) -> Params:
+    """Parameters of `cls` from a checkpoint, cast to and checked against `expected` (shape/dtype tree)."""
+    fmt = _resolve_format(model_path, load_format)
+    raw = (
+        load_orbax(model_path) if fmt == "orbax" else cls.params_from_hf(config, load_hf_tensors(model_path))
+    )
+    params = _cast_like(raw, expected)
+    check_params_match(expected, params)
+    return params
+
+
+def load_model(model_path: str, dtype: str = "auto", load_format: str = "auto") -> LoadedModel:
+    """Build the model named by the folder's config and fill it from the checkpoint.
+
+    `load_format`: "auto" (detected), "safetensors", "gguf", "orbax", or "dummy" (random
+    weights of the right shapes, for benchmarks).
+    """
+    config = load_config(model_path)
+    architecture = architecture_of(config)
+    cls = get_model_class(architecture)
+    jdtype = resolve_dtype(dtype, config, jax.default_backend())
+    if load_format == "dummy":
+        return LoadedModel(config, cls(config, jdtype, rngs=nnx.Rngs(0)), architecture, jdtype)
+    abstract = abstract_model(cls, config, jdtype)
+    params = read_params(cls, config, param_shapes(abstract), model_path, load_format)
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return LoadedModel(config, nnx.merge(graphdef, state), architecture, jdtype)
+
+
+def load_params_for(model: nnx.Module, model_path: str, load_format: str = "auto") -> Params:
+    """New weights for a serving `model` (hot swap): same architecture and settings, every leaf
+    of the same shape, cast to the serving dtypes. WeightError otherwise; the model is untouched.
+    """
+    cls = type(model)
+    config = load_config(model_path)
+    architecture = architecture_of(config)
+    if architecture != cls.architecture:
+        raise WeightError(f"{model_path} is a {architecture} checkpoint; the server runs {cls.architecture}")
+    try:
+        settings = cls.config_from_hf(config)
+    except ValueError as e:
+        raise WeightError(f"{model_path}: {e}") from e
+    if settings != model.cfg:
+        changed = [
+            f"{f.name}: {getattr(model.cfg, f.name)!r} -> {getattr(settings, f.name)!r}"
+            for f in dataclasses.fields(settings)
+            if getattr(settings, f.name) != getattr(model.cfg, f.name)
+        ]
+        raise WeightError(f"{model_path} changes the model's settings ({'; '.join(changed)})")
+    return read_params(cls, config, param_shapes(model), model_path, load_format)

@@ -1,0 +1,162 @@
+"""Qwen2-MoE (Qwen1.5-MoE-A2.7B): Qwen2's attention with a sparse MLP block.
+
+Each layer's MLP is a softmax router choosing `num_experts_per_tok` of
+`num_experts` experts per token (weights optionally renormalised), the chosen
+experts run as grouped matmuls over tokens sorted by expert, and a shared
+expert is added, scaled by `sigmoid(shared_expert_gate(x))`. The router's
+per-expert selection counts over the real tokens come back per layer as
+`expert_counts[L, E]` for the expert-distribution recorder.
+
+Configs mixing dense and sparse layers (`decoder_sparse_step > 1`,
+`mlp_only_layers`) are refused: the layer scan needs one layer shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kernels_pallas.moe_routing import Routing, grouped_matmul_reference, route_tokens_reference
+from models.layers import (
+    CausalLM,
+    DecoderConfig,
+    Dtype,
+    GatedMLP,
+    HFTensorReader,
+    MoeConfig,
+    Params,
+    activation,
+    config_value,
+    linear,
+)
+from models.qwen2 import check_full_attention
+
+
+def route_tokens(router_logits: jax.Array, valid: jax.Array, *, top_k: int, renormalize: bool) -> Routing:
+    """Top-k routing of `router_logits[T, E]`; `valid[T]` marks real tokens (one place to dispatch)."""
+    return route_tokens_reference(router_logits, valid, top_k=top_k, renormalize=renormalize)
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """`lhs[M, K]` rows grouped by expert times `rhs[E, K, N]` (one place to dispatch)."""
+    return grouped_matmul_reference(lhs, rhs, group_sizes)
+
+
+class Experts(nnx.Module):
+    """The routed experts' weights, stacked: `gate_up_proj[E, H, 2I]`, `down_proj[E, I, H]`."""
+
+    def __init__(self, moe: MoeConfig, hidden: int, act: str, dtype: Dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+        size = moe.intermediate_size
+        self.gate_up_proj = nnx.Param(init(rngs.params(), (moe.num_experts, hidden, 2 * size), dtype))
+        self.down_proj = nnx.Param(init(rngs.params(), (moe.num_experts, size, hidden), dtype))
+        self.act = act
+
+    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+        """Weighted sum over each token's chosen experts, `[T, H]`."""
+        tokens, top_k = routing.expert_ids.shape
+        token_of_pair = routing.sort_order // top_k  # the pairs are (token, choice), flattened
+        gate_up = grouped_matmul(x[token_of_pair], self.gate_up_proj[...], routing.group_sizes)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        out_sorted = grouped_matmul(activation(self.act)(gate) * up, self.down_proj[...], routing.group_sizes)
+        out_pairs = jnp.zeros_like(out_sorted).at[routing.sort_order].set(out_sorted)
+        out_pairs = out_pairs.reshape(tokens, top_k, -1)
+        weighted = jnp.einsum("tkh,tk->th", out_pairs, routing.weights, preferred_element_type=jnp.float32)
+        return weighted.astype(x.dtype)
+
+
+class SparseMoeBlock(nnx.Module):
+    """Router + routed experts + sigmoid-gated shared expert (HF `Qwen2MoeSparseMoeBlock`)."""
+
+    def __init__(self, cfg: DecoderConfig, dtype: Dtype, rngs: nnx.Rngs):
+        moe = cfg.moe
+        assert moe is not None
+        self.gate = linear(cfg.hidden_size, moe.num_experts, dtype, rngs)
+        self.experts = Experts(moe, cfg.hidden_size, cfg.hidden_act, dtype, rngs)
+        self.shared_expert = GatedMLP(
+            cfg.hidden_size, moe.shared_expert_intermediate_size, cfg.hidden_act, dtype, rngs
+        )
+        self.shared_expert_gate = linear(cfg.hidden_size, 1, dtype, rngs)
+        self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
+
+    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`(out[T, H], counts int32[E])`; counts cover the `valid` tokens only."""
+        routing = route_tokens(self.gate(x), valid, top_k=self.top_k, renormalize=self.norm_topk_prob)
+        routed = self.experts(x, routing)
+        shared_scale = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
+        return routed + shared_scale * self.shared_expert(x), routing.counts
+
+
+def sparse_moe_block(cfg: DecoderConfig, dtype: Dtype, rngs: nnx.Rngs) -> SparseMoeBlock:
+    return SparseMoeBlock(cfg, dtype, rngs)
+
+
+def qwen2_moe_config(config: Any) -> DecoderConfig:
+    """A Qwen2-MoE HF config as the shared decoder's settings; every layer must be sparse."""
+    check_full_attention(config)
+    num_layers = int(config_value(config, "num_hidden_layers"))
+    num_experts = int(config_value(config, "num_experts", 0) or 0)
+    step = int(config_value(config, "decoder_sparse_step", 1) or 1)
+    mlp_only = set(config_value(config, "mlp_only_layers", None) or [])
+    dense = [i for i in range(num_layers) if i in mlp_only or num_experts == 0 or (i + 1) % step != 0]
+    if dense:
+        raise ValueError(
+            f"Qwen2-MoE with dense MLP layers {dense} (num_experts={num_experts}, "
+            f"decoder_sparse_step={step}, "
+            f"mlp_only_layers={sorted(mlp_only)}) is not supported: every layer must be sparse"
+        )
+    moe = MoeConfig(
+        num_experts=num_experts,
+        top_k=int(config_value(config, "num_experts_per_tok")),
+        norm_topk_prob=bool(config_value(config, "norm_topk_prob", False)),
+        intermediate_size=int(config_value(config, "moe_intermediate_size")),
+        shared_expert_intermediate_size=int(config_value(config, "shared_expert_intermediate_size")),
+    )
+    return DecoderConfig.from_hf(
+        config, qkv_bias=bool(config_value(config, "qkv_bias", True)), o_bias=False, moe=moe
+    )
+
+
+def moe_params_from_hf(cfg: DecoderConfig, reader: HFTensorReader, prefix: str) -> Params:
+    """One layer's `SparseMoeBlock` params; experts stored per expert or fused (transformers 5)."""
+    moe = cfg.moe
+    assert moe is not None
+    hidden, size, num = cfg.hidden_size, moe.intermediate_size, moe.num_experts
+    if reader.has(f"{prefix}experts.gate_up_proj"):
+        gate_up = reader.take(f"{prefix}experts.gate_up_proj", (num, 2 * size, hidden)).transpose(0, 2, 1)
+        down = reader.take(f"{prefix}experts.down_proj", (num, hidden, size)).transpose(0, 2, 1)
+    else:
+
+        def expert(e: int, name: str, rows: int, cols: int) -> np.ndarray:
+            return reader.take(f"{prefix}experts.{e}.{name}.weight", (rows, cols)).T
+
+        gate_up = np.stack(
+            [
+                np.concatenate(
+                    [expert(e, "gate_proj", size, hidden), expert(e, "up_proj", size, hidden)], axis=1
+                )
+                for e in range(num)
+            ]
+        )
+        down = np.stack([expert(e, "down_proj", hidden, size) for e in range(num)])
+    return {
+        "gate": reader.linear(f"{prefix}gate", hidden, num),
+        "experts": {"gate_up_proj": gate_up, "down_proj": down},
+        "shared_expert": reader.gated_mlp(
+            f"{prefix}shared_expert.", hidden, moe.shared_expert_intermediate_size
+        ),
+        "shared_expert_gate": reader.linear(f"{prefix}shared_expert_gate", hidden, 1),
+    }
+
+
+class Qwen2MoeForCausalLM(CausalLM):
+    """HF `Qwen2MoeForCausalLM`: returns per-layer expert selection counts with the hidden states."""
+
+    architecture = "Qwen2MoeForCausalLM"
+    config_from_hf = staticmethod(qwen2_moe_config)
+    mlp_factory = staticmethod(sparse_moe_block)
+    mlp_params_from_hf = staticmethod(moe_params_from_hf)

@@ -1,0 +1,1067 @@
+"""The FastAPI app: SGLang's native routes, the OpenAI-compatible routes and /metrics.
+
+A handler parses and checks its body (`server.protocol`), expands it into
+`EngineRequest`s, has the engine validate every one of them, then submits them
+all. The engine calls back on its scheduler thread; `RequestGroup` carries each
+`RequestOutput` onto the event loop with `loop.call_soon_threadsafe`, where the
+handler turns it into JSON (`runtime.response`). Errors are found before a
+response starts, so a bad request is always a plain 4xx, streamed or not. When a
+client goes away, streamed or not, its unfinished requests are aborted so their
+KV pages return to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hmac
+import importlib.metadata
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from runtime.io_struct import EngineRequest, RequestKind, RequestOutput
+from runtime.response import embedding_response, generate_response
+from runtime.sampling import SamplingParams
+from server import protocol
+from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from server.metrics import RequestTimer, ServerMetrics
+from server.protocol import ExpandedRequests, ProtocolError
+
+logger = logging.getLogger(__name__)
+
+HEALTH_CHECK_TIMEOUT = float(os.environ.get("SGLAX_HEALTH_CHECK_TIMEOUT", "20"))
+# Control calls run on the scheduler thread between steps; a wedged engine must not wedge the route.
+CONTROL_TIMEOUT = float(os.environ.get("SGLAX_CONTROL_TIMEOUT", "60"))
+FLUSH_CACHE_TEXT = (
+    "Cache flushed.\nPlease check backend logs for more details. "
+    "(When there are running or waiting requests, the operation will not be performed.)\n"
+)
+NOT_EMBEDDING_MODEL = (
+    "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
+    "when launching the server or try another model."
+)
+EMBEDDING_MODEL_ON_GENERATE = (
+    "This model is an embedding model: /generate is not served. Use /encode or /classify."
+)
+# Paths reachable without the API key, as in the reference.
+PUBLIC_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
+SSE_DONE = b"data: [DONE]\n\n"
+LOG_TRUNCATE = 200
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sglax")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def json_response(content: Any, status_code: int = 200) -> Response:
+    """orjson rendering: fast, and NaN/inf become null instead of invalid JSON."""
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=status_code,
+        media_type="application/json",
+    )
+
+
+def native_error(message: str, status_code: int = 400) -> Response:
+    return json_response({"error": {"message": message}}, status_code)
+
+
+def openai_error(message: str, status_code: int = 400, param: str | None = None) -> Response:
+    error_type = "BadRequestError" if status_code < 500 else "InternalServerError"
+    body = protocol.ErrorResponse(message=message, type=error_type, param=param, code=status_code)
+    return json_response(body.model_dump(), status_code)
+
+
+def error_for_path(path: str, message: str, status_code: int, param: str | None = None) -> Response:
+    """The error body of the route family `path` belongs to."""
+    if path.startswith("/v1/"):
+        return openai_error(message, status_code, param)
+    return native_error(message, status_code)
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n\n"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= LOG_TRUNCATE else text[:LOG_TRUNCATE] + "...'"
+
+
+class TokenTextCache:
+    """Single-token decoding, memoized: streamed logprob lists decode the same ids again and again."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+        if len(token_ids) != 1 or kwargs:
+            return self.tokenizer.decode(token_ids, **kwargs)
+        token_id = token_ids[0]
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer KEY` on every route but the health checks and /metrics (pure ASGI,
+    so streaming and disconnect detection are untouched)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        message = "Unauthorized: a valid `Authorization: Bearer <api key>` header is required."
+        response = error_for_path(scope["path"], message, 401)
+        await response(scope, receive, send)
+
+
+class RequestGroup:
+    """The engine requests of one HTTP call; their outputs arrive on one asyncio queue as (index, output)."""
+
+    def __init__(self, state: ServerState, requests: list[EngineRequest]) -> None:
+        self.state = state
+        self.requests = requests
+        self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        self.finished = [False] * len(requests)
+        self.timers = [RequestTimer() for _ in requests] if state.metrics is not None else None
+        self.submitted = 0
+
+    def start(self) -> None:
+        """Validate every request, then submit them all: a batch runs whole or not at all."""
+        engine = self.state.engine
+        for request in self.requests:
+            try:
+                engine.validate_request(request)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
+        loop = asyncio.get_running_loop()
+        for index, request in enumerate(self.requests):
+            if self.timers is not None:
+                self.timers[index] = RequestTimer()
+            try:
+                engine.submit(request, self._callback(loop, index))
+            except ValueError as exc:
+                self.abort_unfinished()
+                raise ProtocolError(str(exc)) from exc
+            self.submitted += 1
+            self.state.inflight[request.rid] = self
+            if self.state.args.log_requests:
+                logger.info(
+                    "Receive: rid=%s kind=%s prompt_tokens=%d text=%s sampling=%s",
+                    request.rid,
+                    request.kind,
+                    len(request.input_ids),
+                    _short(request.text),
+                    _short(request.sampling_params),
+                )
+
+    def _callback(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[RequestOutput], None]:
+        queue = self.queue
+
+        def on_output(output: RequestOutput) -> None:  # runs on the scheduler thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (index, output))
+            except RuntimeError:  # the event loop is closed: the server is gone
+                pass
+
+        return on_output
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Every output in arrival order, until each request has delivered its last one."""
+        while not all(self.finished):
+            index, output = await self.queue.get()
+            if self.finished[index]:
+                continue
+            request = self.requests[index]
+            if self.timers is not None and self.state.metrics is not None:
+                self.state.metrics.observe(request, self.timers[index], output)
+            if output.finished:
+                self.finished[index] = True
+                self.state.inflight.pop(request.rid, None)
+                if self.state.args.log_requests:
+                    logger.info(
+                        "Finish: rid=%s finish_reason=%s completion_tokens=%d text=%s",
+                        request.rid,
+                        output.finish_reason,
+                        output.completion_tokens,
+                        _short(output.text),
+                    )
+            yield index, output
+
+    def abort_unfinished(self) -> None:
+        """Abort what is still running (client gone, server stopping); pages go back to the pool."""
+        for index, request in enumerate(self.requests[: self.submitted]):
+            if not self.finished[index]:
+                self.finished[index] = True
+                self.state.inflight.pop(request.rid, None)
+                self.state.engine.abort(request.rid)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client closes the connection (the body has already been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect_outputs(group: RequestGroup, request: Request) -> list[RequestOutput] | None:
+    """The final output of every request of the group, or None if the client went away first."""
+    finals: list[RequestOutput | None] = [None] * len(group.requests)
+
+    async def consume() -> None:
+        async for index, output in group.outputs():
+            if output.finished:
+                finals[index] = output
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not consumer.done():
+            return None
+        consumer.result()
+        return [output for output in finals if output is not None]
+    finally:
+        watcher.cancel()
+        consumer.cancel()
+        group.abort_unfinished()
+
+
+class ServerState:
+    """What the routes share: the engine, its model facts, metrics and the in-flight requests."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.args = engine.server_args
+        self.tokenizer = engine.tokenizer
+        self.token_texts = TokenTextCache(self.tokenizer) if self.tokenizer is not None else None
+        self.metrics = ServerMetrics(self.args.served_model_name) if self.args.enable_metrics else None
+        self.inflight: dict[str, RequestGroup] = {}
+        self.draining = False
+        self.version = _version()
+
+    @property
+    def info(self) -> Any:
+        return self.engine.model_info
+
+    @property
+    def embedding_kind(self) -> RequestKind | None:
+        info = self.info
+        kind = getattr(info, "embedding_kind", None) or getattr(info, "is_embedding_kind", None)
+        return kind if not info.is_generation else None
+
+    @property
+    def tokenize(self) -> Callable[[str], list[int]] | None:
+        return self.engine.tokenize if self.tokenizer is not None else None
+
+    def start(self, requests: list[EngineRequest]) -> RequestGroup:
+        if self.draining:
+            raise ProtocolError("The server is shutting down.", status=503)
+        group = RequestGroup(self, requests)
+        group.start()
+        return group
+
+    async def control(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking engine call off the event loop, bounded in time."""
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args), CONTROL_TIMEOUT)
+
+    def engine_method(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.engine, name, None)
+        if method is None:
+            raise NotImplementedError(f"{name} is not implemented by this engine.")
+        return method
+
+
+def _native(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Errors of a native route: ProtocolError -> its status with `{"error": {"message"}}`."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            return native_error(exc.message, exc.status)
+        except NotImplementedError as exc:
+            return native_error(str(exc) or "Not implemented by this server.", 501)
+
+    return wrapper
+
+
+def _openai(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+    """Errors of an OpenAI route: the OpenAI error object."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            return openai_error(exc.message, exc.status, exc.param)
+
+    return wrapper
+
+
+def _client_gone() -> Response:
+    """Nobody reads this answer; 499 is nginx's code for a closed client connection."""
+    return Response(status_code=499)
+
+
+def create_app(engine: Any) -> FastAPI:
+    """The HTTP app over a running engine (see NATIVE_API.md for every route's answer)."""
+    state = ServerState(engine)
+    app = FastAPI(title="sglax", version=state.version)
+    app.state.sglax = state
+    if state.args.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=state.args.api_key)
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"]
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_for_path(request.url.path, str(exc), 400)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("Unexpected error on %s", request.url.path)
+        return error_for_path(request.url.path, f"Internal server error: {exc}", 500)
+
+    _add_native_routes(app, state)
+    _add_control_routes(app, state)
+    _add_openai_routes(app, state)
+    return app
+
+
+# ============================================================================ native generation
+
+
+def _generate_payloads(
+    state: ServerState, expanded: ExpandedRequests, outputs: list[RequestOutput]
+) -> list[dict[str, Any]]:
+    skip = state.tokenizer is None
+    return [
+        generate_response(request, output, state.token_texts, skip)
+        for request, output in zip(expanded.requests, outputs, strict=True)
+    ]
+
+
+def _first_error(outputs: list[RequestOutput]) -> str | None:
+    return next((output.error for output in outputs if output.error), None)
+
+
+async def _stream_generate(
+    state: ServerState, expanded: ExpandedRequests, group: RequestGroup
+) -> AsyncIterator[bytes]:
+    """SSE of /generate: cumulative events, `index` in a batch, then [DONE]; aborts what a
+    disconnect leaves running."""
+    skip = state.tokenizer is None
+    try:
+        async for index, output in group.outputs():
+            if output.error:
+                yield sse_event({"error": {"message": output.error}})
+                continue
+            payload = generate_response(expanded.requests[index], output, state.token_texts, skip)
+            if not expanded.is_single:
+                payload["index"] = index
+            yield sse_event(payload)
+        yield SSE_DONE
+    finally:
+        group.abort_unfinished()
+
+
+def _add_native_routes(app: FastAPI, state: ServerState) -> None:
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    @_native
+    async def generate(request: Request) -> Response:
+        data = protocol.parse_json_body(await request.body())
+        if isinstance(data, dict):
+            protocol.reject_unsupported(data, protocol.UNSUPPORTED_GENERATE_FIELDS)
+        body = protocol.validate_model(protocol.GenerateRequest, data)
+        if not state.info.is_generation:
+            raise ProtocolError(EMBEDDING_MODEL_ON_GENERATE)
+        expanded = protocol.expand_generate(body, state.tokenize, state.info.vocab_size)
+        group = state.start(expanded.requests)
+        if expanded.stream:
+            return StreamingResponse(_stream_generate(state, expanded, group), media_type="text/event-stream")
+        outputs = await collect_outputs(group, request)
+        if outputs is None:
+            return _client_gone()
+        error = _first_error(outputs)
+        if error is not None:
+            return native_error(error)
+        payloads = _generate_payloads(state, expanded, outputs)
+        return json_response(payloads[0] if expanded.is_single else payloads)
+
+    async def run_embedding(request: Request) -> Response:
+        data = protocol.parse_json_body(await request.body())
+        body = protocol.validate_model(protocol.EncodeRequest, data)
+        kind = state.embedding_kind
+        if kind is None:
+            raise ProtocolError(NOT_EMBEDDING_MODEL)
+        expanded = protocol.expand_encode(body, kind, state.tokenize, state.info.vocab_size)
+        group = state.start(expanded.requests)
+        outputs = await collect_outputs(group, request)
+        if outputs is None:
+            return _client_gone()
+        error = _first_error(outputs)
+        if error is not None:
+            return native_error(error)
+        payloads = [embedding_response(output) for output in outputs]
+        return json_response(payloads[0] if expanded.is_single else payloads)
+
+    @app.api_route("/encode", methods=["POST", "PUT"])
+    @_native
+    async def encode(request: Request) -> Response:
+        return await run_embedding(request)
+
+    @app.api_route("/classify", methods=["POST", "PUT"])
+    @_native
+    async def classify(request: Request) -> Response:
+        return await run_embedding(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=503 if state.draining else 200)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        return Response(status_code=200 if await _health_generate(state) else 503)
+
+    @app.get("/get_model_info")
+    async def get_model_info() -> Response:
+        info = state.info
+        return json_response(
+            {
+                "model_path": info.model_path,
+                "tokenizer_path": info.tokenizer_path,
+                "is_generation": info.is_generation,
+            }
+        )
+
+    @app.get("/get_server_info")
+    @_native
+    async def get_server_info(request: Request) -> Response:
+        internal = await state.control(state.engine.get_server_info)
+        return json_response({**state.args.to_dict(), **internal, "version": state.version})
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @_native
+    async def flush_cache(request: Request) -> Response:
+        flushed = await state.control(state.engine.flush_cache)
+        return Response(FLUSH_CACHE_TEXT, status_code=200 if flushed else 400, media_type="text/plain")
+
+    @app.post("/abort_request")
+    @_native
+    async def abort_request(request: Request) -> Response:
+        body = protocol.validate_model(protocol.AbortRequest, protocol.parse_json_body(await request.body()))
+        if body.abort_all:
+            for group in set(state.inflight.values()):
+                group.abort_unfinished()
+        elif body.rid:
+            # The request's HTTP handler learns of the abort from the engine's final output.
+            state.engine.abort(body.rid)
+        else:
+            raise ProtocolError("rid is required (or abort_all: true).")
+        return Response(status_code=200)
+
+
+async def _health_generate(state: ServerState) -> bool:
+    """One greedy token (or one embedding) through the whole engine, within HEALTH_CHECK_TIMEOUT."""
+    if state.draining:
+        return False
+    kind: RequestKind = state.embedding_kind or "generate"
+    request = EngineRequest(
+        rid=f"HEALTH_CHECK_{protocol.new_rid()}",
+        input_ids=[0],
+        sampling_params=SamplingParams(max_new_tokens=1 if kind == "generate" else 0, temperature=0.0),
+        kind=kind,
+    )
+    group = RequestGroup(state, [request])
+    try:
+        group.start()
+    except ProtocolError as exc:
+        logger.warning("Health check could not start: %s", exc.message)
+        return False
+
+    async def first_output() -> RequestOutput:
+        async for _, output in group.outputs():
+            return output
+        raise RuntimeError("no output")
+
+    try:
+        output = await asyncio.wait_for(first_output(), HEALTH_CHECK_TIMEOUT)
+        return output.error is None
+    except (TimeoutError, RuntimeError):
+        logger.warning("Health check failed: no output within %.0f s.", HEALTH_CHECK_TIMEOUT)
+        return False
+    finally:
+        group.abort_unfinished()
+
+
+# ============================================================================ control routes
+
+
+def _add_control_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/update_weights_from_disk")
+    @_native
+    async def update_weights_from_disk(request: Request) -> Response:
+        body = protocol.validate_model(
+            protocol.UpdateWeightsFromDiskRequest, protocol.parse_json_body(await request.body())
+        )
+        update = state.engine_method("update_weights_from_disk")
+        # No timeout here: a large checkpoint may take minutes to read, and the swap must not be abandoned.
+        success, message, num_paused = await asyncio.to_thread(update, body.model_path, body.load_format)
+        answer = protocol.UpdateWeightsFromDiskResponse(
+            success=success, message=message, num_paused_requests=num_paused
+        )
+        return json_response(answer.model_dump(), 200 if success else 400)
+
+    def text_route(path: str, text: str, method_name: str) -> None:
+        @app.api_route(path, methods=["GET", "POST"], name=method_name)
+        @_native
+        async def route(request: Request) -> Response:
+            method = state.engine_method(method_name)
+            try:
+                await state.control(method)
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
+            return Response(text, media_type="text/plain")
+
+    text_route(
+        "/start_expert_distribution_record",
+        "Start recording the expert distribution.\n",
+        "start_expert_distribution_record",
+    )
+    text_route(
+        "/stop_expert_distribution_record",
+        "Stop recording the expert distribution.\n",
+        "stop_expert_distribution_record",
+    )
+    text_route(
+        "/dump_expert_distribution_record",
+        "Dump expert distribution record.\n",
+        "dump_expert_distribution_record",
+    )
+    text_route("/stop_profile", "Stop profiling. This will take some time.\n", "stop_profile")
+
+    @app.api_route("/start_profile", methods=["GET", "POST"])
+    @_native
+    async def start_profile(request: Request) -> Response:
+        data = protocol.parse_json_body(await request.body(), allow_empty=True)
+        body = protocol.validate_model(protocol.ProfileRequest, data if data is not None else {})
+        method = state.engine_method("start_profile")
+        try:
+            await state.control(method, body.output_dir, body.num_steps)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+        return Response("Start profiling.\n", media_type="text/plain")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if state.metrics is None:
+            return native_error("Metrics are disabled: launch the server with --enable-metrics.", 404)
+        stats = await state.control(state.engine.stats)
+        return Response(state.metrics.render(stats), media_type=METRICS_CONTENT_TYPE)
+
+
+# ============================================================================ OpenAI API
+
+
+def _require_tokenizer(state: ServerState, what: str) -> Any:
+    if state.tokenizer is None:
+        raise ProtocolError(f"{what} needs a tokenizer, and this server runs with --skip-tokenizer-init.")
+    return state.tokenizer
+
+
+def _usage(
+    state: ServerState, outputs: list[RequestOutput | None], n: int, with_completion: bool = True
+) -> protocol.UsageInfo:
+    """Usage of a call: prompt tokens counted once per prompt, completion tokens per sample.
+
+    `outputs` is in request order `[p0 x n, p1 x n, ...]`; an entry is None for a sample that never finished.
+    """
+    per_prompt = [
+        next((o for o in outputs[start : start + n] if o is not None), None)
+        for start in range(0, len(outputs), n)
+    ]
+    prompt_tokens = sum(o.prompt_tokens for o in per_prompt if o is not None)
+    completion_tokens = (
+        sum(o.completion_tokens for o in outputs if o is not None) if with_completion else None
+    )
+    details = None
+    if state.args.enable_cache_report:
+        details = {"cached_tokens": sum(o.cached_tokens for o in per_prompt if o is not None)}
+    return protocol.UsageInfo(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + (completion_tokens or 0),
+        prompt_tokens_details=details,
+    )
+
+
+def _openai_requests(
+    state: ServerState,
+    prompt_ids: list[list[int]],
+    texts: list[str | None],
+    sampling: dict[str, Any],
+    n: int,
+    *,
+    stream: bool,
+    top_logprobs: int | None,
+    logprob_start_len: int = -1,
+    rid: str | None = None,
+) -> list[EngineRequest]:
+    """Engine requests `[p0 x n, p1 x n, ...]` of an OpenAI call."""
+    params = protocol.parse_sampling_params(sampling)
+    rids = protocol.expand_rids(rid, len(prompt_ids), n)
+    requests = []
+    for i, ids in enumerate(prompt_ids):
+        protocol.check_token_ids("prompt", ids, state.info.vocab_size)
+        for j in range(n):
+            requests.append(
+                EngineRequest(
+                    rid=rids[i * n + j],
+                    input_ids=list(ids),
+                    sampling_params=protocol.sample_params(params, j),
+                    stream=stream,
+                    return_logprob=top_logprobs is not None,
+                    logprob_start_len=logprob_start_len,
+                    top_logprobs_num=top_logprobs or 0,
+                    return_text_in_logprobs=True,
+                    text=texts[i],
+                )
+            )
+    return requests
+
+
+class _TextDeltas:
+    """What has been sent of each choice, so a stream sends only the new text and logprobs."""
+
+    def __init__(self, count: int) -> None:
+        self.text_len = [0] * count
+        self.logprob_len = [0] * count
+        self.started = [False] * count
+
+    def text(self, index: int, text: str) -> str:
+        sent = self.text_len[index]
+        if len(text) <= sent:
+            return ""  # a stop string was trimmed from text already sent: nothing more to say
+        self.text_len[index] = len(text)
+        return text[sent:]
+
+    def logprobs(self, index: int, total: int) -> tuple[int, int]:
+        start = self.logprob_len[index]
+        self.logprob_len[index] = total
+        return start, total
+
+
+def _completion_logprobs(
+    state: ServerState,
+    entries: list[tuple[float | None, int]],
+    top: list[list[tuple[float, int]] | None],
+    text_offset: int,
+) -> protocol.CompletionLogprobs:
+    """The legacy completions logprobs object for some tokens."""
+    decode = state.token_texts
+    assert decode is not None
+    result = protocol.CompletionLogprobs()
+    offset = text_offset
+    for position, (logprob, token_id) in enumerate(entries):
+        token = decode.decode([token_id])
+        result.tokens.append(token)
+        result.token_logprobs.append(logprob)
+        result.text_offset.append(offset)
+        offset += len(token)
+        candidates = top[position] if position < len(top) else None
+        result.top_logprobs.append(
+            {decode.decode([cid]): clp for clp, cid in candidates} if candidates else None
+        )
+    return result
+
+
+def _chat_logprobs(
+    state: ServerState,
+    entries: list[tuple[float | None, int]],
+    top: list[list[tuple[float, int]]],
+) -> protocol.ChatLogprobs:
+    """The chat logprobs object for some output tokens."""
+    decode = state.token_texts
+    assert decode is not None
+
+    def top_entry(logprob: float | None, token_id: int) -> protocol.TopLogprob:
+        token = decode.decode([token_id])
+        return protocol.TopLogprob(token=token, bytes=list(token.encode("utf-8")), logprob=logprob)
+
+    content = []
+    for position, (logprob, token_id) in enumerate(entries):
+        candidates = top[position] if position < len(top) else []
+        chosen = top_entry(logprob, token_id)
+        content.append(
+            protocol.ChatTokenLogprob(
+                **chosen.model_dump(),
+                top_logprobs=[top_entry(clp, cid) for clp, cid in candidates or []],
+            )
+        )
+    return protocol.ChatLogprobs(content=content)
+
+
+def _apply_chat_template(state: ServerState, body: protocol.ChatCompletionRequest) -> tuple[list[int], str]:
+    """Prompt ids and text of a chat request, through the tokenizer's (or --chat-template's) template."""
+    tokenizer = _require_tokenizer(state, "Chat completion")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ProtocolError("The tokenizer has no chat template: launch the server with --chat-template.")
+    messages = body.template_messages()
+    kwargs: dict[str, Any] = dict(body.chat_template_kwargs or {})
+    if body.tools:
+        kwargs["tools"] = body.tools
+    continue_final = body.continue_final_message and messages[-1]["role"] == "assistant"
+    try:
+        prompt = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            **kwargs,
+        )
+    except Exception as exc:  # jinja2 raises TemplateError (and the template itself may raise anything)
+        raise ProtocolError(f"Failed to apply the chat template: {exc}", param="messages") from exc
+    return list(tokenizer.encode(prompt, add_special_tokens=False)), prompt
+
+
+def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
+    def model_name(requested: str | None) -> str:
+        return requested or state.args.served_model_name
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        name = state.args.served_model_name
+        card = protocol.ModelCard(id=name, root=name, max_model_len=state.info.context_length)
+        return json_response(protocol.ModelList(data=[card]).model_dump())
+
+    @app.post("/v1/completions")
+    @_openai
+    async def completions(request: Request) -> Response:
+        body = protocol.validate_model(
+            protocol.CompletionRequest, protocol.parse_json_body(await request.body())
+        )
+        body.check_supported()
+        if not state.info.is_generation:
+            raise ProtocolError(EMBEDDING_MODEL_ON_GENERATE)
+        _require_tokenizer(state, "A completion")
+        prompts, _ = protocol.split_openai_prompts(body.prompt)
+        prompt_ids: list[list[int]] = []
+        texts: list[str | None] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                tokenize = state.tokenize
+                if tokenize is None:
+                    raise ProtocolError("A text prompt needs a tokenizer: send token ids.", param="prompt")
+                prompt_ids.append(tokenize(prompt))
+                texts.append(prompt)
+            else:
+                prompt_ids.append(list(prompt))
+                texts.append(None)
+            if not prompt_ids[-1]:
+                raise ProtocolError("The prompt cannot be empty.", param="prompt")
+        echo_logprobs = body.echo and body.logprobs is not None
+        requests = _openai_requests(
+            state,
+            prompt_ids,
+            texts,
+            body.sampling_dict(body.max_tokens),
+            body.n,
+            stream=body.stream,
+            top_logprobs=body.logprobs,
+            logprob_start_len=0 if echo_logprobs else -1,
+            rid=body.rid,
+        )
+        echoes = [
+            (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
+            for text, ids in zip(texts, prompt_ids, strict=True)
+        ]
+        group = state.start(requests)
+        name = model_name(body.model)
+        if body.stream:
+            return StreamingResponse(
+                _stream_completions(state, body, group, echoes, name), media_type="text/event-stream"
+            )
+        outputs = await collect_outputs(group, request)
+        if outputs is None:
+            return _client_gone()
+        error = _first_error(outputs)
+        if error is not None:
+            return openai_error(error)
+        choices = []
+        for index, output in enumerate(outputs):
+            echo = echoes[index // body.n]
+            logprobs = None
+            if body.logprobs is not None:
+                entries = list(output.output_token_logprobs or [])
+                top = list(output.output_top_logprobs or [])
+                if echo_logprobs:
+                    entries = list(output.input_token_logprobs or []) + entries
+                    top = list(output.input_top_logprobs or []) + top
+                logprobs = _completion_logprobs(state, entries, top, 0)
+            choices.append(
+                protocol.CompletionChoice(
+                    index=index,
+                    text=echo + (output.text or ""),
+                    logprobs=logprobs,
+                    finish_reason=protocol.finish_reason_type(output.finish_reason),
+                    matched_stop=protocol.matched_stop(output.finish_reason),
+                )
+            )
+        response = protocol.CompletionResponse(
+            id=outputs[0].rid, model=name, choices=choices, usage=_usage(state, list(outputs), body.n)
+        )
+        return json_response(response.model_dump())
+
+    @app.post("/v1/chat/completions")
+    @_openai
+    async def chat_completions(request: Request) -> Response:
+        body = protocol.validate_model(
+            protocol.ChatCompletionRequest, protocol.parse_json_body(await request.body())
+        )
+        body.check_supported()
+        if not state.info.is_generation:
+            raise ProtocolError(EMBEDDING_MODEL_ON_GENERATE)
+        prompt_ids, prompt = _apply_chat_template(state, body)
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        requests = _openai_requests(
+            state,
+            [prompt_ids],
+            [prompt],
+            body.sampling_dict(body.max_new_tokens()),
+            body.n,
+            stream=body.stream,
+            top_logprobs=top_logprobs,
+            rid=body.rid,
+        )
+        group = state.start(requests)
+        name = model_name(body.model)
+        if body.stream:
+            return StreamingResponse(_stream_chat(state, body, group, name), media_type="text/event-stream")
+        outputs = await collect_outputs(group, request)
+        if outputs is None:
+            return _client_gone()
+        error = _first_error(outputs)
+        if error is not None:
+            return openai_error(error)
+        choices = [
+            protocol.ChatChoice(
+                index=index,
+                message=protocol.ChatMessageOut(content=output.text or ""),
+                logprobs=_chat_logprobs(
+                    state, list(output.output_token_logprobs or []), list(output.output_top_logprobs or [])
+                )
+                if body.logprobs
+                else None,
+                finish_reason=protocol.finish_reason_type(output.finish_reason),
+                matched_stop=protocol.matched_stop(output.finish_reason),
+            )
+            for index, output in enumerate(outputs)
+        ]
+        response = protocol.ChatCompletionResponse(
+            id=outputs[0].rid, model=name, choices=choices, usage=_usage(state, list(outputs), body.n)
+        )
+        return json_response(response.model_dump())
+
+    @app.post("/v1/embeddings")
+    @_openai
+    async def embeddings(request: Request) -> Response:
+        body = protocol.validate_model(
+            protocol.EmbeddingRequest, protocol.parse_json_body(await request.body())
+        )
+        kind = state.embedding_kind
+        if kind is None:
+            raise ProtocolError(NOT_EMBEDDING_MODEL)
+        if body.dimensions is not None:
+            raise ProtocolError("dimensions is not supported by this server.", param="dimensions")
+        prompts, _ = protocol.split_openai_prompts(body.input)
+        tokenize = state.tokenize
+        prompt_ids: list[list[int]] = []
+        texts: list[str | None] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                if tokenize is None:
+                    raise ProtocolError("A text input needs a tokenizer: send token ids.", param="input")
+                prompt_ids.append(tokenize(prompt))
+                texts.append(prompt)
+            else:
+                prompt_ids.append(list(prompt))
+                texts.append(None)
+        expanded = protocol.embedding_requests(prompt_ids, texts, False, kind, None, state.info.vocab_size)
+        group = state.start(expanded.requests)
+        outputs = await collect_outputs(group, request)
+        if outputs is None:
+            return _client_gone()
+        error = _first_error(outputs)
+        if error is not None:
+            return openai_error(error)
+        data = []
+        for index, output in enumerate(outputs):
+            vector = output.embedding or []
+            if body.encoding_format == "base64":
+                encoded: list[float] | str = base64.b64encode(
+                    np.asarray(vector, dtype="<f4").tobytes()
+                ).decode()
+            else:
+                encoded = vector
+            data.append(protocol.EmbeddingObject(embedding=encoded, index=index))
+        response = protocol.EmbeddingResponse(
+            data=data,
+            model=model_name(body.model),
+            usage=_usage(state, list(outputs), 1, with_completion=False),
+        )
+        payload = response.model_dump()
+        payload["usage"].pop("completion_tokens", None)
+        return json_response(payload)
+
+
+async def _stream_completions(
+    state: ServerState,
+    body: protocol.CompletionRequest,
+    group: RequestGroup,
+    echoes: list[str],
+    name: str,
+) -> AsyncIterator[bytes]:
+    """SSE of /v1/completions: text deltas per choice, optional usage chunk, [DONE]."""
+    deltas = _TextDeltas(len(group.requests))
+    finals: list[RequestOutput | None] = [None] * len(group.requests)
+    created = int(time.time())
+    try:
+        async for index, output in group.outputs():
+            if output.error:
+                yield sse_event(protocol.ErrorResponse(message=output.error).model_dump())
+                continue
+            prefix = ""
+            if not deltas.started[index]:
+                deltas.started[index] = True
+                prefix = echoes[index // body.n]
+            offset = deltas.text_len[index]
+            text = prefix + deltas.text(index, output.text or "")
+            logprobs = None
+            if body.logprobs is not None:
+                entries = list(output.output_token_logprobs or [])
+                start, end = deltas.logprobs(index, len(entries))
+                top = list(output.output_top_logprobs or [])[start:end]
+                logprobs = _completion_logprobs(state, entries[start:end], top, offset)
+            if output.finished:
+                finals[index] = output
+            elif not text and (logprobs is None or not logprobs.tokens):
+                continue
+            chunk = protocol.CompletionStreamResponse(
+                id=output.rid,
+                created=created,
+                model=name,
+                choices=[
+                    protocol.CompletionChoice(
+                        index=index,
+                        text=text,
+                        logprobs=logprobs,
+                        finish_reason=protocol.finish_reason_type(
+                            output.finish_reason if output.finished else None
+                        ),
+                        matched_stop=protocol.matched_stop(output.finish_reason if output.finished else None),
+                    )
+                ],
+            )
+            yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage_chunk = protocol.CompletionStreamResponse(
+                id=group.requests[0].rid,
+                created=created,
+                model=name,
+                choices=[],
+                usage=_usage(state, finals, body.n),
+            )
+            yield b"data: " + usage_chunk.model_dump_json().encode() + b"\n\n"
+        yield SSE_DONE
+    finally:
+        group.abort_unfinished()
+
+
+async def _stream_chat(
+    state: ServerState, body: protocol.ChatCompletionRequest, group: RequestGroup, name: str
+) -> AsyncIterator[bytes]:
+    """SSE of /v1/chat/completions: a role chunk per choice, content deltas, optional usage, [DONE]."""
+    deltas = _TextDeltas(len(group.requests))
+    finals: list[RequestOutput | None] = [None] * len(group.requests)
+    created = int(time.time())
+
+    def chunk(output: RequestOutput, choice: protocol.ChatStreamChoice) -> bytes:
+        message = protocol.ChatCompletionStreamResponse(
+            id=output.rid, created=created, model=name, choices=[choice]
+        )
+        return b"data: " + message.model_dump_json().encode() + b"\n\n"
+
+    try:
+        async for index, output in group.outputs():
+            if output.error:
+                yield sse_event(protocol.ErrorResponse(message=output.error).model_dump())
+                continue
+            if not deltas.started[index]:
+                deltas.started[index] = True
+                role = protocol.ChatStreamChoice(
+                    index=index, delta=protocol.DeltaMessage(role="assistant", content="")
+                )
+                yield chunk(output, role)
+            text = deltas.text(index, output.text or "")
+            logprobs = None
+            if body.logprobs:
+                entries = list(output.output_token_logprobs or [])
+                start, end = deltas.logprobs(index, len(entries))
+                logprobs = _chat_logprobs(
+                    state, entries[start:end], list(output.output_top_logprobs or [])[start:end]
+                )
+            if output.finished:
+                finals[index] = output
+            elif not text and (logprobs is None or not logprobs.content):
+                continue
+            finish = output.finish_reason if output.finished else None
+            choice = protocol.ChatStreamChoice(
+                index=index,
+                delta=protocol.DeltaMessage(content=text or None),
+                logprobs=logprobs,
+                finish_reason=protocol.finish_reason_type(finish),
+                matched_stop=protocol.matched_stop(finish),
+            )
+            yield chunk(output, choice)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage_chunk = protocol.ChatCompletionStreamResponse(
+                id=group.requests[0].rid,
+                created=created,
+                model=name,
+                choices=[],
+                usage=_usage(state, finals, body.n),
+            )
+            yield b"data: " + usage_chunk.model_dump_json().encode() + b"\n\n"
+        yield SSE_DONE
+    finally:
+        group.abort_unfinished()

@@ -1,0 +1,170 @@
+"""`python -m server.launch_server --model-path PATH [flags]`: build the engine, serve HTTP.
+
+Readiness is announced (`The server is fired up and ready to roll!`, the line
+SGLang's tooling waits for) only after one real request has gone through the
+whole HTTP stack, so the first client does not pay for compilation. SIGTERM or
+Ctrl-C drains: the listening socket closes, new requests get 503, running
+requests may finish for up to SGLAX_DRAIN_TIMEOUT seconds, then the rest are
+aborted and the engine stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import orjson
+import uvicorn
+
+from runtime.server_args import ServerArgs, make_parser
+
+logger = logging.getLogger("sglax.launch_server")
+
+READY_MESSAGE = "The server is fired up and ready to roll!"
+DRAIN_TIMEOUT = float(os.environ.get("SGLAX_DRAIN_TIMEOUT", "30"))
+WARMUP_TIMEOUT = float(os.environ.get("SGLAX_WARMUP_TIMEOUT", "600"))
+LOG_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def configure_logging(level: str) -> None:
+    """Timestamped lines for our loggers and uvicorn's alike (uvicorn's own config is turned off)."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT, force=True)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app to refuse new work as soon as an exit signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Any) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+        self.warmup_failed = False
+
+    def base_url(self, server_args: ServerArgs) -> str:
+        """The URL to reach this server, with the real port when --port 0 let the OS pick one."""
+        if server_args.port != 0 or not self.servers:
+            return server_args.url
+        port = self.servers[0].sockets[0].getsockname()[1]
+        host = "127.0.0.1" if server_args.host in ("0.0.0.0", "") else server_args.host
+        return f"http://{host}:{port}"
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            logger.info("Received signal %d: draining (up to %.0f s), then exiting.", sig, DRAIN_TIMEOUT)
+            self._on_exit()
+        super().handle_exit(sig, frame)
+
+
+def _warmup_request(server_args: ServerArgs, is_generation: bool) -> tuple[str, dict[str, Any]]:
+    """The route and body of the warm-up request: a short generation, or one embedding."""
+    if is_generation:
+        body: dict[str, Any] = {"sampling_params": {"temperature": 0, "max_new_tokens": 8}}
+        route = "/generate"
+    else:
+        body = {}
+        route = "/encode"
+    if server_args.skip_tokenizer_init:
+        body["input_ids"] = [10, 11, 12]
+    else:
+        body["text"] = "The capital city of France is"
+    return route, body
+
+
+def _post(url: str, body: dict[str, Any], api_key: str | None, timeout: float) -> None:
+    """POST JSON with the standard library (the runtime does not depend on `requests`)."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=orjson.dumps(body), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read()
+
+
+def _announce_when_ready(server: DrainingServer, server_args: ServerArgs, is_generation: bool) -> None:
+    """Wait for uvicorn to listen, warm up through HTTP, then log the readiness line."""
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    if server_args.warmup:
+        route, body = _warmup_request(server_args, is_generation)
+        start = time.perf_counter()
+        try:
+            _post(server.base_url(server_args) + route, body, server_args.api_key, WARMUP_TIMEOUT)
+        except (urllib.error.URLError, OSError) as exc:  # HTTPError (a non-2xx answer) is a URLError
+            logger.error("Warm-up request to %s failed: %s. Shutting down.", route, exc)
+            server.warmup_failed = True
+            server.should_exit = True
+            return
+        logger.info("Warm-up done in %.2f s.", time.perf_counter() - start)
+    logger.info(READY_MESSAGE)
+
+
+def _defer_signals_to_exit() -> None:
+    """Make SIGTERM/SIGINT harmless outside uvicorn's own handlers.
+
+    uvicorn re-raises the signal it drained on once it returns; with the default
+    handlers that would kill the process before the engine is shut down.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: logger.info("Signal %d received while stopping.", signum))
+
+
+def run_server(server_args: ServerArgs) -> int:
+    """Serve until a signal; returns the process exit code."""
+    from runtime.engine import Engine
+    from server.app import create_app
+
+    engine = Engine(server_args)
+    try:
+        app = create_app(engine)
+        state = app.state.sglax
+
+        def begin_drain() -> None:
+            state.draining = True
+
+        config = uvicorn.Config(
+            app,
+            host=server_args.host,
+            port=server_args.port,
+            log_level=server_args.log_level,
+            log_config=None,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=int(DRAIN_TIMEOUT),
+        )
+        server = DrainingServer(config, begin_drain)
+        announcer = threading.Thread(
+            target=_announce_when_ready,
+            args=(server, server_args, bool(engine.model_info.is_generation)),
+            name="warmup",
+            daemon=True,
+        )
+        announcer.start()
+        _defer_signals_to_exit()
+        server.run()
+        return 1 if server.warmup_failed else 0
+    finally:
+        engine.shutdown()
+        logger.info("Engine stopped.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        server_args = ServerArgs.from_cli_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.exit(run_server(server_args))
+
+
+if __name__ == "__main__":
+    main()
