@@ -77,3 +77,8 @@ def interpret_params() -> Any:
     if not MOSAIC_GPU_AVAILABLE:
         raise RuntimeError(UNAVAILABLE_REASON)
     return plgpu.InterpretGPUParams()
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the default device: the persistent grids' CTA count (132 on H100 SXM)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)

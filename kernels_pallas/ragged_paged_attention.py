@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels_pallas._backend import pl, plgpu, resolve_backend
+from kernels_pallas._backend import pl, plgpu, resolve_backend, sm_count
 
 # Finite, so that a fully masked row gives zeros instead of NaN from (-inf) - (-inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -44,7 +44,12 @@ class AttentionMetadata:
 
 
 def write_kv(
-    k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, k: jax.Array, v: jax.Array, meta: AttentionMetadata
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    layer: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    meta: AttentionMetadata,
 ) -> tuple[jax.Array, jax.Array]:
     """Scatter one layer's new K/V (`[T, kv_heads, head_dim]`) into their pool slots, in place."""
     num_layers, num_pages, page_size, kv_heads, head_dim = k_pool.shape
@@ -205,9 +210,8 @@ def _plan_work(
     row_token = cu[seq][item_tile][:, None] + q_start[item_tile][:, None] + row[None, :] // group
     row_live = (work[:, _W_VALID, None] > 0) & (row[None, :] // group < work[:, _W_Q_COUNT, None])
     row_live &= row[None, :] < tile_tokens * group
-    q_rows = jnp.stack(
-        [jnp.where(row_live, row_token, num_tokens), item_head[:, None] * group + row[None, :] % group], axis=-1
-    )
+    row_head = item_head[:, None] * group + row[None, :] % group
+    q_rows = jnp.stack([jnp.where(row_live, row_token, num_tokens), row_head], axis=-1)
 
     # Output row of each (token, q head).
     token = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -241,9 +245,14 @@ def _attention_kernel_body(
     sm_scale: float,
     group: int,
     block_kv: int,
+    num_stages: int,
     num_ctas: int,
 ) -> None:
-    """One CTA: walk work items `cta, cta + num_ctas, ...`; one warpgroup does the TMA issue and the math."""
+    """One CTA walks work items `cta, cta + num_ctas, ...`; one warpgroup issues the TMAs and does the math.
+
+    KV blocks stream through `num_stages` SMEM slots: block j + num_stages - 1
+    is in flight while block j is computed.
+    """
     head_dim = q_smem.shape[-1]
     page_size = k_pool_ref.shape[2]
     table_width = page_table_ref.shape[1]
@@ -287,21 +296,21 @@ def _attention_kernel_body(
 
             plgpu.copy_gmem_to_smem(q_tiles_ref.at[item], q_smem, q_barrier)
 
-            @pl.when(blocks > 0)
-            def _first_block():
-                issue_kv_block(seq, kv_head, 0, 0)
+            for stage in range(num_stages - 1):
+                pl.when(stage < blocks)(functools.partial(issue_kv_block, seq, kv_head, stage, stage))
 
             plgpu.barrier_wait(q_barrier)
 
             def kv_step(block, carry, *, masked: bool):
                 acc, row_max, row_sum = carry
-                slot = lax.rem(block, 2)
+                slot = lax.rem(block, num_stages)
                 plgpu.barrier_wait(k_barriers.at[slot])
+                ahead = block + num_stages - 1
 
-                @pl.when(block + 1 < blocks)
+                @pl.when(ahead < blocks)
                 def _prefetch():
-                    # The other slot was last read by the previous step, whose wgmmas have completed.
-                    issue_kv_block(seq, kv_head, block + 1, 1 - slot)
+                    # That slot was last read by the previous step, whose wgmmas have completed.
+                    issue_kv_block(seq, kv_head, ahead, lax.rem(ahead, num_stages))
 
                 def scores_scope(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
@@ -336,14 +345,17 @@ def _attention_kernel_body(
                 acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + block_out
                 return acc, new_max, row_sum
 
+            rows_layout = plgpu.Layout.WGMMA.reduce(1)
             carry = (
                 plgpu.layout_cast(jnp.zeros((TILE_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-                plgpu.layout_cast(jnp.full((TILE_ROWS,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((TILE_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.layout_cast(jnp.full((TILE_ROWS,), MASK_VALUE, jnp.float32), rows_layout),
+                plgpu.layout_cast(jnp.zeros((TILE_ROWS,), jnp.float32), rows_layout),
             )
             # Blocks every row of the tile sees in full need no mask; the causal edge and the tail do.
-            carry = lax.fori_loop(0, full_blocks, functools.partial(kv_step, masked=False), carry)
-            acc, _, row_sum = lax.fori_loop(full_blocks, blocks, functools.partial(kv_step, masked=True), carry)
+            unmasked_step = functools.partial(kv_step, masked=False)
+            masked_step = functools.partial(kv_step, masked=True)
+            carry = lax.fori_loop(0, full_blocks, unmasked_step, carry)
+            acc, _, row_sum = lax.fori_loop(full_blocks, blocks, masked_step, carry)
             # Rows that see nothing (tile padding) have row_sum 0 and give zeros.
             row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
             out = acc / lax.broadcast_in_dim(row_sum, acc.shape, [0])
@@ -365,7 +377,7 @@ def kernel_unsupported_reason(q: jax.Array, k_pool: jax.Array, block_kv: int = 6
     if head_dim % 64:
         return f"needs head_dim % 64 == 0 (128-byte swizzled SMEM rows), got {head_dim}"
     if page_size % 8 or (block_kv % page_size and page_size % block_kv):
-        return f"needs a page size that is a multiple of 8 and divides or is divided by {block_kv}, got {page_size}"
+        return f"needs page_size % 8 == 0, dividing or divided by block_kv {block_kv}; got {page_size}"
     if num_heads % kv_heads or num_heads // kv_heads > TILE_ROWS:
         return f"needs q_heads a multiple of kv_heads with ratio <= {TILE_ROWS}, got {num_heads}/{kv_heads}"
     return ""
@@ -380,18 +392,21 @@ def ragged_paged_attention_mgpu(
     sm_scale: float,
     *,
     interpret: Any = None,
-    num_ctas: int = 132,
+    num_ctas: int | None = None,
     block_kv: int = 64,
+    num_stages: int = 3,
 ) -> jax.Array:
     """Mosaic GPU kernel with the reference's contract; `interpret=plgpu.InterpretGPUParams()` runs it on CPU.
 
-    `num_ctas` is the persistent grid (132 SMs on an H100 SXM); tests pass 2-4.
+    `num_ctas` is the persistent grid (default: the GPU's SM count, 132 on an
+    H100 SXM); tests pass 2-4. `num_stages` KV blocks are in flight per CTA.
     """
     reason = kernel_unsupported_reason(q, k_pool, block_kv)
     if reason:
         raise ValueError(f"ragged_paged_attention_mgpu {reason}")
-    if block_kv % 64:
-        raise ValueError(f"block_kv must be a multiple of 64, got {block_kv}")
+    if block_kv % 64 or num_stages < 2:
+        raise ValueError(f"need block_kv % 64 == 0 and num_stages >= 2, got {block_kv}, {num_stages}")
+    num_ctas = num_ctas or sm_count()
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_pool.shape[3]
     group = num_heads // kv_heads
@@ -401,20 +416,28 @@ def ragged_paged_attention_mgpu(
 
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     copies_per_block = block_kv // min(k_pool.shape[2], block_kv)
+    body = functools.partial(
+        _attention_kernel_body,
+        sm_scale=float(sm_scale),
+        group=group,
+        block_kv=block_kv,
+        num_stages=num_stages,
+        num_ctas=num_ctas,
+    )
+    kv_buffer = plgpu.SMEM((num_stages, block_kv, head_dim), q.dtype, transforms=swizzled)
+    kv_barriers = plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=num_stages)
     kernel = plgpu.kernel(
-        functools.partial(
-            _attention_kernel_body, sm_scale=float(sm_scale), group=group, block_kv=block_kv, num_ctas=num_ctas
-        ),
+        body,
         out_type=jax.ShapeDtypeStruct((num_items, TILE_ROWS, head_dim), q.dtype),
         scratch_types=[
             plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=swizzled),
-            plgpu.SMEM((2, block_kv, head_dim), q.dtype, transforms=swizzled),
-            plgpu.SMEM((2, block_kv, head_dim), q.dtype, transforms=swizzled),
+            kv_buffer,
+            kv_buffer,
             plgpu.SMEM((TILE_ROWS, block_kv), q.dtype, transforms=swizzled),
             plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=swizzled),
             plgpu.Barrier(num_arrivals=1),
-            plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=2),
-            plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=2),
+            kv_barriers,
+            kv_barriers,
         ],
         grid=(num_ctas,),
         grid_names=("cta",),

@@ -342,7 +342,17 @@ class DecoderLayer(nnx.Module):
         self.mlp = mlp_factory(cfg, dtype, rngs)
         self.sparse = cfg.moe is not None
 
-    def __call__(self, x, cos, sin, k_pool, v_pool, layer, meta, backend):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        k_pool: jax.Array,
+        v_pool: jax.Array,
+        layer: jax.Array,
+        meta: AttentionMetadata,
+        backend: str,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         attn_out, k_pool, v_pool = self.self_attn(
             self.input_layernorm(x), cos, sin, k_pool, v_pool, layer, meta, backend
         )
@@ -391,7 +401,7 @@ class Decoder(nnx.Module):
         cos, sin = rotary_cos_sin(positions, cfg.rope, cfg.head_dim)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(carry, xs):
+        def body(carry: tuple[jax.Array, ...], xs: tuple[Any, jax.Array]) -> tuple[Any, jax.Array | None]:
             x, k_pool, v_pool = carry
             state, layer = xs
             block = nnx.merge(graphdef, state)
@@ -418,7 +428,8 @@ class CausalLM(nnx.Module):
 
     @staticmethod
     def config_from_hf(config: Any) -> DecoderConfig:
-        raise NotImplementedError
+        """The family's HF config -> decoder settings; every subclass sets its own."""
+        raise NotImplementedError("a CausalLM subclass must set config_from_hf")
 
     def __init__(self, config: Any, dtype: Dtype, rngs: nnx.Rngs):
         self.cfg = type(self).config_from_hf(config)

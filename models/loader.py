@@ -52,7 +52,7 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """ "causal_lm", "sequence_classification" or "encoder"."""
+        """One of "causal_lm", "sequence_classification", "encoder"."""
         return type(self.model).kind
 
 
@@ -65,8 +65,11 @@ def resolve_dtype(dtype_arg: str, config: Any, platform: str) -> Any:
         if dtype_arg not in DTYPES:
             raise ValueError(f"dtype {dtype_arg!r} is not supported (choose auto or one of {sorted(DTYPES)})")
         return DTYPES[dtype_arg]
-    if platform == "cpu":
-        return jnp.float32
+    return jnp.float32 if platform == "cpu" else checkpoint_dtype(config)
+
+
+def checkpoint_dtype(config: Any) -> Any:
+    """The dtype the checkpoint's config says it was saved in (`dtype`, or older `torch_dtype`)."""
     stored = config_value(config, "dtype") or config_value(config, "torch_dtype")
     name = str(stored).removeprefix("torch.") if stored is not None else "float32"
     return DTYPES.get(name, jnp.float32)

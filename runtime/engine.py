@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from models.loader import load_model
+from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
 from runtime.model_runner import ModelRunner
@@ -32,6 +33,7 @@ from runtime.scheduler import Scheduler
 from runtime.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+keep_freed_memory()
 
 VERSION = "0.1.0"
 CLASSIFY_SUFFIX = "ForSequenceClassification"
@@ -151,7 +153,10 @@ class Engine:
             max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
         )
         self.pool = KVPool(layers, num_pages, args.page_size, num_kv_heads, head_dim, dtype)
-        self.runner = ModelRunner(self.model, self.pool, args.max_running_requests, self.model_info.vocab_size)
+        self.runner = ModelRunner(
+            self.model, self.pool, args.max_running_requests, self.model_info.vocab_size,
+            num_experts=int(getattr(config, "num_experts", 0) or 0),
+        )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
         self.scheduler = Scheduler(

@@ -39,16 +39,18 @@ class StepOutput:
 class ModelRunner:
     """Runs `ScheduledBatch`es through one causal model; never decides who runs."""
 
-    def __init__(self, model: nnx.Module, pool: KVPool, max_running_requests: int, vocab_size: int) -> None:
+    def __init__(
+        self, model: nnx.Module, pool: KVPool, max_running_requests: int, vocab_size: int, num_experts: int = 0
+    ) -> None:
         self.graphdef, self.params = nnx.split(model)
         self.pool = pool
         self.vocab_size = vocab_size
         self.penalty_rows = max_running_requests + 1  # row 0 serves padding rows
         self.output_counts = jnp.zeros((self.penalty_rows, vocab_size), jnp.int32)
         self.prompt_mask = jnp.zeros((self.penalty_rows, vocab_size), jnp.bool_)
-        self.num_experts = getattr(model, "num_experts", 0)
-        self.num_layers = getattr(model, "num_layers", pool.k_pool.shape[0])
-        self.expert_hist = jnp.zeros((self.num_layers, max(self.num_experts, 1)), jnp.int32)
+        self.num_experts = num_experts
+        self.num_layers = pool.num_layers
+        self.expert_hist = jnp.zeros((self.num_layers, max(num_experts, 1)), jnp.int32)
         self.recording = jnp.zeros((), jnp.int32)
         self._prev_tokens = jnp.zeros((1,), jnp.int32)
         self._compiled: set[tuple] = set()

@@ -317,7 +317,7 @@ def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBat
         p = row.params
         batch.temperature[i] = p.temperature
         batch.top_p[i] = p.top_p
-        batch.top_k[i] = max(p.top_k, 0)
+        batch.top_k[i] = min(max(p.top_k, 0), np.iinfo(np.int32).max)
         batch.min_p[i] = p.min_p
         batch.frequency_penalty[i] = p.frequency_penalty
         batch.presence_penalty[i] = p.presence_penalty

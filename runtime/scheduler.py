@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from runtime.batch import Buckets, ScheduledBatch, bucket_for, next_power_of_two
-from runtime.detokenizer import IncrementalDetokenizer, find_stop_string
+from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
 from runtime.model_runner import ModelRunner, StepOutput
@@ -591,8 +591,7 @@ class Scheduler:
         stops = req.request.sampling_params.stop
         if not stops:
             return req.text
-        hold = max(len(s) for s in stops) - 1
-        return req.text[: max(0, len(req.text) - hold)]
+        return req.text[: len(req.text) - partial_stop_suffix(req.text, stops)]
 
     # -- control operations (run on this thread through `call`) ----------------------------------------
 

@@ -144,12 +144,15 @@ class ApiKeyMiddleware:
 class RequestGroup:
     """The engine requests of one HTTP call; their outputs arrive on one asyncio queue as (index, output)."""
 
-    def __init__(self, state: ServerState, requests: list[EngineRequest]) -> None:
+    def __init__(self, state: ServerState, requests: list[EngineRequest], internal: bool = False) -> None:
         self.state = state
         self.requests = requests
         self.queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
         self.finished = [False] * len(requests)
-        self.timers = [RequestTimer() for _ in requests] if state.metrics is not None else None
+        # Internal requests (health checks) stay out of the metrics and the request log, as in the reference.
+        self.log_requests = state.args.log_requests and not internal
+        with_metrics = state.metrics is not None and not internal
+        self.timers = [RequestTimer() for _ in requests] if with_metrics else None
         self.submitted = 0
 
     def start(self) -> None:
@@ -171,7 +174,7 @@ class RequestGroup:
                 raise ProtocolError(str(exc)) from exc
             self.submitted += 1
             self.state.inflight[request.rid] = self
-            if self.state.args.log_requests:
+            if self.log_requests:
                 logger.info(
                     "Receive: rid=%s kind=%s prompt_tokens=%d text=%s sampling=%s",
                     request.rid,
@@ -204,7 +207,7 @@ class RequestGroup:
             if output.finished:
                 self.finished[index] = True
                 self.state.inflight.pop(request.rid, None)
-                if self.state.args.log_requests:
+                if self.log_requests:
                     logger.info(
                         "Finish: rid=%s finish_reason=%s completion_tokens=%d text=%s",
                         request.rid,
@@ -502,7 +505,7 @@ async def _health_generate(state: ServerState) -> bool:
         sampling_params=SamplingParams(max_new_tokens=1 if kind == "generate" else 0, temperature=0.0),
         kind=kind,
     )
-    group = RequestGroup(state, [request])
+    group = RequestGroup(state, [request], internal=True)
     try:
         group.start()
     except ProtocolError as exc:

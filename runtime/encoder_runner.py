@@ -1,0 +1,109 @@
+"""Bidirectional encoders (BERT) get a plain padded `[B, L]` batch path of their own.
+
+A causal prefix cache and chunked prefill mean nothing for them, so requests
+are batched as they arrive on one worker thread, padded to power-of-two
+buckets (few compiled programs), encoded and pooled as the model folder's
+sentence-transformers config says.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from models.pooling import load_pooling
+from runtime.batch import next_power_of_two
+from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 32
+
+
+class EncoderRunner:
+    """Batches embedding requests for an encoder model on its own thread."""
+
+    def __init__(self, model: nnx.Module, model_path: str, context_length: int) -> None:
+        self.graphdef, self.params = nnx.split(model)
+        self.pooling = load_pooling(model_path)
+        self.context_length = context_length
+        self._encode = jax.jit(self._encode_fn)
+        self._shapes: set[tuple[int, int]] = set()
+        self._inbox: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._served = 0
+        self._thread = threading.Thread(target=self._loop, name="sglax-encoder", daemon=True)
+        self._thread.start()
+
+    def _encode_fn(self, params: Any, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
+        model = nnx.merge(self.graphdef, params)
+        hidden = model(input_ids, mask, None)
+        return self.pooling.pool(hidden, mask)
+
+    def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
+        self._inbox.put((request, callback, time.monotonic()))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._run(batch)
+            except Exception as exc:  # answer every request even when a batch fails
+                logger.exception("encoder batch failed")
+                for request, callback, _ in batch:
+                    callback(RequestOutput(request.rid, [], None, True, {"type": "abort", "message": str(exc)},
+                                           len(request.input_ids), 0, 0, error=f"Encoding failed: {exc}"))
+
+    def _run(self, batch: list[tuple[EngineRequest, OutputCallback, float]]) -> None:
+        rows = next_power_of_two(len(batch))
+        width = next_power_of_two(max(len(r.input_ids) for r, _, _ in batch), 16)
+        input_ids = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        for i, (request, _, _) in enumerate(batch):
+            input_ids[i, : len(request.input_ids)] = request.input_ids
+            mask[i, : len(request.input_ids)] = 1
+        self._shapes.add((rows, width))
+        vectors = np.asarray(self._encode(self.params, input_ids, mask))
+        for i, (request, callback, arrival) in enumerate(batch):
+            self._served += 1
+            callback(RequestOutput(
+                rid=request.rid, output_ids=[], text=None, finished=True,
+                finish_reason={"type": "length", "length": 0}, prompt_tokens=len(request.input_ids),
+                completion_tokens=0, cached_tokens=0, e2e_latency=time.monotonic() - arrival,
+                embedding=[float(x) for x in vectors[i]],
+            ))
+
+    def swap_params(self, new_params: Any) -> None:
+        self.params = new_params
+
+    def stats(self) -> dict[str, Any]:
+        waiting = self._inbox.qsize()
+        return {
+            "num_running_reqs": 0, "num_queue_reqs": waiting, "num_used_tokens": 0, "token_usage": 0.0,
+            "num_free_pages": 0, "num_cached_pages": 0, "num_total_pages": 0, "cache_hit_rate": 0.0,
+            "gen_throughput": 0.0, "last_gen_throughput": 0.0, "num_served": self._served,
+        }
+
+    @property
+    def num_compiled_programs(self) -> int:
+        return len(self._shapes)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,40 @@
+"""Fixtures for the kernel tests: fresh random seeds and GPU-interpreter hygiene.
+
+These tests run in the Python 3.12 + JAX 0.11 venv (`make test-kernels`);
+the Mosaic GPU modules skip themselves, with the reason, on older JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kernels_pallas import _backend
+
+SEED_ENV = "SGLAX_KERNEL_SEED"  # set it to replay a failing run's seed
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A fresh generator per test; the seed is printed (shown on failure) and can be replayed via the env."""
+    seed = int(os.environ.get(SEED_ENV) or secrets.randbits(32))
+    print(f"{SEED_ENV}={seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def interpret() -> Iterator[Any]:
+    """GPU-interpreter parameters; the interpreter's global state is reset after each test.
+
+    Without the reset, one failing kernel leaves barriers allocated and every
+    later test fails with "Barrier remains allocated".
+    """
+    yield _backend.interpret_params()
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    interpret_pallas_call.reset_gpu_interpret_mode_state()

@@ -1,0 +1,243 @@
+"""The Mosaic GPU ragged paged attention kernel against the XLA reference, on CPU.
+
+Numerics run under the GPU interpreter (simulated SMEM, TMA, barriers,
+wgmma); each kernel configuration is also lowered for an abstract H100. The
+inputs are random and fresh each run (the seed is printed). KV slots that no
+sequence may see (pages past `kv_lens`, padding page 0, unused pages, other
+layers) hold V = 1000, so any masking or page-table slip shows up as a large
+error; unwritten kernel output is NaN under the interpreter.
+
+Tolerance: the kernel takes bf16/f16 inputs (wgmma's f32 mode is tf32, and V's
+pool layout is not the K-major layout a tf32 operand needs), accumulates in
+f32 and rounds the softmax probabilities to the input dtype before P @ V, as
+flash attention does. With eps the dtype's epsilon, that bounds the error by
+eps * |ref| (both outputs rounded) + eps / 2 * max |V| (rounded P).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.kernels.support import lower_for_h100, skip_without_mosaic_gpu
+
+skip_without_mosaic_gpu()
+
+from kernels_pallas import ragged_paged_attention as rpa  # noqa: E402
+
+pytestmark = pytest.mark.kernels
+
+POISON_V = 1000.0
+SM_SCALE = 0.125
+
+
+@dataclasses.dataclass
+class Batch:
+    q: jax.Array
+    k_pool: jax.Array
+    v_pool: jax.Array
+    layer: jax.Array
+    meta: rpa.AttentionMetadata
+    num_real_tokens: int
+    visible_v_max: float  # max |V| over the slots some sequence may see
+
+    @property
+    def args(self) -> tuple:
+        return (self.q, self.k_pool, self.v_pool, self.layer, self.meta)
+
+
+def build_batch(
+    rng: np.random.Generator,
+    *,
+    decode_kv_lens: list[int],
+    prefills: list[tuple[int, int]],
+    kv_heads: int,
+    group: int,
+    head_dim: int = 64,
+    page_size: int = 16,
+    dtype: jnp.dtype = jnp.float16,
+    num_layers: int = 2,
+    pad_tokens: int = 3,
+    pad_seqs: int = 1,
+) -> Batch:
+    """A scheduled batch as the runner builds it: decode rows first, then prefill chunks.
+
+    `prefills` holds (q_len, cached_prefix_len) pairs. Padding: extra tokens
+    after the real ones, extra sequences with no tokens, page-table entries 0.
+    """
+    q_lens = [1] * len(decode_kv_lens) + [q_len for q_len, _ in prefills]
+    kv_lens = list(decode_kv_lens) + [q_len + cached for q_len, cached in prefills]
+    q_lens += [0] * pad_seqs
+    kv_lens += [0] * pad_seqs
+    num_seqs = len(q_lens)
+    pages_needed = [-(-kv_len // page_size) for kv_len in kv_lens]
+    table_width = max(pages_needed) + 1
+    num_pages = 1 + sum(pages_needed) + 2  # page 0 (padding) and two pages nobody owns
+    page_ids = rng.permutation(np.arange(1, num_pages))
+    page_table = np.zeros((num_seqs, table_width), np.int32)
+    layer = int(rng.integers(num_layers))
+    shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+    k_pool = np.zeros(shape, np.float32)
+    v_pool = np.full(shape, POISON_V, np.float32)
+    used, visible_v_max = 0, 0.0
+    for seq, (kv_len, count) in enumerate(zip(kv_lens, pages_needed, strict=True)):
+        page_table[seq, :count] = page_ids[used : used + count]
+        used += count
+        slots = np.arange(kv_len)
+        pages, offsets = page_table[seq, slots // page_size], slots % page_size
+        k_pool[layer, pages, offsets] = rng.standard_normal((kv_len, kv_heads, head_dim))
+        v_pool[layer, pages, offsets] = rng.standard_normal((kv_len, kv_heads, head_dim))
+        visible_v_max = max(visible_v_max, float(np.abs(v_pool[layer, pages, offsets]).max(initial=0.0)))
+    assert page_table.min() >= 0 and page_table.max() < num_pages
+    num_real_tokens = sum(q_lens)
+    num_tokens = num_real_tokens + pad_tokens
+    prefill_q = [q_len for q_len, _ in prefills]
+    meta = rpa.AttentionMetadata(
+        cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+        kv_lens=jnp.asarray(kv_lens, jnp.int32),
+        page_table=jnp.asarray(page_table),
+        write_slots=jnp.zeros((num_tokens,), jnp.int32),
+        num_tokens=jnp.int32(num_real_tokens),
+        num_decode_seqs=len(decode_kv_lens),
+        # Bucketed as the scheduler does: a power of two at or above the longest chunk.
+        max_prefill_q_len=int(2 ** np.ceil(np.log2(max(prefill_q)))) if prefill_q else 0,
+    )
+    q = rng.standard_normal((num_tokens, kv_heads * group, head_dim))
+    return Batch(
+        jnp.asarray(q, dtype),
+        jnp.asarray(k_pool, dtype),
+        jnp.asarray(v_pool, dtype),
+        jnp.int32(layer),
+        meta,
+        num_real_tokens,
+        visible_v_max,
+    )
+
+
+def run_kernel(batch: Batch, interpret, num_ctas: int = 3) -> np.ndarray:
+    kernel = functools.partial(
+        rpa.ragged_paged_attention_mgpu, sm_scale=SM_SCALE, interpret=interpret, num_ctas=num_ctas
+    )
+    return np.asarray(jax.jit(kernel)(*batch.args).astype(jnp.float32), np.float64)
+
+
+def check_against_reference(batch: Batch, out: np.ndarray) -> None:
+    ref = rpa.ragged_paged_attention_reference(*batch.args, SM_SCALE)
+    ref = np.asarray(ref.astype(jnp.float32), np.float64)
+    assert not np.isnan(out).any(), "NaN in the kernel's output: a row was never written"
+    real = batch.num_real_tokens
+    assert np.all(out[real:] == 0.0), "padding tokens must give zeros"
+    eps = float(jnp.finfo(batch.q.dtype).eps)
+    error = np.abs(out[:real] - ref[:real])
+    bound = eps * np.abs(ref[:real]) + eps / 2 * batch.visible_v_max
+    worst = np.unravel_index(np.argmax(error - bound), error.shape)
+    print(f"max abs error {error.max():.3g}; closest to its bound at {worst}: {error[worst]:.3g} vs {bound[worst]:.3g}")
+    assert np.all(error <= bound), f"kernel differs from the reference at (token, head, dim) {worst}"
+
+
+def random_decode_lens(rng: np.random.Generator, count: int, page_size: int) -> list[int]:
+    """Edge lengths first (1 token, a full page, one past a page), then random ones ending mid-page."""
+    edges = [1, page_size, page_size + 1, 64, 65]
+    return [edges[i] if i < len(edges) else int(rng.integers(2, 150)) for i in range(count)]
+
+
+@pytest.mark.parametrize(("group", "kv_heads"), [(1, 2), (3, 2), (8, 1)], ids=["gqa1", "gqa3", "gqa8"])
+def test_mixed_batch_matches_reference(rng, interpret, group, kv_heads):
+    """Decode rows and prefill chunks (one over a cached prefix, one fresh) in one launch."""
+    decode = random_decode_lens(rng, 3, page_size=16)
+    chunk = (int(rng.integers(9, 25)), int(rng.integers(20, 60)))  # cached prefix ends mid-page
+    fresh = (int(rng.integers(5, 40)), 0)
+    batch = build_batch(rng, decode_kv_lens=decode, prefills=[chunk, fresh], kv_heads=kv_heads, group=group)
+    check_against_reference(batch, run_kernel(batch, interpret))
+
+
+def test_large_pages_bf16_head_dim_128(rng, interpret):
+    """Pages of 128 tokens (two KV blocks per page), bf16, head_dim 128, Qwen2.5-0.5B's ratio of 7."""
+    decode = [int(rng.integers(100, 260)), 1]
+    chunk = (int(rng.integers(10, 30)), int(rng.integers(100, 140)))
+    batch = build_batch(
+        rng,
+        decode_kv_lens=decode,
+        prefills=[chunk],
+        kv_heads=1,
+        group=7,
+        head_dim=128,
+        page_size=128,
+        dtype=jnp.bfloat16,
+    )
+    check_against_reference(batch, run_kernel(batch, interpret, num_ctas=2))
+
+
+def test_small_pages_long_prefill(rng, interpret):
+    """Pages of 8 tokens (8 TMA copies per block) and a prefill spanning two 64-row tiles."""
+    chunk = (int(rng.integers(65, 90)), int(rng.integers(1, 30)))
+    batch = build_batch(rng, decode_kv_lens=[], prefills=[chunk], kv_heads=1, group=1, page_size=8)
+    check_against_reference(batch, run_kernel(batch, interpret, num_ctas=4))
+
+
+def test_decode_only(rng, interpret):
+    decode = random_decode_lens(rng, 4, page_size=16)
+    batch = build_batch(rng, decode_kv_lens=decode, prefills=[], kv_heads=2, group=4)
+    check_against_reference(batch, run_kernel(batch, interpret, num_ctas=2))
+
+
+def test_work_plan_moves_every_row(rng):
+    """Gathering q into tiles and the tiles back out is the identity on real tokens (pure XLA, exact)."""
+    decode = random_decode_lens(rng, int(rng.integers(0, 6)), page_size=16)
+    prefills = [(int(rng.integers(1, 70)), int(rng.integers(0, 50))) for _ in range(int(rng.integers(1, 4)))]
+    group = int(rng.choice([1, 3, 7, 8]))
+    batch = build_batch(rng, decode_kv_lens=decode, prefills=prefills, kv_heads=2, group=group)
+    num_tokens, num_heads, _ = batch.q.shape
+    plan = rpa._plan_work(batch.meta, num_tokens, num_heads, 2, block_kv=64, num_ctas=3)
+    assert plan.work.shape[0] % 3 == 0
+    tiles = batch.q.at[plan.q_rows[..., 0], plan.q_rows[..., 1]].get(mode="fill", fill_value=0)
+    back = tiles.at[plan.out_items, plan.out_rows].get(mode="fill", fill_value=0)
+    real = batch.num_real_tokens
+    assert np.array_equal(np.asarray(back[:real]), np.asarray(batch.q[:real]))
+    assert np.all(np.asarray(plan.out_items[real:]) == -1)
+    work = np.asarray(plan.work)
+    live = work[:, rpa._W_VALID] > 0
+    # Every real (token, q head) lands in exactly one tile row.
+    assert live.sum() * rpa.TILE_ROWS >= real * num_heads
+    assert np.all(work[live, rpa._W_BLOCKS] >= work[live, rpa._W_FULL_BLOCKS])
+
+
+LOWERING_CASES = [
+    # dtype, head_dim, page_size, kv_heads, group
+    (jnp.bfloat16, 64, 16, 3, 3),  # SmolLM2-135M: 9 q heads over 3 kv heads
+    (jnp.bfloat16, 64, 16, 2, 7),  # Qwen2.5-0.5B: 14 over 2
+    (jnp.float16, 64, 8, 2, 1),
+    (jnp.bfloat16, 128, 64, 4, 8),
+    (jnp.bfloat16, 128, 256, 1, 4),
+]
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "page_size", "kv_heads", "group"), LOWERING_CASES)
+def test_lowers_for_h100(dtype, head_dim, page_size, kv_heads, group):
+    batch = build_batch(
+        np.random.default_rng(0),
+        decode_kv_lens=[40, 300],
+        prefills=[(70, 100)],
+        kv_heads=kv_heads,
+        group=group,
+        head_dim=head_dim,
+        page_size=page_size,
+        dtype=dtype,
+    )
+    kernel = functools.partial(rpa.ragged_paged_attention_mgpu, sm_scale=SM_SCALE, num_ctas=132)
+    assert "mosaic_gpu" in lower_for_h100(kernel, *batch.args)
+
+
+def test_unsupported_inputs_are_named():
+    q = jnp.zeros((4, 2, 64), jnp.float32)
+    pool = jnp.zeros((1, 3, 16, 1, 64), jnp.float32)
+    assert "bfloat16" in rpa.kernel_unsupported_reason(q, pool)
+    assert "head_dim" in rpa.kernel_unsupported_reason(q[..., :32].astype(jnp.bfloat16), pool[..., :32])
+    small_pages = jnp.zeros((1, 3, 4, 1, 64), jnp.bfloat16)
+    assert "page_size" in rpa.kernel_unsupported_reason(q.astype(jnp.bfloat16), small_pages)
+    assert rpa.kernel_unsupported_reason(q.astype(jnp.bfloat16), pool.astype(jnp.bfloat16)) == ""

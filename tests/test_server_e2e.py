@@ -1,0 +1,460 @@
+"""The real server end to end: `python -m server.launch_server` on SmolLM2-135M-Instruct,
+driven over HTTP the way SGLang's notebooks and clients drive the reference.
+
+Two servers, each started once for the module: the main one (tokenizer, metrics)
+and a `--skip-tokenizer-init --api-key` one that also checks the readiness line,
+the warnings for reference-only flags, and the SIGTERM drain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import requests
+
+from server.utils import find_free_port, launch_server_cmd, terminate_process, wait_for_server
+from tests import fixture_spec as spec
+
+STARTUP_TIMEOUT = 600
+QUESTION = "What is the capital of France?"
+SERVER_FLAGS = "--max-total-tokens 8192 --max-running-requests 64 --chunked-prefill-size 512 --no-warmup"
+
+
+def _model_path() -> Path:
+    folder = spec.models_dir() / spec.SMOLLM2
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"{folder} missing: run `make fixtures`")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_path() -> Path:
+    return _model_path()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path))
+
+
+@pytest.fixture(scope="module")
+def chat_prompt(tokenizer: Any) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+
+
+@pytest.fixture(scope="module")
+def base_url(model_path: Path) -> Iterator[str]:
+    """The main server, launched the way a notebook launches the reference."""
+    command = (
+        f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 "
+        f"{SERVER_FLAGS} --enable-metrics --log-level warning"
+    )
+    process, port = launch_server_cmd(command, host="127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=STARTUP_TIMEOUT, process=process)
+        yield url
+    finally:
+        terminate_process(process)
+
+
+def generate(url: str, **body: Any) -> requests.Response:
+    return requests.post(url + "/generate", json=body, timeout=300)
+
+
+def greedy(max_new_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"temperature": 0, "max_new_tokens": max_new_tokens, **extra}
+
+
+def sse(response: requests.Response) -> list[Any]:
+    events = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith(b"data: "), line
+        data = line[len(b"data: ") :]
+        events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return events
+
+
+def server_info(url: str) -> dict[str, Any]:
+    return requests.get(url + "/get_server_info", timeout=60).json()
+
+
+def wait_idle(url: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = server_info(url)
+        if info["num_running_reqs"] == 0 and info["num_queue_reqs"] == 0:
+            return info
+        assert time.monotonic() < deadline, f"server not idle: {info}"
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- the notebook's flows
+
+
+def test_generate_capital_of_france(base_url: str) -> None:
+    r = generate(base_url, text=QUESTION, sampling_params=greedy(16))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body["text"], str) and body["text"]
+    meta = body["meta_info"]
+    assert {
+        "id",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "e2e_latency",
+    } <= set(meta)
+    assert meta["completion_tokens"] <= 16 and meta["prompt_tokens"] > 0
+
+
+def test_chat_template_greedy_says_paris(base_url: str, chat_prompt: str) -> None:
+    body = generate(base_url, text=chat_prompt, sampling_params=greedy(32)).json()
+    assert "Paris" in body["text"], body["text"]
+    assert body["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+
+
+def test_model_and_server_info(base_url: str, model_path: Path) -> None:
+    info = requests.get(base_url + "/get_model_info").json()
+    assert set(info) == {"model_path", "tokenizer_path", "is_generation"}
+    assert info["model_path"] == str(model_path) and info["is_generation"] is True
+    server = server_info(base_url)
+    assert server["model_path"] == str(model_path)
+    assert server["max_total_num_tokens"] > 0 and server["max_req_input_len"] > 0
+    assert server["page_size"] == 16 and server["enable_metrics"] is True
+    assert "version" in server and "last_gen_throughput" in server
+
+
+def test_health(base_url: str) -> None:
+    assert requests.get(base_url + "/health").status_code == 200
+    assert requests.get(base_url + "/health_generate", timeout=60).status_code == 200
+
+
+def test_flush_cache_idle_and_busy(base_url: str) -> None:
+    wait_idle(base_url)
+    assert requests.post(base_url + "/flush_cache").status_code == 200
+    body = {"text": "Count from one to a hundred:", "sampling_params": greedy(200), "stream": True}
+    with requests.post(base_url + "/generate", json=body, stream=True, timeout=300) as r:
+        next(r.iter_lines())
+        busy = requests.get(base_url + "/flush_cache")
+        assert busy.status_code == 400
+        assert busy.text.startswith("Cache flushed.\n")
+    wait_idle(base_url)
+    assert requests.get(base_url + "/flush_cache").status_code == 200
+
+
+# ----------------------------------------------------------------------------- streaming, batches, logprobs
+
+
+def test_stream_equals_non_stream(base_url: str, chat_prompt: str) -> None:
+    plain = generate(base_url, text=chat_prompt, sampling_params=greedy(24)).json()
+    with requests.post(
+        base_url + "/generate",
+        json={"text": chat_prompt, "sampling_params": greedy(24), "stream": True},
+        stream=True,
+        timeout=300,
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse(r)
+    assert events[-1] == "[DONE]"
+    texts = [e["text"] for e in events[:-1]]
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
+    assert texts[-1] == plain["text"]
+    assert events[-2]["meta_info"]["finish_reason"] == plain["meta_info"]["finish_reason"]
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-2])
+
+
+def test_batch_and_n_order(base_url: str) -> None:
+    prompts = ["The capital of Italy is", "One, two, three,"]
+    solo = [generate(base_url, text=p, sampling_params=greedy(8)).json()["text"] for p in prompts]
+    body = generate(base_url, text=prompts, sampling_params=greedy(8, n=2)).json()
+    assert [b["text"] for b in body] == [solo[0], solo[0], solo[1], solo[1]]
+    streamed = requests.post(
+        base_url + "/generate",
+        json={"text": prompts, "sampling_params": greedy(8), "stream": True},
+        stream=True,
+        timeout=300,
+    )
+    final = {e["index"]: e["text"] for e in sse(streamed)[:-1] if e["meta_info"]["finish_reason"]}
+    assert final == {0: solo[0], 1: solo[1]}
+
+
+def test_logprob_shapes(base_url: str, tokenizer: Any) -> None:
+    ids = tokenizer.encode("The quick brown fox jumps over")
+    default = generate(base_url, input_ids=ids, sampling_params=greedy(4), return_logprob=True).json()[
+        "meta_info"
+    ]
+    assert default["input_token_logprobs"] == [[None, ids[-1], None]]
+    assert [len(e) for e in default["output_token_logprobs"]] == [3] * 4
+    meta = generate(
+        base_url,
+        input_ids=ids,
+        sampling_params=greedy(4),
+        return_logprob=True,
+        logprob_start_len=0,
+        top_logprobs_num=3,
+        token_ids_logprob=[ids[0], ids[1]],
+        return_text_in_logprobs=True,
+    ).json()["meta_info"]
+    inputs = meta["input_token_logprobs"]
+    assert len(inputs) == len(ids) and inputs[0][0] is None
+    assert [entry[1] for entry in inputs] == ids
+    assert all(isinstance(entry[0], float) and entry[0] <= 0 for entry in inputs[1:])
+    outputs = meta["output_token_logprobs"]
+    assert len(outputs) == 4 and all(isinstance(entry[2], str) for entry in outputs)
+    assert len(meta["output_top_logprobs"]) == 4 and all(len(top) == 3 for top in meta["output_top_logprobs"])
+    # Greedy: the chosen token is the best of the top list.
+    assert all(top[0][1] == entry[1] for top, entry in zip(meta["output_top_logprobs"], outputs, strict=True))
+    assert len(meta["input_top_logprobs"]) == len(ids) and meta["input_top_logprobs"][0] is None
+    assert all(len(pos) == 2 for pos in meta["output_token_ids_logprobs"])
+
+
+def test_cached_tokens(base_url: str) -> None:
+    prompt = "Here is a long shared prefix for the cache test. " * 6
+    first = generate(base_url, text=prompt + "First?", sampling_params=greedy(2)).json()["meta_info"]
+    second = generate(base_url, text=prompt + "Second?", sampling_params=greedy(2)).json()["meta_info"]
+    assert first["cached_tokens"] < second["cached_tokens"] < second["prompt_tokens"]
+    assert second["cached_tokens"] >= 16
+
+
+def test_openai_client(base_url: str) -> None:
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none")
+    [model] = client.models.list().data
+    chat = client.chat.completions.create(
+        model=model.id, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=32
+    )
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
+    stream = client.chat.completions.create(
+        model=model.id,
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+    )
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == chat.choices[0].message.content
+    completion = client.completions.create(model=model.id, prompt="The capital of France is", max_tokens=8)
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 8
+
+
+def test_metrics(base_url: str) -> None:
+    text = requests.get(base_url + "/metrics").text
+    for name in (
+        "sglang:prompt_tokens_total",
+        "sglang:generation_tokens_total",
+        "sglang:e2e_request_latency_seconds_bucket",
+        "sglang:time_to_first_token_seconds_bucket",
+        "sglang:num_running_reqs",
+        "sglang:token_usage",
+    ):
+        assert name in text, name
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_bad_inputs_are_4xx_and_the_server_keeps_serving(base_url: str) -> None:
+    info = server_info(base_url)
+    context = info["max_req_input_len"] + 1
+    cases: list[tuple[str, Any]] = [
+        ("/generate", b"{oops"),
+        ("/generate", b'"just a string"'),
+        ("/generate", {"text": 12}),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": "ten"}}),
+        ("/generate", {"text": "a", "sampling_params": {"temperature": [1]}}),
+        ("/generate", {"text": "a", "sampling_params": {"no_such_key": 1}}),
+        ("/generate", {"input_ids": [1, 10**9]}),
+        ("/generate", {"input_ids": [-3]}),
+        ("/generate", {"input_ids": [5] * (context + 10)}),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": -1}}),
+        ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 10**9}}),
+        ("/generate", {"text": "a", "stream": True, "sampling_params": {"top_k": 0}}),
+        ("/generate", {"input_ids": []}),
+        ("/generate", {}),
+        ("/v1/completions", {"prompt": "a", "max_tokens": "x"}),
+        ("/v1/chat/completions", {"messages": []}),
+        ("/v1/chat/completions", {"messages": [{"content": "no role"}]}),
+        ("/encode", {"text": "a"}),
+        ("/update_weights_from_disk", {"model_path": "/no/such/dir"}),
+    ]
+    for route, body in cases:
+        if isinstance(body, bytes):
+            r = requests.post(base_url + route, data=body, headers={"Content-Type": "application/json"})
+        else:
+            r = requests.post(base_url + route, json=body)
+        assert 400 <= r.status_code < 500, (route, body, r.status_code, r.text)
+        assert not r.headers["content-type"].startswith("text/event-stream")
+    ok = generate(base_url, text="Hello", sampling_params=greedy(2))
+    assert ok.status_code == 200
+
+
+# ----------------------------------------------------------------------------- many clients, some leaving
+
+
+def test_concurrent_streams_with_disconnects_leave_the_pool_whole(base_url: str, tokenizer: Any) -> None:
+    questions = [
+        "What is the capital of France?",
+        "Name a primary color.",
+        "What is two plus two?",
+        "Say hello in Spanish.",
+        "What color is the sky?",
+        "Name a fruit.",
+        "What is the largest ocean?",
+        "How many legs does a cat have?",
+    ]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+    solo = [generate(base_url, text=p, sampling_params=greedy(12)).json()["text"] for p in prompts]
+    results: dict[int, str | None] = {}
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        leaves = index % 4 == 3  # a quarter of the clients disconnect midway
+        try:
+            body = {"text": prompts[index % len(prompts)], "sampling_params": greedy(12), "stream": True}
+            with requests.post(base_url + "/generate", json=body, stream=True, timeout=600) as r:
+                assert r.status_code == 200, r.text
+                text = None
+                seen = 0
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    data = line[len(b"data: ") :]
+                    if data == b"[DONE]":
+                        break
+                    text = json.loads(data)["text"]
+                    seen += 1
+                    if leaves and seen >= 2:
+                        break
+                results[index] = None if leaves else text
+        except BaseException as exc:  # surfaced below with the thread's index
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not errors, errors[:3]
+    for index in range(64):
+        if index % 4 != 3:
+            assert results[index] == solo[index % len(prompts)], (index, results[index])
+    info = wait_idle(base_url)
+    assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"], info
+    assert requests.post(base_url + "/flush_cache").status_code == 200
+    info = server_info(base_url)
+    assert info["num_free_pages"] == info["num_total_pages"], info
+    assert generate(base_url, text="Hello", sampling_params=greedy(2)).status_code == 200
+
+
+# ----------------------------------------------------------------------------- a server without tokenizer
+
+
+@pytest.fixture(scope="module")
+def bare_server(
+    model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Any, Path]]:
+    """`--skip-tokenizer-init --api-key`, warm-up on, its log kept to check the readiness line."""
+    port = find_free_port("127.0.0.1")
+    log_path = tmp_path_factory.mktemp("bare") / "server.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "server.launch_server",
+        "--model-path",
+        str(model_path),
+        "--port",
+        str(port),
+        "--skip-tokenizer-init",
+        "--api-key",
+        "test-key",
+        "--max-total-tokens",
+        "4096",
+        "--disable-cuda-graph",
+        "--trust-remote-code",
+        "--cuda-graph-max-bs",
+        "8",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while "The server is fired up and ready to roll!" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "server never announced readiness"
+            time.sleep(0.5)
+        yield url, process, log_path
+    finally:
+        terminate_process(process)
+
+
+AUTH = {"Authorization": "Bearer test-key"}
+
+
+def test_bare_server_output_ids_say_paris(bare_server: tuple[str, Any, Path], tokenizer: Any) -> None:
+    url, _, log_path = bare_server
+    log = log_path.read_text()
+    for flag in ("--disable-cuda-graph", "--trust-remote-code", "--cuda-graph-max-bs"):
+        assert f"{flag} is ignored" in log
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    input_ids = tokenizer.encode(ids)
+    r = requests.post(
+        url + "/generate", json={"input_ids": input_ids, "sampling_params": greedy(32)}, headers=AUTH
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert "text" not in body
+    assert "Paris" in tokenizer.decode(body["output_ids"])
+
+
+def test_bare_server_api_key(bare_server: tuple[str, Any, Path]) -> None:
+    url, _, _ = bare_server
+    assert requests.get(url + "/health").status_code == 200
+    assert requests.get(url + "/get_model_info").status_code == 401
+    assert requests.get(url + "/get_model_info", headers={"Authorization": "Bearer nope"}).status_code == 401
+    info = requests.get(url + "/get_model_info", headers=AUTH).json()
+    assert info["tokenizer_path"] is None
+    r = requests.post(url + "/generate", json={"text": "hi"}, headers=AUTH)
+    assert r.status_code == 400 and "input_ids" in r.json()["error"]["message"]
+
+
+def test_sigterm_drains_running_requests(bare_server: tuple[str, Any, Path]) -> None:
+    url, process, log_path = bare_server
+    body = {"input_ids": [1, 2, 3, 4], "sampling_params": greedy(40, ignore_eos=True), "stream": True}
+    with requests.post(url + "/generate", json=body, headers=AUTH, stream=True, timeout=300) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line)
+        os.kill(process.pid, signal.SIGTERM)
+        events = [line for line in lines if line]
+    assert events[-1] == b"data: [DONE]"
+    last = json.loads(events[-2][len(b"data: ") :])
+    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 40}
+    assert len(last["output_ids"]) == 40
+    assert process.wait(timeout=120) == 0
+    assert "Engine stopped." in log_path.read_text()

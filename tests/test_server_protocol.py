@@ -1,0 +1,348 @@
+"""Request bodies -> engine requests (order, per-prompt arguments, errors), and
+engine outputs -> the /generate and /encode JSON (runtime/response.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from runtime.io_struct import EngineRequest, RequestOutput
+from runtime.response import embedding_response, generate_response
+from runtime.sampling import SamplingParams
+from server import protocol
+from server.protocol import GenerateRequest, ProtocolError
+
+
+def tokenize(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def expand(body: dict[str, Any], vocab_size: int | None = 1000) -> protocol.ExpandedRequests:
+    if isinstance(body, dict):
+        protocol.reject_unsupported(body, protocol.UNSUPPORTED_GENERATE_FIELDS)
+    return protocol.expand_generate(protocol.validate_model(GenerateRequest, body), tokenize, vocab_size)
+
+
+def error_of(body: Any, vocab_size: int | None = 1000) -> str:
+    with pytest.raises(ProtocolError) as exc:
+        expand(body, vocab_size)
+    assert exc.value.status == 400
+    return exc.value.message
+
+
+class WordDecoder:
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+        return "".join(f"<{t}>" for t in token_ids)
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_single_text_is_one_request() -> None:
+    out = expand({"text": "hi", "sampling_params": {"max_new_tokens": 3, "temperature": 0}})
+    assert out.is_single and not out.stream
+    [req] = out.requests
+    assert req.input_ids == [104, 105] and req.text == "hi"
+    assert req.sampling_params.max_new_tokens == 3 and req.sampling_params.temperature == 0
+    assert len(req.rid) == 32
+    assert req.kind == "generate" and req.logprob_start_len == -1 and req.top_logprobs_num == 0
+
+
+def test_batch_and_n_expand_prompt_major() -> None:
+    out = expand({"text": ["a", "b"], "sampling_params": {"n": 3, "sampling_seed": 10}, "rid": ["x", "y"]})
+    assert not out.is_single and (out.num_prompts, out.n) == (2, 3)
+    assert [r.input_ids for r in out.requests] == [[97]] * 3 + [[98]] * 3
+    assert [r.rid for r in out.requests] == ["x_0", "x_1", "x_2", "y_0", "y_1", "y_2"]
+    assert [r.sampling_params.sampling_seed for r in out.requests] == [10, 11, 12] * 2
+    assert all(r.sampling_params.n == 1 for r in out.requests)
+    # Every sample owns its SamplingParams: the engine may write into one without touching the others.
+    assert len({id(r.sampling_params) for r in out.requests}) == 6
+
+
+def test_single_prompt_with_n_is_a_list_answer() -> None:
+    out = expand({"input_ids": [1, 2], "sampling_params": {"n": 2}, "rid": "r"})
+    assert not out.is_single
+    assert [r.rid for r in out.requests] == ["r_0", "r_1"]
+
+
+def test_per_prompt_arguments() -> None:
+    out = expand(
+        {
+            "input_ids": [[1, 2, 3], [4, 5]],
+            "sampling_params": [{"max_new_tokens": 1}, {"max_new_tokens": 2}],
+            "return_logprob": [True, False],
+            "logprob_start_len": [0, -1],
+            "top_logprobs_num": 2,
+            "token_ids_logprob": [[7], [8, 9]],
+            "return_text_in_logprobs": True,
+            "rid": ["a", "b"],
+            "stream": True,
+        }
+    )
+    first, second = out.requests
+    assert (first.sampling_params.max_new_tokens, second.sampling_params.max_new_tokens) == (1, 2)
+    assert (first.return_logprob, second.return_logprob) == (True, False)
+    assert (first.logprob_start_len, second.logprob_start_len) == (0, -1)
+    assert first.top_logprobs_num == second.top_logprobs_num == 2
+    assert (first.token_ids_logprob, second.token_ids_logprob) == ([7], [8, 9])
+    assert first.return_text_in_logprobs and first.stream and out.stream
+
+
+def test_flat_token_ids_logprob_is_shared() -> None:
+    out = expand({"input_ids": [[1], [2]], "token_ids_logprob": [5, 6]})
+    assert [r.token_ids_logprob for r in out.requests] == [[5, 6], [5, 6]]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({}, "Either text, input_ids or input_embeds should be provided."),
+        ({"sampling_params": {}}, "Either text, input_ids or input_embeds should be provided."),
+        ({"input_ids": []}, "input_ids cannot be empty."),
+        ({"input_ids": [[1], []]}, "input_ids cannot be empty."),
+        ({"text": "a", "input_ids": [1]}, "text and input_ids cannot be provided at the same time"),
+        ({"text": "a", "input_embeds": [[0.1]]}, "input_embeds is not supported by this server."),
+        ({"text": "a", "image_data": "x.png"}, "image_data is not supported by this server."),
+        ({"text": "a", "lora_path": "l"}, "lora_path is not supported by this server."),
+        (
+            {"text": "a", "custom_logit_processor": "p"},
+            "custom_logit_processor is not supported by this server.",
+        ),
+        ({"text": "a", "session_params": {"id": 1}}, "session_params is not supported by this server."),
+        ({"text": "a", "sampling_params": {"bogus": 1}}, "Unknown sampling parameter: 'bogus'."),
+        ({"text": "a", "sampling_params": {"temperature": -1}}, "temperature must be non-negative, got -1."),
+        (
+            {"text": "a", "sampling_params": {"max_new_tokens": -5}},
+            "max_new_tokens must be at least 0, got -5.",
+        ),
+        ({"text": "a", "sampling_params": {"max_new_tokens": "x"}}, "max_new_tokens must be an integer"),
+        (
+            {"text": ["a", "b"], "sampling_params": [{"n": 1}, {"n": 2}]},
+            "n must be the same for every prompt",
+        ),
+        (
+            {"text": ["a", "b"], "sampling_params": [{}]},
+            "sampling_params has 1 entries but the request has 2",
+        ),
+        ({"text": ["a", "b"], "rid": ["x"]}, "rid has 1 entries"),
+        ({"text": ["a", "b"], "rid": ["x", "x"]}, "rid must be unique"),
+        ({"text": ["a", "b"], "return_logprob": [True]}, "return_logprob has 1 entries"),
+        ({"input_ids": [1, 5000]}, "input_ids contains token id 5000, outside the vocabulary [0, 1000)."),
+        ({"input_ids": [-1]}, "input_ids contains token id -1"),
+        ({"input_ids": [1], "token_ids_logprob": [1000]}, "token_ids_logprob contains token id 1000"),
+        ({"text": "a", "top_logprobs_num": -1}, "top_logprobs_num must be at least 0"),
+        ({"text": "a", "logprob_start_len": -2}, "logprob_start_len must be -1 or at least 0"),
+        ({"text": ""}, "text cannot be empty."),
+        ({"text": []}, "text cannot be an empty list."),
+    ],
+)
+def test_bad_bodies_name_the_problem(body: dict[str, Any], message: str) -> None:
+    assert message in error_of(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"text": 5}, "text"),
+        ({"input_ids": ["a"]}, "input_ids"),
+        ({"input_ids": [1.5]}, "input_ids"),
+        ({"input_ids": [True]}, "input_ids"),
+        ({"text": "a", "sampling_params": 3}, "sampling_params"),
+        ({"text": "a", "stream": "yes"}, "stream"),
+        ({"text": "a", "return_logprob": 1}, "return_logprob"),
+        ({"text": "a", "rid": 7}, "rid"),
+        ({"text": "a", "bogus_field": 1}, "bogus_field"),
+    ],
+)
+def test_wrong_types_name_the_field(body: dict[str, Any], field: str) -> None:
+    message = error_of(body)
+    assert message.split(":")[0].split(".")[0] == field, message
+
+
+def test_body_must_be_an_object() -> None:
+    assert "must be a JSON object" in error_of([1, 2])  # type: ignore[arg-type]
+
+
+def test_malformed_json() -> None:
+    with pytest.raises(ProtocolError, match="Malformed JSON"):
+        protocol.parse_json_body(b'{"text": ')
+    with pytest.raises(ProtocolError, match="empty"):
+        protocol.parse_json_body(b"  ")
+    assert protocol.parse_json_body(b"", allow_empty=True) is None
+
+
+def test_text_without_tokenizer_is_refused() -> None:
+    body = protocol.validate_model(GenerateRequest, {"text": "a"})
+    with pytest.raises(ProtocolError, match="--skip-tokenizer-init"):
+        protocol.expand_generate(body, None, 100)
+
+
+def test_encode_expansion() -> None:
+    body = protocol.validate_model(protocol.EncodeRequest, {"text": ["ab", "c"], "model": "ignored"})
+    out = protocol.expand_encode(body, "embed", tokenize, 1000)
+    assert not out.is_single and [r.kind for r in out.requests] == ["embed", "embed"]
+    assert [r.input_ids for r in out.requests] == [[97, 98], [99]]
+    single = protocol.expand_encode(protocol.EncodeRequest(input_ids=[1, 2]), "classify", None, 1000)
+    assert single.is_single and single.requests[0].kind == "classify"
+
+
+def test_openai_sampling_mapping() -> None:
+    body = protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 5,
+            "temperature": 0,
+            "stop": ["x"],
+            "seed": 3,
+            "top_k": 4,
+            "response_format": {"type": "json_object"},
+            "unknown_openai_field": True,
+        },
+    )
+    params = body.sampling_dict(body.max_new_tokens())
+    assert params == {
+        "temperature": 0,
+        "top_k": 4,
+        "stop": ["x"],
+        "sampling_seed": 3,
+        "max_new_tokens": 5,
+        "json_schema": '{"type": "object"}',
+    }
+    assert body.template_messages() == [{"role": "user", "content": "hi"}]
+    image = protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
+    )
+    with pytest.raises(ProtocolError, match="only text parts"):
+        image.template_messages()
+
+
+def test_openai_unsupported_fields() -> None:
+    body = protocol.validate_model(protocol.CompletionRequest, {"prompt": "a", "logit_bias": {"1": 5}})
+    with pytest.raises(ProtocolError, match="logit_bias is not supported"):
+        body.check_supported()
+    body = protocol.validate_model(protocol.CompletionRequest, {"prompt": "a", "suffix": "z"})
+    with pytest.raises(ProtocolError, match="suffix is not supported"):
+        body.check_supported()
+
+
+def test_split_openai_prompts() -> None:
+    assert protocol.split_openai_prompts("a") == (["a"], True)
+    assert protocol.split_openai_prompts([1, 2]) == ([[1, 2]], True)
+    assert protocol.split_openai_prompts(["a", "b"]) == (["a", "b"], False)
+    assert protocol.split_openai_prompts([[1], [2]]) == ([[1], [2]], False)
+    with pytest.raises(ProtocolError):
+        protocol.split_openai_prompts([])
+
+
+# ----------------------------------------------------------------------------- response JSON
+
+
+def make_output(**kwargs: Any) -> RequestOutput:
+    base: dict[str, Any] = dict(
+        rid="r1",
+        output_ids=[5, 6],
+        text=" Paris",
+        finished=True,
+        finish_reason={"type": "length", "length": 2},
+        prompt_tokens=3,
+        completion_tokens=2,
+        cached_tokens=1,
+        e2e_latency=0.5,
+    )
+    base.update(kwargs)
+    return RequestOutput(**base)
+
+
+def test_generate_response_plain() -> None:
+    request = EngineRequest(rid="r1", input_ids=[1, 2, 3])
+    body = generate_response(request, make_output(), WordDecoder(), False)
+    assert body == {
+        "text": " Paris",
+        "meta_info": {
+            "id": "r1",
+            "finish_reason": {"type": "length", "length": 2},
+            "prompt_tokens": 3,
+            "completion_tokens": 2,
+            "cached_tokens": 1,
+            "e2e_latency": 0.5,
+        },
+    }
+
+
+def test_unfinished_event_has_null_finish_reason() -> None:
+    request = EngineRequest(rid="r1", input_ids=[1])
+    body = generate_response(request, make_output(finished=False, finish_reason=None), WordDecoder(), False)
+    assert body["meta_info"]["finish_reason"] is None
+    assert "e2e_latency" not in body["meta_info"]
+
+
+def test_skip_tokenizer_init_gives_output_ids() -> None:
+    request = EngineRequest(rid="r1", input_ids=[1])
+    body = generate_response(request, make_output(text=None), None, True)
+    assert body["output_ids"] == [5, 6] and "text" not in body
+
+
+def test_logprob_shapes() -> None:
+    request = EngineRequest(
+        rid="r1",
+        input_ids=[1, 2, 3],
+        sampling_params=SamplingParams(),
+        return_logprob=True,
+        top_logprobs_num=2,
+        token_ids_logprob=[9],
+        return_text_in_logprobs=True,
+    )
+    output = make_output(
+        input_token_logprobs=[(None, 3)],
+        output_token_logprobs=[(-0.5, 5), (-0.1, 6)],
+        input_top_logprobs=[None],
+        output_top_logprobs=[[(-0.5, 5), (-1.0, 7)], [(-0.1, 6), (-3.0, 8)]],
+        input_token_ids_logprobs=[None],
+        output_token_ids_logprobs=[[(-4.0, 9)], [(-5.0, 9)]],
+    )
+    meta = generate_response(request, output, WordDecoder(), False)["meta_info"]
+    assert meta["input_token_logprobs"] == [[None, 3, "<3>"]]
+    assert meta["output_token_logprobs"] == [[-0.5, 5, "<5>"], [-0.1, 6, "<6>"]]
+    assert meta["input_top_logprobs"] == [None]
+    assert meta["output_top_logprobs"] == [
+        [[-0.5, 5, "<5>"], [-1.0, 7, "<7>"]],
+        [[-0.1, 6, "<6>"], [-3.0, 8, "<8>"]],
+    ]
+    assert meta["input_token_ids_logprobs"] == [None]
+    assert meta["output_token_ids_logprobs"] == [[[-4.0, 9, "<9>"]], [[-5.0, 9, "<9>"]]]
+
+    request.return_text_in_logprobs = False
+    meta = generate_response(request, output, WordDecoder(), False)["meta_info"]
+    assert meta["output_token_logprobs"] == [[-0.5, 5, None], [-0.1, 6, None]]
+
+
+def test_logprob_keys_absent_unless_asked() -> None:
+    request = EngineRequest(rid="r1", input_ids=[1], return_logprob=True)
+    meta = generate_response(request, make_output(output_token_logprobs=[(-1.0, 5)]), None, False)[
+        "meta_info"
+    ]
+    assert "output_token_logprobs" in meta and "output_top_logprobs" not in meta
+    assert "input_token_ids_logprobs" not in meta
+
+
+def test_hidden_states_when_asked() -> None:
+    request = EngineRequest(rid="r1", input_ids=[1], return_hidden_states=True)
+    meta = generate_response(request, make_output(hidden_states=[[0.5, 1.5]]), None, False)["meta_info"]
+    assert meta["hidden_states"] == [[0.5, 1.5]]
+
+
+def test_embedding_response() -> None:
+    output = make_output(embedding=[0.1, 0.2], finish_reason=None, completion_tokens=0)
+    assert embedding_response(output) == {
+        "embedding": [0.1, 0.2],
+        "meta_info": {
+            "id": "r1",
+            "finish_reason": {"type": "length", "length": 0},
+            "prompt_tokens": 3,
+            "e2e_latency": 0.5,
+        },
+    }
