@@ -6,6 +6,11 @@ chosen experts and weights per token, the permutation that groups the
 (token, choice) pairs by expert, each expert's group size, and this call's
 per-expert selection counts over the real (non-padding) tokens, which the
 model runner adds into a device-resident histogram.
+
+Beside each reference sits its Mosaic GPU kernel (`route_tokens_mgpu`,
+`grouped_matmul_mgpu`) and the dispatcher the models call (`route_tokens`,
+`grouped_matmul`): the kernel on a GPU with JAX >= 0.11, the reference
+elsewhere. Design and testing: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -95,11 +100,10 @@ def _routing_kernel_body(
     choices = weights_smem.shape[1]
     layout = plgpu.Layout.WGMMA
     cta = lax.axis_index("cta")
-    rounds = counts_ref.shape[0] // num_ctas
+    num_blocks = counts_ref.shape[0]
 
-    @pl.loop(0, rounds)
-    def _block_loop(round_index):
-        block = round_index * num_ctas + cta
+    @pl.loop(cta, num_blocks, step=num_ctas)
+    def _block_loop(block):
         rows = pl.ds(block * ROUTING_BLOCK, ROUTING_BLOCK)
         plgpu.copy_gmem_to_smem(logits_ref.at[rows], logits_smem, barrier)
         plgpu.copy_gmem_to_smem(valid_ref.at[rows], valid_smem, barrier)
@@ -159,10 +163,10 @@ def route_tokens_mgpu(
     num_tokens, num_experts = router_logits.shape
     if not 0 < top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k}")
-    num_ctas = num_ctas or sm_count()
     padded_experts = _round_up(num_experts, 64)
     choices = _round_up(top_k, 8)
-    blocks = _round_up(-(-num_tokens // ROUTING_BLOCK), num_ctas)
+    blocks = -(-num_tokens // ROUTING_BLOCK)
+    num_ctas = min(num_ctas or sm_count(), blocks)
     padded_tokens = blocks * ROUTING_BLOCK
     logits = jnp.pad(
         router_logits.astype(jnp.float32),
@@ -281,13 +285,12 @@ def _grouped_matmul_body(
     total = num_items * n_tiles
     cta = lax.axis_index("cta")
 
-    @pl.loop(0, -(-total // num_ctas))
-    def _tile_loop(round_index):
-        flat = round_index * num_ctas + cta
-        item = jnp.minimum(flat // n_tiles, num_items - 1)
+    @pl.loop(cta, total, step=num_ctas)
+    def _tile_loop(flat):
+        item = flat // n_tiles
         n_tile = flat % n_tiles
 
-        @pl.when((flat < total) & (work_ref[item, _G_VALID] != 0))
+        @pl.when(work_ref[item, _G_VALID] != 0)
         def _tile():
             group = work_ref[item, _G_GROUP]
             block = work_ref[item, _G_BLOCK]

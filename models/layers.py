@@ -25,7 +25,7 @@ from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import (
     AttentionMetadata,
-    ragged_paged_attention_reference,
+    ragged_paged_attention,
     write_kv,
 )
 from runtime.weights import WeightError
@@ -43,9 +43,26 @@ def config_value(config: Any, name: str, default: Any = None) -> Any:
 
 # ----------------------------------------------------------------------------- activations
 
+
+def sigmoid(x: jax.Array) -> jax.Array:
+    """`1 / (1 + exp(-x))` in float32, cast back.
+
+    XLA's CPU `logistic` (behind `jax.nn.sigmoid`/`silu`) is a few ulp off; over SmolLM2's 30
+    layers that doubles the float32 logit error against a float64 run, so spell it out.
+    """
+    x32 = x.astype(jnp.float32)
+    return (1.0 / (1.0 + jnp.exp(-x32))).astype(x.dtype)
+
+
+def silu(x: jax.Array) -> jax.Array:
+    """`x * sigmoid(x)`, computed in float32 (see `sigmoid`)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 / (1.0 + jnp.exp(-x32))).astype(x.dtype)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    "silu": silu,
+    "swish": silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -205,7 +222,13 @@ class GatedMLP(nnx.Module):
 
 # ----------------------------------------------------------------------------- attention
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("reference",)
+
+@dataclasses.dataclass(frozen=True)
+class KernelBackends:
+    """Which implementation each kernel dispatcher uses: "auto" (Pallas on GPU), "pallas" or "reference"."""
+
+    attention: str = "auto"
+    moe: str = "auto"
 
 
 def attention(
@@ -215,14 +238,10 @@ def attention(
     layer: jax.Array,
     meta: AttentionMetadata,
     sm_scale: float,
-    backend: str = "reference",
+    backends: KernelBackends,
 ) -> jax.Array:
-    """Ragged paged attention through the backend the model is set to (one place to dispatch)."""
-    if backend == "reference":
-        return ragged_paged_attention_reference(q, k_pool, v_pool, layer, meta, sm_scale)
-    raise ValueError(
-        f"attention backend {backend!r} is not supported (supported: {list(ATTENTION_BACKENDS)})"
-    )
+    """Ragged paged attention through the kernels' dispatcher."""
+    return ragged_paged_attention(q, k_pool, v_pool, layer, meta, sm_scale, backend=backends.attention)
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -309,7 +328,7 @@ class Attention(nnx.Module):
         v_pool: jax.Array,
         layer: jax.Array,
         meta: AttentionMetadata,
-        backend: str,
+        backends: KernelBackends,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         tokens = x.shape[0]
         q = self.q_proj(x).reshape(tokens, self.num_heads, self.head_dim)
@@ -317,8 +336,13 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_pool, v_pool = write_kv(k_pool, v_pool, layer, k, v, meta)
-        out = attention(q, k_pool, v_pool, layer, meta, self.head_dim**-0.5, backend)
+        out = attention(q, k_pool, v_pool, layer, meta, self.head_dim**-0.5, backends)
         return self.o_proj(out.reshape(tokens, -1)), k_pool, v_pool
+
+
+def real_tokens(meta: AttentionMetadata, page_size: int) -> jax.Array:
+    """bool[T]: padding tokens write into page 0 wherever the layout puts them; real tokens never do."""
+    return meta.write_slots >= page_size
 
 
 MlpFactory = Callable[[DecoderConfig, Dtype, nnx.Rngs], nnx.Module]
@@ -351,16 +375,16 @@ class DecoderLayer(nnx.Module):
         v_pool: jax.Array,
         layer: jax.Array,
         meta: AttentionMetadata,
-        backend: str,
+        backends: KernelBackends,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         attn_out, k_pool, v_pool = self.self_attn(
-            self.input_layernorm(x), cos, sin, k_pool, v_pool, layer, meta, backend
+            self.input_layernorm(x), cos, sin, k_pool, v_pool, layer, meta, backends
         )
         x = x + attn_out
         normed = self.post_attention_layernorm(x)
         if self.sparse:
-            valid = jnp.arange(x.shape[0]) < meta.num_tokens
-            mlp_out, counts = self.mlp(normed, valid)
+            valid = real_tokens(meta, k_pool.shape[2])
+            mlp_out, counts = self.mlp(normed, valid, backends.moe)
         else:
             mlp_out, counts = self.mlp(normed), None
         return x + mlp_out, k_pool, v_pool, counts
@@ -393,7 +417,7 @@ class Decoder(nnx.Module):
         k_pool: jax.Array,
         v_pool: jax.Array,
         meta: AttentionMetadata,
-        backend: str = "reference",
+        backends: KernelBackends,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """`(hidden[T, H] after the final norm, k_pool, v_pool, expert_counts int32[L, E] or None)`."""
         cfg = self.cfg
@@ -405,7 +429,7 @@ class Decoder(nnx.Module):
             x, k_pool, v_pool = carry
             state, layer = xs
             block = nnx.merge(graphdef, state)
-            x, k_pool, v_pool, counts = block(x, cos, sin, k_pool, v_pool, layer, meta, backend)
+            x, k_pool, v_pool, counts = block(x, cos, sin, k_pool, v_pool, layer, meta, backends)
             return (x, k_pool, v_pool), counts
 
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -435,9 +459,10 @@ class CausalLM(nnx.Module):
         self.cfg = type(self).config_from_hf(config)
         self.model = Decoder(self.cfg, dtype, rngs, type(self).mlp_factory)
         self.add_head(dtype, rngs)
-        self.attention_backend = "reference"
+        self.kernel_backends = KernelBackends()
 
     def add_head(self, dtype: Dtype, rngs: nnx.Rngs) -> None:
+        """The LM head, unless the embedding table doubles as it."""
         if not self.cfg.tie_word_embeddings:
             self.lm_head = linear(self.cfg.hidden_size, self.cfg.vocab_size, dtype, rngs)
 
@@ -450,7 +475,7 @@ class CausalLM(nnx.Module):
         meta: AttentionMetadata,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """`(hidden[T, H], k_pool, v_pool, expert_counts)`, see docs/architecture.md."""
-        return self.model(input_ids, positions, k_pool, v_pool, meta, self.attention_backend)
+        return self.model(input_ids, positions, k_pool, v_pool, meta, self.kernel_backends)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """float32[N, V] logits of hidden states `[N, H]`."""
@@ -485,12 +510,14 @@ class CausalLM(nnx.Module):
 
     @classmethod
     def head_params_from_hf(cls, cfg: DecoderConfig, reader: HFTensorReader) -> Params:
+        """The head's subtree (`lm_head`; nothing when tied)."""
         if cfg.tie_word_embeddings:
             return {}
         return {"lm_head": reader.linear("lm_head", cfg.hidden_size, cfg.vocab_size)}
 
     @staticmethod
     def mlp_params_from_hf(cfg: DecoderConfig, reader: HFTensorReader, prefix: str) -> Params:
+        """One layer's MLP subtree from the HF names under `prefix` (`model.layers.N.mlp.`)."""
         return reader.gated_mlp(prefix, cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
 
@@ -503,6 +530,7 @@ class SequenceClassifier(CausalLM):
     kind: ClassVar[str] = "sequence_classification"
 
     def add_head(self, dtype: Dtype, rngs: nnx.Rngs) -> None:
+        """`score_head` (HF's `score`; renamed because `score` is the method)."""
         if self.cfg.num_labels < 1:
             raise ValueError("a sequence classifier needs num_labels >= 1 in its config")
         self.score_head = linear(self.cfg.hidden_size, self.cfg.num_labels, dtype, rngs)
@@ -517,10 +545,12 @@ class SequenceClassifier(CausalLM):
 
     @classmethod
     def harmless_tensors(cls, cfg: DecoderConfig) -> list[str]:
+        """Only rotary buffers: a classifier checkpoint carrying an LM head is the wrong checkpoint."""
         return [r"(^|\.)rotary_emb\.inv_freq$"]
 
     @classmethod
     def head_params_from_hf(cls, cfg: DecoderConfig, reader: HFTensorReader) -> Params:
+        """HF's `score.weight [num_labels, H]` as `score_head`."""
         return {"score_head": reader.linear("score", cfg.hidden_size, cfg.num_labels)}
 
 
@@ -544,6 +574,7 @@ class HFTensorReader:
         self.misshaped: list[str] = []
 
     def has(self, name: str) -> bool:
+        """Whether the checkpoint holds `name` (for layouts that differ between checkpoint versions)."""
         return name in self.tensors
 
     def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kernels_pallas.moe_routing import Routing, grouped_matmul_reference, route_tokens_reference
+from kernels_pallas.moe_routing import Routing, grouped_matmul, route_tokens
 from models.layers import (
     CausalLM,
     DecoderConfig,
@@ -32,18 +32,9 @@ from models.layers import (
     activation,
     config_value,
     linear,
+    sigmoid,
 )
 from models.qwen2 import check_full_attention
-
-
-def route_tokens(router_logits: jax.Array, valid: jax.Array, *, top_k: int, renormalize: bool) -> Routing:
-    """Top-k routing of `router_logits[T, E]`; `valid[T]` marks real tokens (one place to dispatch)."""
-    return route_tokens_reference(router_logits, valid, top_k=top_k, renormalize=renormalize)
-
-
-def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """`lhs[M, K]` rows grouped by expert times `rhs[E, K, N]` (one place to dispatch)."""
-    return grouped_matmul_reference(lhs, rhs, group_sizes)
 
 
 class Experts(nnx.Module):
@@ -56,13 +47,17 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(init(rngs.params(), (moe.num_experts, size, hidden), dtype))
         self.act = act
 
-    def __call__(self, x: jax.Array, routing: Routing) -> jax.Array:
+    def __call__(self, x: jax.Array, routing: Routing, backend: str) -> jax.Array:
         """Weighted sum over each token's chosen experts, `[T, H]`."""
         tokens, top_k = routing.expert_ids.shape
         token_of_pair = routing.sort_order // top_k  # the pairs are (token, choice), flattened
-        gate_up = grouped_matmul(x[token_of_pair], self.gate_up_proj[...], routing.group_sizes)
+        gate_up = grouped_matmul(
+            x[token_of_pair], self.gate_up_proj[...], routing.group_sizes, backend=backend
+        )
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out_sorted = grouped_matmul(activation(self.act)(gate) * up, self.down_proj[...], routing.group_sizes)
+        out_sorted = grouped_matmul(
+            activation(self.act)(gate) * up, self.down_proj[...], routing.group_sizes, backend=backend
+        )
         out_pairs = jnp.zeros_like(out_sorted).at[routing.sort_order].set(out_sorted)
         out_pairs = out_pairs.reshape(tokens, top_k, -1)
         weighted = jnp.einsum("tkh,tk->th", out_pairs, routing.weights, preferred_element_type=jnp.float32)
@@ -83,11 +78,13 @@ class SparseMoeBlock(nnx.Module):
         self.shared_expert_gate = linear(cfg.hidden_size, 1, dtype, rngs)
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
 
-    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, valid: jax.Array, backend: str = "auto") -> tuple[jax.Array, jax.Array]:
         """`(out[T, H], counts int32[E])`; counts cover the `valid` tokens only."""
-        routing = route_tokens(self.gate(x), valid, top_k=self.top_k, renormalize=self.norm_topk_prob)
-        routed = self.experts(x, routing)
-        shared_scale = jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
+        routing = route_tokens(
+            self.gate(x), valid, top_k=self.top_k, renormalize=self.norm_topk_prob, backend=backend
+        )
+        routed = self.experts(x, routing, backend)
+        shared_scale = sigmoid(self.shared_expert_gate(x))
         return routed + shared_scale * self.shared_expert(x), routing.counts
 
 

@@ -13,6 +13,11 @@ import numpy as np
 
 from runtime.sampling import SamplingBatch
 
+# Narrower page tables save little gather work and would multiply programs.
+MIN_PAGE_TABLE_WIDTH = 8
+# With a prefill chunk in the batch the decode rows pad to at least this many (the chunk dwarfs them).
+MIN_MIXED_DECODE_ROWS = 8
+
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
@@ -46,20 +51,25 @@ class Buckets:
     page_table_width: list[int]
 
     @classmethod
-    def build(cls, max_running: int, max_prefill_seqs: int, chunk_tokens: int, max_pages_per_seq: int) -> Buckets:
+    def build(
+        cls, max_running: int, max_prefill_seqs: int, chunk_tokens: int, max_pages_per_seq: int
+    ) -> Buckets:
         return cls(
             decode_seqs=[0, *power_of_two_buckets(1, max_running)],
             prefill_seqs=[0, *power_of_two_buckets(1, max_prefill_seqs)],
             prefill_tokens=[0, *power_of_two_buckets(16, chunk_tokens)],
-            page_table_width=power_of_two_buckets(1, max_pages_per_seq),
+            page_table_width=power_of_two_buckets(
+                min(MIN_PAGE_TABLE_WIDTH, max_pages_per_seq), max_pages_per_seq
+            ),
         )
 
     def max_programs(self) -> int:
         """An upper bound on the step programs: each (decode, prefill seqs, prefill q, width) combination."""
-        prefill_shapes = 1 + (len(self.prefill_seqs) - 1) * (len(self.prefill_tokens) - 1) * (
-            len(self.prefill_tokens) - 1
-        )
-        return len(self.decode_seqs) * prefill_shapes * len(self.page_table_width)
+        decode_only = len(self.decode_seqs) - 1
+        mixed_decode = 1 + sum(1 for n in self.decode_seqs if n >= MIN_MIXED_DECODE_ROWS)
+        q_lens = len(self.prefill_tokens) - 1
+        with_prefill = mixed_decode * (len(self.prefill_seqs) - 1) * q_lens * q_lens
+        return (decode_only + with_prefill) * len(self.page_table_width)
 
 
 @dataclasses.dataclass

@@ -67,8 +67,19 @@ class EncoderRunner:
             except Exception as exc:  # answer every request even when a batch fails
                 logger.exception("encoder batch failed")
                 for request, callback, _ in batch:
-                    callback(RequestOutput(request.rid, [], None, True, {"type": "abort", "message": str(exc)},
-                                           len(request.input_ids), 0, 0, error=f"Encoding failed: {exc}"))
+                    callback(
+                        RequestOutput(
+                            request.rid,
+                            [],
+                            None,
+                            True,
+                            {"type": "abort", "message": str(exc)},
+                            len(request.input_ids),
+                            0,
+                            0,
+                            error=f"Encoding failed: {exc}",
+                        )
+                    )
 
     def _run(self, batch: list[tuple[EngineRequest, OutputCallback, float]]) -> None:
         rows = next_power_of_two(len(batch))
@@ -82,12 +93,20 @@ class EncoderRunner:
         vectors = np.asarray(self._encode(self.params, input_ids, mask))
         for i, (request, callback, arrival) in enumerate(batch):
             self._served += 1
-            callback(RequestOutput(
-                rid=request.rid, output_ids=[], text=None, finished=True,
-                finish_reason={"type": "length", "length": 0}, prompt_tokens=len(request.input_ids),
-                completion_tokens=0, cached_tokens=0, e2e_latency=time.monotonic() - arrival,
-                embedding=[float(x) for x in vectors[i]],
-            ))
+            callback(
+                RequestOutput(
+                    rid=request.rid,
+                    output_ids=[],
+                    text=None,
+                    finished=True,
+                    finish_reason={"type": "length", "length": 0},
+                    prompt_tokens=len(request.input_ids),
+                    completion_tokens=0,
+                    cached_tokens=0,
+                    e2e_latency=time.monotonic() - arrival,
+                    embedding=[float(x) for x in vectors[i]],
+                )
+            )
 
     def swap_params(self, new_params: Any) -> None:
         self.params = new_params
@@ -95,9 +114,17 @@ class EncoderRunner:
     def stats(self) -> dict[str, Any]:
         waiting = self._inbox.qsize()
         return {
-            "num_running_reqs": 0, "num_queue_reqs": waiting, "num_used_tokens": 0, "token_usage": 0.0,
-            "num_free_pages": 0, "num_cached_pages": 0, "num_total_pages": 0, "cache_hit_rate": 0.0,
-            "gen_throughput": 0.0, "last_gen_throughput": 0.0, "num_served": self._served,
+            "num_running_reqs": 0,
+            "num_queue_reqs": waiting,
+            "num_used_tokens": 0,
+            "token_usage": 0.0,
+            "num_free_pages": 0,
+            "num_cached_pages": 0,
+            "num_total_pages": 0,
+            "cache_hit_rate": 0.0,
+            "gen_throughput": 0.0,
+            "last_gen_throughput": 0.0,
+            "num_served": self._served,
         }
 
     @property

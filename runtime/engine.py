@@ -21,6 +21,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from models.layers import KernelBackends
 from models.loader import load_model
 from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
@@ -86,6 +87,10 @@ class Engine:
         loaded = load_model(args.model_path, dtype=args.dtype, load_format=args.load_format)
         self.config = loaded.config
         self.model = loaded.model
+        if hasattr(self.model, "kernel_backends"):
+            self.model.kernel_backends = KernelBackends(
+                attention=args.attention_backend, moe=args.moe_backend
+            )
         self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer()
         self.model_info = self._model_info(loaded.architecture)
         if self.model_info.is_generation and args.is_embedding:
@@ -110,7 +115,9 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path)
         if self.server_args.chat_template:
             template = Path(self.server_args.chat_template)
-            tokenizer.chat_template = template.read_text() if template.is_file() else self.server_args.chat_template
+            tokenizer.chat_template = (
+                template.read_text() if template.is_file() else self.server_args.chat_template
+            )
         return tokenizer
 
     def _model_info(self, architecture: str) -> ModelInfo:
@@ -145,22 +152,31 @@ class Engine:
         layers = config.num_hidden_layers
         dtype = self.model_dtype
         per_token = kv_bytes_per_token(layers, num_kv_heads, head_dim, dtype)
-        fraction = args.mem_fraction_static if args.mem_fraction_static is not None else (
-            0.88 if jax.devices()[0].platform != "cpu" else 0.2
+        fraction = (
+            args.mem_fraction_static
+            if args.mem_fraction_static is not None
+            else (0.88 if jax.devices()[0].platform != "cpu" else 0.2)
         )
         num_pages = pages_for_budget(
-            page_size=args.page_size, bytes_per_token=per_token,
-            max_total_tokens=args.max_total_tokens, mem_fraction_static=fraction,
+            page_size=args.page_size,
+            bytes_per_token=per_token,
+            max_total_tokens=args.max_total_tokens,
+            mem_fraction_static=fraction,
         )
         self.pool = KVPool(layers, num_pages, args.page_size, num_kv_heads, head_dim, dtype)
         self.runner = ModelRunner(
-            self.model, self.pool, args.max_running_requests, self.model_info.vocab_size,
+            self.model,
+            self.pool,
+            args.max_running_requests,
+            self.model_info.vocab_size,
             num_experts=int(getattr(config, "num_experts", 0) or 0),
         )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
         self.scheduler = Scheduler(
-            self.runner, self.pool, self.tokenizer,
+            self.runner,
+            self.pool,
+            self.tokenizer,
             context_length=context,
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=chunk,
@@ -172,7 +188,10 @@ class Engine:
         self.scheduler.start()
         logger.info(
             "KV pool: %d pages of %d tokens (%d tokens, %.1f MB)",
-            num_pages - 1, args.page_size, self.pool.max_total_tokens, 2 * self.pool.k_pool.nbytes / 1e6,
+            num_pages - 1,
+            args.page_size,
+            self.pool.max_total_tokens,
+            2 * self.pool.k_pool.nbytes / 1e6,
         )
 
     @property
@@ -184,14 +203,18 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("The server was launched with --skip-tokenizer-init: send input_ids instead of text.")
+            raise ValueError(
+                "The server was launched with --skip-tokenizer-init: send input_ids instead of text."
+            )
         return list(self.tokenizer.encode(text, add_special_tokens=True))
 
     def validate_request(self, req: EngineRequest) -> None:
         """Every check that can fail a request, with the message the client sees."""
         info = self.model_info
         if req.kind == "generate" and not info.is_generation:
-            raise ValueError("This model is an embedding model: /generate is not served. Use /encode or /classify.")
+            raise ValueError(
+                "This model is an embedding model: /generate is not served. Use /encode or /classify."
+            )
         if req.kind != "generate" and info.is_generation:
             raise ValueError(
                 "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
@@ -218,8 +241,8 @@ class Engine:
                 raise ValueError(
                     f"Requested token count exceeds the model's maximum context length of {context} tokens. "
                     f"You requested a total of {total} tokens: {len(req.input_ids)} tokens from the input "
-                    f"messages and {params.max_new_tokens} tokens for the completion. Please reduce the number "
-                    "of tokens in the input messages or the completion to fit within the limit."
+                    f"messages and {params.max_new_tokens} tokens for the completion. Please reduce the "
+                    "number of tokens in the input messages or the completion to fit within the limit."
                 )
         params.verify(info.vocab_size)
         if self.tokenizer is None and params.stop:
@@ -253,8 +276,19 @@ class Engine:
             return
         assert self.scheduler is not None
         if self.scheduler.error is not None:
-            deliver(RequestOutput(req.rid, [], None, True, {"type": "abort", "message": "engine failed"},
-                                  len(req.input_ids), 0, 0, error=f"The engine failed: {self.scheduler.error}"))
+            deliver(
+                RequestOutput(
+                    req.rid,
+                    [],
+                    None,
+                    True,
+                    {"type": "abort", "message": "engine failed"},
+                    len(req.input_ids),
+                    0,
+                    0,
+                    error=f"The engine failed: {self.scheduler.error}",
+                )
+            )
             return
         params = req.sampling_params
         limit = self.model_info.context_length - len(req.input_ids)
@@ -262,8 +296,15 @@ class Engine:
         if req.kind != "generate":
             max_new = 0
         seed = params.sampling_seed if params.sampling_seed is not None else self._rng.getrandbits(63)
-        self.scheduler.submit(Req(request=req, callback=deliver, max_new_tokens=max_new, seed=seed,
-                                  eos_ids=self.scheduler.eos_ids))
+        self.scheduler.submit(
+            Req(
+                request=req,
+                callback=deliver,
+                max_new_tokens=max_new,
+                seed=seed,
+                eos_ids=self.scheduler.eos_ids,
+            )
+        )
 
     def abort(self, rid: str) -> None:
         if self.scheduler is not None:
@@ -306,20 +347,28 @@ class Engine:
 
     # -- offline use ----------------------------------------------------------------------------------
 
-    def _make_requests(self, prompt, input_ids, sampling_params, kind, **extra) -> tuple[list[EngineRequest], bool]:
+    def _make_requests(
+        self, prompt, input_ids, sampling_params, kind, **extra
+    ) -> tuple[list[EngineRequest], bool]:
         if (prompt is None) == (input_ids is None):
             raise ValueError("Give exactly one of prompt or input_ids.")
-        single = isinstance(prompt, str) or (input_ids is not None and input_ids and isinstance(input_ids[0], int))
+        single = isinstance(prompt, str) or (
+            input_ids is not None and input_ids and isinstance(input_ids[0], int)
+        )
         if prompt is not None:
             prompts = [prompt] if single else list(prompt)
             id_lists = [self.tokenize(p) for p in prompts]
         else:
             id_lists = [list(input_ids)] if single else [list(x) for x in input_ids]
-        params_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
+        params_list = (
+            sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
+        )
         requests = []
         for ids, params in zip(id_lists, params_list, strict=True):
             parsed = params if isinstance(params, SamplingParams) else SamplingParams.from_dict(params or {})
-            request = EngineRequest(rid=uuid.uuid4().hex, input_ids=ids, sampling_params=parsed, kind=kind, **extra)
+            request = EngineRequest(
+                rid=uuid.uuid4().hex, input_ids=ids, sampling_params=parsed, kind=kind, **extra
+            )
             self.validate_request(request)
             requests.append(request)
         return requests, single
@@ -343,14 +392,18 @@ class Engine:
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, stream: bool = False, **extra):
         """Offline generation; the result has the /generate response's shape (a list for a batch)."""
-        requests, single = self._make_requests(prompt, input_ids, sampling_params, "generate", stream=stream, **extra)
+        requests, single = self._make_requests(
+            prompt, input_ids, sampling_params, "generate", stream=stream, **extra
+        )
         skip = self.tokenizer is None
         if stream:
             if not single:
                 raise ValueError("Offline streaming takes one prompt.")
             return self._stream(requests[0], skip)
         outputs = self._run_blocking(requests)
-        responses = [generate_response(r, o, self.tokenizer, skip) for r, o in zip(requests, outputs, strict=True)]
+        responses = [
+            generate_response(r, o, self.tokenizer, skip) for r, o in zip(requests, outputs, strict=True)
+        ]
         return responses[0] if single else responses
 
     def _stream(self, request: EngineRequest, skip: bool) -> Iterator[dict]:

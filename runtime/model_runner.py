@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,12 @@ class ModelRunner:
     """Runs `ScheduledBatch`es through one causal model; never decides who runs."""
 
     def __init__(
-        self, model: nnx.Module, pool: KVPool, max_running_requests: int, vocab_size: int, num_experts: int = 0
+        self,
+        model: nnx.Module,
+        pool: KVPool,
+        max_running_requests: int,
+        vocab_size: int,
+        num_experts: int = 0,
     ) -> None:
         self.graphdef, self.params = nnx.split(model)
         self.pool = pool
@@ -53,17 +57,16 @@ class ModelRunner:
         self.expert_hist = jnp.zeros((self.num_layers, max(num_experts, 1)), jnp.int32)
         self.recording = jnp.zeros((), jnp.int32)
         self._prev_tokens = jnp.zeros((1,), jnp.int32)
-        self._compiled: set[tuple] = set()
-        self._compile_lock = threading.Lock()
-        self._step = jax.jit(self._step_fn, donate_argnums=(1, 2, 3, 4))
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2, 3))
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(2,))
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
 
     # -- the step -------------------------------------------------------------------------
 
-    def _step_fn(self, params, k_pool, v_pool, output_counts, expert_hist, prompt_mask, recording,
-                 prev_tokens, host, meta, sampling):
+    def _forward_fn(self, params, k_pool, v_pool, expert_hist, recording, prev_tokens, host, meta):
+        """The model over the flat batch, and the logits of each sequence's last token."""
         model = nnx.merge(self.graphdef, params)
         input_ids = jnp.where(
             host["token_source"] >= 0,
@@ -72,25 +75,24 @@ class ModelRunner:
         )
         hidden, k_pool, v_pool, expert_counts = model(input_ids, host["positions"], k_pool, v_pool, meta)
         logits = model.compute_logits(hidden[host["sample_rows"]])
-        out = sample(logits, sampling, output_counts, prompt_mask)
-        output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, host["sample_valid"])
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
-        return out.tokens, out.chosen_logprob, out.logprobs, hidden, k_pool, v_pool, output_counts, expert_hist
+        return logits, hidden, k_pool, v_pool, expert_hist
+
+    @staticmethod
+    def _sample_fn(logits, sampling, output_counts, prompt_mask, sample_valid):
+        """Sampling is its own program: it depends on the row count only, so few compile."""
+        out = sample(logits, sampling, output_counts, prompt_mask)
+        output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, sample_valid)
+        return out.tokens, out.chosen_logprob, out.logprobs, output_counts
 
     def run(self, batch: ScheduledBatch) -> StepOutput:
         """Dispatch one step asynchronously; the returned handles resolve when it ends."""
-        key = ("step", batch.shape_key())
-        with self._compile_lock:
-            if key not in self._compiled:
-                self._compiled.add(key)
-                logger.debug("compiling step program %s", key)
         host = {
             "input_ids": batch.input_ids,
             "token_source": batch.token_source,
             "positions": batch.positions,
             "sample_rows": batch.sample_rows,
-            "sample_valid": batch.sample_valid,
         }
         meta = AttentionMetadata(
             cu_q_lens=batch.cu_q_lens,
@@ -101,13 +103,21 @@ class ModelRunner:
             num_decode_seqs=batch.num_decode_seqs,
             max_prefill_q_len=batch.max_prefill_q_len,
         )
-        host, meta, sampling = jax.device_put((host, meta, batch.sampling))
-        tokens, chosen, logprobs, hidden, k_pool, v_pool, counts, hist = self._step(
-            self.params, self.pool.k_pool, self.pool.v_pool, self.output_counts, self.expert_hist,
-            self.prompt_mask, self.recording, self._prev_tokens, host, meta, sampling,
+        host, meta, sampling, sample_valid = jax.device_put((host, meta, batch.sampling, batch.sample_valid))
+        logits, hidden, k_pool, v_pool, hist = self._forward(
+            self.params,
+            self.pool.k_pool,
+            self.pool.v_pool,
+            self.expert_hist,
+            self.recording,
+            self._prev_tokens,
+            host,
+            meta,
         )
-        self.pool.k_pool, self.pool.v_pool = k_pool, v_pool
-        self.output_counts, self.expert_hist = counts, hist
+        self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
+        tokens, chosen, logprobs, self.output_counts = self._sample(
+            logits, sampling, self.output_counts, self.prompt_mask, sample_valid
+        )
         self._prev_tokens = tokens
         return StepOutput(tokens, chosen, logprobs, hidden)
 
@@ -118,7 +128,6 @@ class ModelRunner:
         width = 1 << max(len(prompt_ids) - 1, 0).bit_length()
         padded = np.full((1, width), -1, np.int32)
         padded[0, : len(prompt_ids)] = prompt_ids
-        self._compiled.add(("reset_penalties", width))
         self.output_counts, self.prompt_mask = self._reset_penalties(
             self.output_counts, self.prompt_mask, np.array([slot], np.int32), padded
         )
@@ -139,7 +148,6 @@ class ModelRunner:
         """Pooled outputs for embedding / reward requests, or raw hidden states (`kind="hidden"`)."""
         padded = np.zeros((1 << max(len(rows) - 1, 0).bit_length(),), np.int32)
         padded[: len(rows)] = rows
-        self._compiled.add(("readout", kind, padded.shape[0], hidden.shape[0]))
         return np.asarray(self._readout(self.params, hidden, padded, kind=kind))[: len(rows)]
 
     def _token_logprobs_fn(self, params, hidden, rows, targets):
@@ -148,14 +156,15 @@ class ModelRunner:
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         return logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
 
-    def prompt_logprobs(self, hidden: jax.Array, rows: list[int], targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def prompt_logprobs(
+        self, hidden: jax.Array, rows: list[int], targets: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Log-softmax rows at prompt positions (for input logprobs) and each next token's logprob."""
         width = 1 << max(len(rows) - 1, 0).bit_length()
         padded_rows = np.zeros((width,), np.int32)
         padded_rows[: len(rows)] = rows
         padded_targets = np.zeros((width,), np.int32)
         padded_targets[: len(targets)] = targets
-        self._compiled.add(("prompt_logprobs", width, hidden.shape[0]))
         full, chosen = self._token_logprobs(self.params, hidden, padded_rows, padded_targets)
         return np.asarray(full)[: len(rows)], np.asarray(chosen)[: len(rows)]
 
@@ -176,4 +185,11 @@ class ModelRunner:
 
     @property
     def num_compiled_programs(self) -> int:
-        return len(self._compiled)
+        """Programs in the jit caches: what XLA really compiled (or loaded from the disk cache)."""
+        jitted = (self._forward, self._sample, self._reset_penalties, self._readout, self._token_logprobs)
+        return sum(fn._cache_size() for fn in jitted)
+
+    @property
+    def num_step_programs(self) -> int:
+        """Forward programs alone, the ones the bucket bound speaks of."""
+        return self._forward._cache_size()

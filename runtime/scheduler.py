@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.batch import Buckets, ScheduledBatch, bucket_for, next_power_of_two
+from runtime.batch import MIN_MIXED_DECODE_ROWS, Buckets, ScheduledBatch, bucket_for, next_power_of_two
 from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
@@ -41,7 +41,9 @@ class _Plan:
 
     def __init__(self) -> None:
         self.sampled: list[tuple[Req, int]] = []  # (request, sequence row) whose token is wanted
-        self.finished_prefill: list[tuple[Req, int]] = []  # embedding requests done this step: (req, token row)
+        self.finished_prefill: list[
+            tuple[Req, int]
+        ] = []  # embedding requests done this step: (req, token row)
         self.chunks: list[tuple[Req, int, int]] = []  # (request, first position, first token row)
         self.num_new_tokens = 0
         self.num_cached_tokens = 0
@@ -79,7 +81,9 @@ class Scheduler:
         self.stream_interval = max(1, stream_interval)
         self.eos_ids = eos_ids
         max_pages_per_seq = -(-context_length // self.page_size)
-        self.buckets = Buckets.build(max_running_requests, MAX_PREFILL_SEQS, chunked_prefill_size, max_pages_per_seq)
+        self.buckets = Buckets.build(
+            max_running_requests, MAX_PREFILL_SEQS, chunked_prefill_size, max_pages_per_seq
+        )
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: collections.deque[Req] = collections.deque()
         self.running: list[Req] = []
@@ -164,8 +168,11 @@ class Scheduler:
                     future.set_exception(exc)
 
     def _reject(self, req: Req, message: str) -> None:
-        req.callback(self._output(req, finished=True, error=message,
-                                  finish_reason={"type": "abort", "message": message}))
+        req.callback(
+            self._output(
+                req, finished=True, error=message, finish_reason={"type": "abort", "message": message}
+            )
+        )
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -265,7 +272,11 @@ class Scheduler:
 
     def _admit(self, req: Req, budget: int, plan: _Plan) -> int:
         """Prefix-match, lock and allocate for a waiting request; 0 if it cannot start now."""
-        match = self.radix.match_prefix(req.all_ids[:-1])
+        reusable = req.all_ids[:-1]
+        if req.request.return_logprob and req.request.logprob_start_len >= 0:
+            # Input logprobs need the hidden states of every position from logprob_start_len on.
+            reusable = reusable[: req.request.logprob_start_len]
+        match = self.radix.match_prefix(reusable)
         self.radix.inc_lock(match.node)
         req.locked_node = match.node
         req.pages = list(match.pages)
@@ -292,9 +303,14 @@ class Scheduler:
         plan.num_cached_tokens += match.num_tokens
         return take
 
-    def _build_batch(self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]]) -> ScheduledBatch:
+    def _build_batch(
+        self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]]
+    ) -> ScheduledBatch:
         ps = self.page_size
         num_decode = bucket_for(len(decodes), self.buckets.decode_seqs)
+        if prefills and decodes:
+            wanted = min(max(len(decodes), MIN_MIXED_DECODE_ROWS), self.buckets.decode_seqs[-1])
+            num_decode = bucket_for(wanted, self.buckets.decode_seqs)
         prefill_tokens = sum(take for _, take in prefills)
         num_prefill = bucket_for(len(prefills), self.buckets.prefill_seqs)
         padded_prefill_tokens = bucket_for(prefill_tokens, self.buckets.prefill_tokens)
@@ -431,7 +447,9 @@ class Scheduler:
                 if req.request.top_logprobs_num:
                     req.output_top_logprobs.append(_top(full[row], req.request.top_logprobs_num))
                 if req.request.token_ids_logprob:
-                    req.output_ids_logprobs.append([(float(full[row, t]), t) for t in req.request.token_ids_logprob])
+                    req.output_ids_logprobs.append(
+                        [(float(full[row, t]), t) for t in req.request.token_ids_logprob]
+                    )
             self._check_finish(req, token)
 
     def _prompt_logprobs(self, plan: _Plan, output: StepOutput) -> None:
@@ -464,7 +482,9 @@ class Scheduler:
                 req.input_ids_logprobs.append([(float(full[i, t]), t) for t in request.token_ids_logprob])
 
     def _hidden_states(self, plan: _Plan, output: StepOutput) -> None:
-        wanted = [(req, row) for req, row in plan.sampled if req.request.return_hidden_states and not req.finished]
+        wanted = [
+            (req, row) for req, row in plan.sampled if req.request.return_hidden_states and not req.finished
+        ]
         if wanted:
             states = self.runner.readout(output.hidden, [row for _, row in wanted], "hidden")
             for (req, _), state in zip(wanted, states, strict=True):
@@ -484,12 +504,16 @@ class Scheduler:
                 found = find_stop_string(req.text, params.stop, req.stop_scan_from)
                 if found is not None:
                     position, stop = found
-                    req.text = req.text[: position + len(stop)] if params.no_stop_trim else req.text[:position]
+                    req.text = (
+                        req.text[: position + len(stop)] if params.no_stop_trim else req.text[:position]
+                    )
                     reason = {"type": "stop", "matched": stop}
                 else:
                     longest = max(len(s) for s in params.stop)
                     req.stop_scan_from = max(0, len(req.text) - longest + 1)
-        if reason is None and (len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length):
+        if reason is None and (
+            len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length
+        ):
             reason = {"type": "length", "length": req.max_new_tokens}
         if reason is not None:
             self._finish(req, reason)
@@ -552,8 +576,9 @@ class Scheduler:
         if req is not None and not req.finished:
             self._finish(req, {"type": "abort", "message": "Aborted by the client."})
 
-    def _output(self, req: Req, finished: bool, error: str | None = None,
-                finish_reason: dict | None = None) -> RequestOutput:
+    def _output(
+        self, req: Req, finished: bool, error: str | None = None, finish_reason: dict | None = None
+    ) -> RequestOutput:
         request = req.request
         logprobs = request.return_logprob
         input_logprobs = None
@@ -630,10 +655,13 @@ class Scheduler:
         if self._gen_tokens_since_log:
             stats = self.stats()
             logger.info(
-                "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): %.2f, "
-                "#queue-req: %d",
-                stats["num_running_reqs"], stats["num_used_tokens"], stats["token_usage"],
-                self.last_gen_throughput, stats["num_queue_reqs"],
+                "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
+                "gen throughput (token/s): %.2f, #queue-req: %d",
+                stats["num_running_reqs"],
+                stats["num_used_tokens"],
+                stats["token_usage"],
+                self.last_gen_throughput,
+                stats["num_queue_reqs"],
             )
         self._gen_tokens_since_log = 0
         self._last_log = now

@@ -50,7 +50,6 @@ CAUSAL_MODELS = [
 CLASSIFIERS = [spec.TINY_LLAMA_REWARD, spec.TINY_QWEN2_CLS]
 
 
-
 @pytest.fixture(autouse=True)
 def _exact_matmuls():
     """GPUs default to TF32 matmuls; parity needs full float32 (a no-op on CPU)."""

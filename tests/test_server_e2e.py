@@ -113,17 +113,15 @@ def test_generate_capital_of_france(base_url: str) -> None:
     r = generate(base_url, text=QUESTION, sampling_params=greedy(16))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert isinstance(body["text"], str) and body["text"]
+    # Without its chat template SmolLM2 answers this with EOS at once (HF transformers does the same).
+    assert isinstance(body["text"], str)
     meta = body["meta_info"]
-    assert {
-        "id",
-        "finish_reason",
-        "prompt_tokens",
-        "completion_tokens",
-        "cached_tokens",
-        "e2e_latency",
-    } <= set(meta)
-    assert meta["completion_tokens"] <= 16 and meta["prompt_tokens"] > 0
+    keys = {"id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"}
+    assert keys <= set(meta)
+    assert 1 <= meta["completion_tokens"] <= 16 and meta["prompt_tokens"] == 7
+    assert meta["finish_reason"]["type"] in ("stop", "length")
+    continued = generate(base_url, text="The capital of France is", sampling_params=greedy(8)).json()
+    assert continued["text"].strip()
 
 
 def test_chat_template_greedy_says_paris(base_url: str, chat_prompt: str) -> None:
@@ -151,12 +149,13 @@ def test_health(base_url: str) -> None:
 def test_flush_cache_idle_and_busy(base_url: str) -> None:
     wait_idle(base_url)
     assert requests.post(base_url + "/flush_cache").status_code == 200
-    body = {"text": "Count from one to a hundred:", "sampling_params": greedy(200), "stream": True}
+    body = {"text": "Count to a hundred:", "sampling_params": greedy(200, ignore_eos=True), "stream": True}
     with requests.post(base_url + "/generate", json=body, stream=True, timeout=300) as r:
         next(r.iter_lines())
         busy = requests.get(base_url + "/flush_cache")
         assert busy.status_code == 400
         assert busy.text.startswith("Cache flushed.\n")
+    # Leaving the stream aborted the request: the server is idle again soon.
     wait_idle(base_url)
     assert requests.get(base_url + "/flush_cache").status_code == 200
 
@@ -294,7 +293,6 @@ def test_bad_inputs_are_4xx_and_the_server_keeps_serving(base_url: str) -> None:
         ("/v1/chat/completions", {"messages": []}),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}),
         ("/encode", {"text": "a"}),
-        ("/update_weights_from_disk", {"model_path": "/no/such/dir"}),
     ]
     for route, body in cases:
         if isinstance(body, bytes):
@@ -305,6 +303,18 @@ def test_bad_inputs_are_4xx_and_the_server_keeps_serving(base_url: str) -> None:
         assert not r.headers["content-type"].startswith("text/event-stream")
     ok = generate(base_url, text="Hello", sampling_params=greedy(2))
     assert ok.status_code == 200
+
+
+def test_update_weights_from_a_missing_path_keeps_the_old_weights(base_url: str, chat_prompt: str) -> None:
+    r = requests.post(base_url + "/update_weights_from_disk", json={"model_path": "/no/such/dir"})
+    assert r.status_code == 400, r.text
+    assert r.json() == {
+        "success": False,
+        "message": "Failed to get weights iterator: /no/such/dir (repository not found).",
+        "num_paused_requests": 0,
+    }
+    body = generate(base_url, text=chat_prompt, sampling_params=greedy(32)).json()
+    assert "Paris" in body["text"]
 
 
 # ----------------------------------------------------------------------------- many clients, some leaving
@@ -327,14 +337,14 @@ def test_concurrent_streams_with_disconnects_leave_the_pool_whole(base_url: str,
         )
         for q in questions
     ]
-    solo = [generate(base_url, text=p, sampling_params=greedy(12)).json()["text"] for p in prompts]
+    solo = [generate(base_url, text=p, sampling_params=greedy(8)).json()["text"] for p in prompts]
     results: dict[int, str | None] = {}
     errors: list[BaseException] = []
 
     def client(index: int) -> None:
         leaves = index % 4 == 3  # a quarter of the clients disconnect midway
         try:
-            body = {"text": prompts[index % len(prompts)], "sampling_params": greedy(12), "stream": True}
+            body = {"text": prompts[index % len(prompts)], "sampling_params": greedy(8), "stream": True}
             with requests.post(base_url + "/generate", json=body, stream=True, timeout=600) as r:
                 assert r.status_code == 200, r.text
                 text = None
@@ -399,7 +409,10 @@ def bare_server(
         "8",
     ]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, "SGLAX_DRAIN_TIMEOUT": "300"}  # the drain test's request must not be cut short
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -446,7 +459,7 @@ def test_bare_server_api_key(bare_server: tuple[str, Any, Path]) -> None:
 
 def test_sigterm_drains_running_requests(bare_server: tuple[str, Any, Path]) -> None:
     url, process, log_path = bare_server
-    body = {"input_ids": [1, 2, 3, 4], "sampling_params": greedy(40, ignore_eos=True), "stream": True}
+    body = {"input_ids": [1, 2, 3, 4], "sampling_params": greedy(12, ignore_eos=True), "stream": True}
     with requests.post(url + "/generate", json=body, headers=AUTH, stream=True, timeout=300) as r:
         lines = r.iter_lines()
         next(line for line in lines if line)
@@ -454,7 +467,7 @@ def test_sigterm_drains_running_requests(bare_server: tuple[str, Any, Path]) -> 
         events = [line for line in lines if line]
     assert events[-1] == b"data: [DONE]"
     last = json.loads(events[-2][len(b"data: ") :])
-    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 40}
-    assert len(last["output_ids"]) == 40
+    assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+    assert len(last["output_ids"]) == 12
     assert process.wait(timeout=120) == 0
     assert "Engine stopped." in log_path.read_text()

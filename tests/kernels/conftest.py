@@ -29,12 +29,24 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def interpret() -> Iterator[Any]:
-    """GPU-interpreter parameters; the interpreter's global state is reset after each test.
+    """The kernels' `interpret=` argument: the GPU interpreter on CPU, None (run natively) on a GPU.
 
-    Without the reset, one failing kernel leaves barriers allocated and every
-    later test fails with "Barrier remains allocated".
+    The interpreter's global state is reset after each test: without it, one
+    failing kernel leaves barriers allocated and every later test fails with
+    "Barrier remains allocated". SGLAX_KERNEL_INTERPRET=1 forces the
+    interpreter on a GPU machine too.
     """
+    if _backend.on_gpu() and os.environ.get("SGLAX_KERNEL_INTERPRET") != "1":
+        yield None
+        return
     yield _backend.interpret_params()
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
 
     interpret_pallas_call.reset_gpu_interpret_mode_state()
+
+
+@pytest.fixture
+def interpreter_only(interpret: Any) -> None:
+    """For tests of interpreter features (race detection, poisoned memory): skipped when running natively."""
+    if interpret is None:
+        pytest.skip("checks a GPU-interpreter feature; this run executes the kernels natively")

@@ -15,10 +15,9 @@ from kernels_pallas import _backend
 def skip_without_mosaic_gpu() -> None:
     """Module-level skip, with the reason, where the Mosaic GPU kernels cannot run (JAX < 0.11)."""
     if not _backend.MOSAIC_GPU_AVAILABLE:
-        pytest.skip(
-            f"kernel tests need the Python 3.12 + JAX 0.11 venv (make test-kernels): {_backend.UNAVAILABLE_REASON}",
-            allow_module_level=True,
-        )
+        why = _backend.UNAVAILABLE_REASON
+        reason = f"kernel tests need the Python 3.12 + JAX 0.11 venv (make test-kernels): {why}"
+        pytest.skip(reason, allow_module_level=True)
 
 
 H100 = dict(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
@@ -41,3 +40,15 @@ def relative_error(actual: Any, expected: Any) -> float:
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def race_params() -> Any:
+    """Interpreter parameters with the race detector on (vector clocks over SMEM, TMA and barriers)."""
+    return _backend.plgpu.InterpretGPUParams(detect_races=True)
+
+
+def races_found() -> bool:
+    """Whether the last interpreted kernel run with `race_params()` raced."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+
+    return bool(gpu_callbacks.get_races().races_found)
