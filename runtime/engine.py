@@ -13,6 +13,7 @@ import logging
 import queue
 import random
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,8 @@ import jax
 from flax import nnx
 
 from models.layers import KernelBackends
-from models.loader import load_model
+from models.loader import load_model, load_params_for
+from runtime.expert_stats import write_expert_distribution
 from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
@@ -338,6 +340,81 @@ class Engine:
             num_compiled_programs=self.num_compiled_programs,
         )
         return info
+
+    # -- expert distribution, weights, profiling ----------------------------------------------------
+
+    def _moe_runner(self) -> ModelRunner:
+        if self.scheduler is None or not self.runner.num_experts:
+            raise ValueError("This model has no MoE layers: there is no expert distribution to record.")
+        return self.runner
+
+    def start_expert_distribution_record(self) -> None:
+        runner = self._moe_runner()
+
+        def start() -> None:
+            runner.take_expert_histogram()
+            runner.set_recording(True)
+
+        self.scheduler.call(start)
+
+    def stop_expert_distribution_record(self) -> None:
+        runner = self._moe_runner()
+        self.scheduler.call(lambda: runner.set_recording(False))
+
+    def dump_expert_distribution_record(self, directory: str | Path = ".") -> str:
+        """Write the counts since the last start or dump to CSV, then reset them."""
+        runner = self._moe_runner()
+        histogram = self.scheduler.call(runner.take_expert_histogram)
+        return str(write_expert_distribution(histogram, directory))
+
+    def start_profile(self, output_dir: str | None = None, num_steps: int | None = None) -> str:
+        if self.scheduler is None:
+            raise ValueError("Profiling traces the generation steps; this model has none.")
+        return self.scheduler.call(lambda: self.scheduler.profiler.start(output_dir, num_steps))
+
+    def stop_profile(self) -> str:
+        if self.scheduler is None:
+            raise ValueError("Profiling traces the generation steps; this model has none.")
+        return self.scheduler.call(self.scheduler.profiler.stop)
+
+    def update_weights_from_disk(
+        self, model_path: str, load_format: str | None = None
+    ) -> tuple[bool, str, int]:
+        """Load, check and swap in new weights between two steps; the old ones keep serving on failure."""
+        if not Path(model_path).exists():
+            return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
+        try:
+            pure = load_params_for(self.model, model_path, load_format or "auto")
+        except Exception as exc:  # any failure leaves the serving weights untouched
+            return False, f"Failed to update weights: {exc}", 0
+        old = self.runner.params if self.scheduler is not None else self.encoder.params
+        new = jax.tree.map(lambda leaf: leaf, old)
+        nnx.replace_by_pure_dict(new, pure)
+        new = jax.tree.map(lambda fresh, leaf: jax.device_put(fresh, leaf.sharding), new, old)
+        paused = self._swap(new)
+        self.model_info.model_path = model_path
+        return True, "Succeeded to update model weights.", paused
+
+    def _swap(self, new_params: Any) -> int:
+        """Hold queued requests, let running ones finish, swap, flush the prefix cache, resume."""
+        if self.scheduler is None:
+            self.encoder.swap_params(new_params)
+            return 0
+        scheduler = self.scheduler
+        paused = scheduler.call(lambda: scheduler.hold_admission(True))
+        try:
+            while not scheduler.call(scheduler.running_drained):
+                time.sleep(0.005)
+
+            def swap() -> int:
+                self.runner.swap_params(new_params)
+                scheduler.radix.flush()
+                return len(scheduler.waiting)
+
+            paused = max(paused, scheduler.call(swap))
+        finally:
+            scheduler.call(lambda: scheduler.hold_admission(False))
+        return paused
 
     def shutdown(self) -> None:
         if self.scheduler is not None:

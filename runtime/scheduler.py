@@ -25,6 +25,7 @@ from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partia
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
 from runtime.model_runner import ModelRunner, StepOutput
+from runtime.profiler import StepProfiler
 from runtime.radix_cache import RadixCache
 from runtime.request import Req
 from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
@@ -93,6 +94,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
         self._hold_admission = False
+        self.profiler = StepProfiler()
         # Statistics for logs, /get_server_info and /metrics.
         self.last_gen_throughput = 0.0
         self._gen_tokens_since_log = 0
@@ -129,6 +131,8 @@ class Scheduler:
                 self._drain_inbox(block=not self._has_work())
                 plan, batch = self._schedule()
                 output = self.runner.run(batch) if batch is not None else None
+                if batch is not None and self.profiler.active:
+                    self.profiler.step_done()
                 if self._pending is not None:
                     self._process(*self._pending)
                 self._pending = (plan, output) if batch is not None else None
@@ -209,7 +213,24 @@ class Scheduler:
                     budget -= take
         if not decodes and not prefills:
             return plan, None
-        return plan, self._build_batch(plan, decodes, prefills)
+        batch = self._build_batch(plan, decodes, prefills)
+        if prefills:
+            self._log_prefill(plan)
+        return plan, batch
+
+    def _log_prefill(self, plan: _Plan) -> None:
+        total = self.allocator.num_total
+        usage = (total - self.allocator.num_free - self.radix.evictable_pages()) / max(total, 1)
+        logger.info(
+            "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+            "#running-req: %d, #queue-req: %d",
+            plan.num_new_seqs,
+            plan.num_new_tokens,
+            plan.num_cached_tokens,
+            usage,
+            len(self.running),
+            len(self.waiting),
+        )
 
     def _wants_more(self, req: Req) -> bool:
         if not req.is_generation:
@@ -629,6 +650,15 @@ class Scheduler:
 
     def is_idle(self) -> bool:
         return not (self.running or self.waiting or self._pending)
+
+    def hold_admission(self, hold: bool) -> int:
+        """Stop (or resume) starting queued requests; returns how many are held back now."""
+        self._hold_admission = hold
+        return len(self.waiting)
+
+    def running_drained(self) -> bool:
+        """Nothing running and no step in flight (queued requests may wait)."""
+        return not self.running and self._pending is None
 
     def stats(self) -> dict[str, Any]:
         total = self.allocator.num_total
