@@ -237,6 +237,11 @@ class Engine:
                     f"({context} tokens)."
                 )
         params = req.sampling_params
+        if self.scheduler is not None and len(req.input_ids) >= self.pool.max_total_tokens:
+            raise ValueError(
+                f"The input ({len(req.input_ids)} tokens) does not fit the KV cache "
+                f"({self.pool.max_total_tokens} tokens, --max-total-tokens)."
+            )
         if req.kind == "generate" and params.max_new_tokens is not None:
             total = len(req.input_ids) + params.max_new_tokens
             if total > context:
@@ -293,7 +298,8 @@ class Engine:
             )
             return
         params = req.sampling_params
-        limit = self.model_info.context_length - len(req.input_ids)
+        # A request must fit the KV pool alone, or retraction could never let it finish.
+        limit = min(self.model_info.context_length, self.pool.max_total_tokens) - len(req.input_ids)
         max_new = limit if params.max_new_tokens is None else min(params.max_new_tokens, limit)
         if req.kind != "generate":
             max_new = 0

@@ -212,6 +212,10 @@ class Scheduler:
                     prefills.append((req, take))
                     budget -= take
         if not decodes and not prefills:
+            stuck = [r for r in self.running if not r.finished and r.remaining > 1]
+            if stuck and self._pending is None and len(self.running) > 1:
+                # Every running request waits for pages that only another can give back.
+                self._retract(max(stuck, key=lambda r: r.admitted_at or 0.0))
             return plan, None
         batch = self._build_batch(plan, decodes, prefills)
         if prefills:
@@ -257,13 +261,15 @@ class Scheduler:
 
     def _ensure_decode_pages(self, decodes: list[Req]) -> list[Req]:
         """Give each decode row its next page; retract the newest requests when the pool is short."""
-        needed = sum(self._pages_needed(r, 1) for r in decodes)
-        if needed > self.allocator.num_free:
-            self.radix.evict(needed - self.allocator.num_free)
-        while needed > self.allocator.num_free and decodes:
+        while True:
+            decodes = [r for r in decodes if not r.finished]
+            needed = sum(self._pages_needed(r, 1) for r in decodes)
+            if needed > self.allocator.num_free:
+                self.radix.evict(needed - self.allocator.num_free)
+            if needed <= self.allocator.num_free or not decodes:
+                break
             victim = max(decodes, key=lambda r: r.admitted_at or 0.0)
             decodes.remove(victim)
-            needed -= self._pages_needed(victim, 1)
             self._retract(victim)
         for req in decodes:
             pages = self._alloc(self._pages_needed(req, 1))
@@ -276,6 +282,8 @@ class Scheduler:
         if req.inflight:
             # Its newest token is still on the device: read the pending step first.
             self._flush_pending()
+        if req.finished:  # reading the pending step ended it
+            return
         self._release(req)
         req.num_computed = 0
         req.cached_tokens = 0

@@ -56,18 +56,9 @@ def test_continuous_batching_matches_hf_and_solo(smollm2_path):
         count = int(ref["batch_num_prompts"])
         prompts = [list(map(int, ref[f"batch_prompt_{i}"])) for i in range(count)]
         lengths = [int(n) for n in ref["batch_max_new_tokens"]]
-        outs = engine.generate(input_ids=prompts, sampling_params=[_greedy(n) for n in lengths])
-        for i, out in enumerate(outs):
-            tokens = engine.tokenizer.encode(out["text"], add_special_tokens=False)
-            assert out["meta_info"]["completion_tokens"] == lengths[i]
-            del tokens
-        ids = [_output_ids(engine, prompts[i], lengths[i]) for i in (0, 5, 11)]
-        for i, out in zip((0, 5, 11), ids, strict=True):
-            result = greedy_agrees(
-                out, ref[f"batch_greedy_{i}"][: lengths[i]], ref[f"batch_greedy_margin_{i}"][: lengths[i]]
-            )
-            assert result, result
         batched = _batched_ids(engine, prompts, lengths)
+        for i, n in enumerate(lengths):
+            assert len(batched[i]) == n
         for i in range(count):
             result = greedy_agrees(
                 batched[i],
@@ -75,8 +66,9 @@ def test_continuous_batching_matches_hf_and_solo(smollm2_path):
                 ref[f"batch_greedy_margin_{i}"][: lengths[i]],
             )
             assert result, f"prompt {i} ({len(prompts[i])} tokens): {result}"
-        for i, solo in zip((0, 5, 11), ids, strict=True):
-            assert batched[i] == solo
+        longest = max(range(count), key=lambda i: len(prompts[i]))
+        for i in (0, longest):
+            assert _output_ids(engine, prompts[i], lengths[i]) == batched[i], f"prompt {i} alone differs"
     finally:
         engine.shutdown()
 
