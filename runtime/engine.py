@@ -396,7 +396,10 @@ class Engine:
         old = self.runner.params if self.scheduler is not None else self.encoder.params
         new = jax.tree.map(lambda leaf: leaf, old)
         nnx.replace_by_pure_dict(new, pure)
-        new = jax.tree.map(lambda fresh, leaf: jax.device_put(fresh, leaf.sharding), new, old)
+        # Keep each leaf's placement (committed or not) as it was, or every jit cache would miss.
+        new = jax.tree.map(
+            lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
+        )
         paused = self._swap(new)
         self.model_info.model_path = model_path
         return True, "Succeeded to update model weights.", paused

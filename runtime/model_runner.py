@@ -74,7 +74,10 @@ class ModelRunner:
             host["input_ids"],
         )
         hidden, k_pool, v_pool, expert_counts = model(input_ids, host["positions"], k_pool, v_pool, meta)
-        logits = model.compute_logits(hidden[host["sample_rows"]])
+        if getattr(type(model), "kind", "causal_lm") == "causal_lm":
+            logits = model.compute_logits(hidden[host["sample_rows"]])
+        else:  # reward / classifier heads pool instead of sampling; the sampler gets dummy rows
+            logits = jnp.zeros((host["sample_rows"].shape[0], self.vocab_size), jnp.float32)
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
         return logits, hidden, k_pool, v_pool, expert_hist

@@ -141,7 +141,8 @@ class Scheduler:
             logger.exception("scheduler crashed")
             self.error = exc
             for req in list(self.by_rid.values()):
-                self._finish(req, {"type": "abort", "message": f"internal error: {exc}"}, release=False)
+                message = f"internal error: {exc}"
+                self._finish(req, {"type": "abort", "message": message}, release=False, error=message)
 
     def _has_work(self) -> bool:
         return bool(self.running or self.waiting or self._pending)
@@ -189,7 +190,8 @@ class Scheduler:
         for req in self.running:
             if budget <= 0 or len(prefills) >= MAX_PREFILL_SEQS:
                 break
-            if not req.finished and req.remaining > 1:
+            # Pooling requests finish with a prefill chunk, even a one-token one.
+            if not req.finished and (req.remaining > 1 or (req.remaining == 1 and not req.is_generation)):
                 take = self._take_chunk(req, budget)
                 if take == 0:
                     break
@@ -206,7 +208,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.running.append(req)
-                if req.remaining == 1:
+                if req.remaining == 1 and req.is_generation:
                     decodes.append(req)
                 else:
                     prefills.append((req, take))
@@ -577,7 +579,7 @@ class Scheduler:
 
     # -- ending requests ---------------------------------------------------------------------------
 
-    def _finish(self, req: Req, reason: dict, release: bool = True) -> None:
+    def _finish(self, req: Req, reason: dict, release: bool = True, error: str | None = None) -> None:
         req.finished = True
         req.finish_reason = reason
         if release and req in self.running:
@@ -587,7 +589,7 @@ class Scheduler:
             self.waiting.remove(req)
         self.by_rid.pop(req.rid, None)
         req.text = self._final_text(req) or ""
-        req.callback(self._output(req, finished=True))
+        req.callback(self._output(req, finished=True, error=error))
 
     def _release(self, req: Req) -> None:
         """Cache the request's computed tokens in the radix tree, free the rest, unlock its prefix."""

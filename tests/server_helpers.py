@@ -1,0 +1,152 @@
+"""Real servers for the HTTP tests: `python -m server.launch_server` in a subprocess on loopback.
+
+    server = start_server(model_folder, "--is-embedding", log_dir=tmp, cwd=tmp)
+    try:
+        requests.post(server.url + "/encode", json={"text": "hi"})
+    finally:
+        server.stop()
+
+Each server gets a free port on 127.0.0.1, a small KV pool (the machine is
+shared), its own process group (so `stop` ends everything it started) and a log
+file; a server that dies or never answers fails the test with the tail of that
+log. Test modules start one server per module (`scope="module"` fixtures) and
+stop it in the fixture's finalizer.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from server.utils import find_free_port, terminate_process, wait_for_server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = float(os.environ.get("SGLAX_TEST_STARTUP_TIMEOUT", "300"))
+REQUEST_TIMEOUT = 300
+LOG_TAIL = 4000
+# Small by default: several servers, torch references and other test runs share 24 GB and two cores.
+DEFAULT_FLAGS: tuple[str, ...] = ("--max-total-tokens", "4096", "--max-running-requests", "32", "--no-warmup")
+
+
+@dataclass
+class ServerProcess:
+    """A running server: its base URL, the process and the file its output goes to."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+    argv: list[str] = field(default_factory=list)
+
+    def log_tail(self, size: int = LOG_TAIL) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "<no log>"
+        return text[-size:]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM (the server drains), then SIGKILL after a grace period; the whole process group."""
+        terminate_process(self.process, timeout=15)
+
+    def get(self, route: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT)
+        return requests.get(self.url + route, **kwargs)
+
+    def post(self, route: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", REQUEST_TIMEOUT)
+        return requests.post(self.url + route, json=body, **kwargs)
+
+
+def start_server(
+    model_path: str | os.PathLike,
+    *flags: str,
+    log_dir: str | os.PathLike,
+    cwd: str | os.PathLike | None = None,
+    defaults: Sequence[str] = DEFAULT_FLAGS,
+    timeout: float = STARTUP_TIMEOUT,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Launch a server and wait until /v1/models answers; raises with the log tail if it does not.
+
+    `cwd` is the server's working directory (where it writes expert-distribution
+    CSVs); the repository stays importable from anywhere through PYTHONPATH. `env`
+    adds variables to the server's environment.
+    """
+    port = find_free_port("127.0.0.1")
+    argv = [
+        sys.executable,
+        "-m",
+        "server.launch_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *defaults,
+        *flags,
+    ]
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), full_env.get("PYTHONPATH", "")) if p)
+    log_path = Path(log_dir) / f"server-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv,
+            cwd=str(cwd) if cwd is not None else str(REPO_ROOT),
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log_path, argv)
+    try:
+        wait_for_server(server.url, timeout=timeout, process=process)
+    except (RuntimeError, TimeoutError) as exc:
+        server.stop()
+        raise RuntimeError(
+            f"{exc}\ncommand: {' '.join(argv)}\n--- server log ---\n{server.log_tail()}"
+        ) from exc
+    return server
+
+
+def greedy_params(max_new_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"temperature": 0, "max_new_tokens": max_new_tokens, **extra}
+
+
+def generate_ids(
+    server: ServerProcess, input_ids: list[int], max_new_tokens: int, **sampling: Any
+) -> tuple[list[int], dict[str, Any]]:
+    """Greedy output token ids of one prompt (read from output_token_logprobs) and the whole answer."""
+    body = {
+        "input_ids": [int(t) for t in input_ids],
+        "sampling_params": greedy_params(max_new_tokens, **sampling),
+        "return_logprob": True,
+    }
+    r = server.post("/generate", body)
+    assert r.status_code == 200, f"/generate answered {r.status_code}: {r.text[:500]}"
+    answer = r.json()
+    ids = [int(entry[1]) for entry in answer["meta_info"]["output_token_logprobs"]]
+    return ids, answer
+
+
+def wait_idle(server: ServerProcess, timeout: float = 120) -> dict[str, Any]:
+    """/get_server_info once nothing runs or waits (a finished HTTP answer may precede the bookkeeping)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = server.get("/get_server_info").json()
+        if info.get("num_running_reqs", 0) == 0 and info.get("num_queue_reqs", 0) == 0:
+            return info
+        assert time.monotonic() < deadline, f"server not idle after {timeout} s: {info}"
+        time.sleep(0.1)

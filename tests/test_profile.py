@@ -1,0 +1,175 @@
+"""Issue 8, profiling: /start_profile and /stop_profile on a real server write jax.profiler traces.
+
+A trace is a TensorBoard profile-plugin run (`plugins/profile/<run>/<host>.xplane.pb`)
+plus `<host>.trace.json.gz` (Chrome trace format, which Perfetto opens); the test
+opens the JSON trace and finds the serving step, `ModelRunner._forward_fn`, in it.
+docs/profiling.md says how to look at a trace.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import fixture_spec as spec
+from tests.conftest import fixture_path
+from tests.server_helpers import ServerProcess, generate_ids, start_server, wait_idle
+
+STEP_FUNCTION = "_forward_fn"
+TRACE_WAIT = 60
+START_TEXT = "Start profiling.\n"
+STOP_TEXT = "Stop profiling. This will take some time.\n"
+PROMPT = [101, 2048, 4096, 777, 31000]
+
+
+@pytest.fixture(scope="module")
+def default_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the server traces when /start_profile names no output_dir (SGLAX_PROFILE_DIR)."""
+    return tmp_path_factory.mktemp("default-profile-dir")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, default_dir: Path) -> Iterator[ServerProcess]:
+    running = start_server(
+        fixture_path(spec.TINY_LLAMA),
+        log_dir=tmp_path_factory.mktemp("profile-log"),
+        env={"SGLAX_PROFILE_DIR": str(default_dir)},
+    )
+    try:
+        generate_ids(running, PROMPT, 4)  # compile outside the traces
+        yield running
+    finally:
+        running.stop()
+
+
+def trace_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for pattern in ("*.xplane.pb", "*.trace.json.gz") for p in directory.rglob(pattern) if p.is_file()
+    )
+
+
+def wait_for_trace(directory: Path) -> Path:
+    """The `*.trace.json.gz` under `directory`, once it and its xplane.pb are written."""
+    deadline = time.monotonic() + TRACE_WAIT
+    while True:
+        found = trace_files(directory)
+        jsons = [p for p in found if p.name.endswith(".trace.json.gz")]
+        planes = [p for p in found if p.name.endswith(".xplane.pb")]
+        if jsons and planes and all(p.stat().st_size > 0 for p in found):
+            assert len(jsons) == 1, f"one trace expected under {directory}, found {jsons}"
+            assert planes[0].parent == jsons[0].parent, found
+            # TensorBoard's profile plugin layout: <logdir>/plugins/profile/<run>/.
+            assert (
+                jsons[0].parent.parent.name == "profile" and jsons[0].parent.parent.parent.name == "plugins"
+            )
+            return jsons[0]
+        assert time.monotonic() < deadline, (
+            f"no trace under {directory} after {TRACE_WAIT} s: {sorted(directory.rglob('*'))}"
+        )
+        time.sleep(0.2)
+
+
+def read_trace(path: Path) -> list[dict[str, Any]]:
+    with gzip.open(path, "rt") as handle:
+        trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return [e for e in events if isinstance(e, dict)]
+
+
+def step_spans(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Outermost complete events of the step function (JAX nests a same-named span inside)."""
+    spans = sorted(
+        (e for e in events if e.get("ph") == "X" and STEP_FUNCTION in str(e.get("name", ""))),
+        key=lambda e: (e["tid"], e["ts"], -e["dur"]),
+    )
+    outer: list[dict[str, Any]] = []
+    for span in spans:
+        last = outer[-1] if outer else None
+        if last and last["tid"] == span["tid"] and span["ts"] + span["dur"] <= last["ts"] + last["dur"]:
+            continue
+        outer.append(span)
+    return outer
+
+
+def start(server: ServerProcess, body: dict[str, Any] | None) -> Any:
+    return server.post("/start_profile", body)
+
+
+def test_profile_num_steps_stops_by_itself(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "trace"
+    num_steps = 3
+    wait_idle(server)
+    r = start(server, {"output_dir": str(out), "num_steps": num_steps})
+    assert r.status_code == 200 and r.text == START_TEXT, r.text
+    # Starting twice is a clear 400, and changes nothing of the running trace.
+    again = start(server, {"output_dir": str(tmp_path / "other"), "num_steps": 5})
+    assert again.status_code == 400, again.text
+    assert "already in progress" in again.json()["error"]["message"], again.text
+    # A few requests: more steps than num_steps (prefill, then decodes).
+    for _ in range(2):
+        ids, _ = generate_ids(server, PROMPT, 6)
+        assert len(ids) == 6
+    trace = wait_for_trace(out)
+    assert not (tmp_path / "other").exists()
+    spans = step_spans(read_trace(trace))
+    assert spans, f"{STEP_FUNCTION} not in {trace}"
+    assert len(spans) == num_steps, f"{len(spans)} steps traced, num_steps={num_steps}: {spans}"
+    # The xplane (what TensorBoard reads) names the step function too.
+    plane = next(trace.parent.glob("*.xplane.pb"))
+    assert STEP_FUNCTION.encode() in plane.read_bytes()
+    # The trace ended by itself: there is nothing to stop, and a new one can start.
+    r = server.post("/stop_profile")
+    assert r.status_code == 400 and "not in progress" in r.json()["error"]["message"], r.text
+
+
+def test_profile_manual_start_and_stop(server: ServerProcess, tmp_path: Path) -> None:
+    out = tmp_path / "manual"
+    wait_idle(server)
+    r = start(server, {"output_dir": str(out)})
+    assert r.status_code == 200 and r.text == START_TEXT, r.text
+    assert start(server, {"output_dir": str(out)}).status_code == 400
+    ids, _ = generate_ids(server, PROMPT, 5)
+    assert len(ids) == 5
+    time.sleep(0.5)
+    assert not trace_files(out), "without num_steps the trace waits for /stop_profile"
+    r = server.get("/stop_profile")
+    assert r.status_code == 200 and r.text == STOP_TEXT, r.text
+    trace = wait_for_trace(out)
+    spans = step_spans(read_trace(trace))
+    assert len(spans) >= 5, f"5 tokens need a prefill and 4 decodes; traced {len(spans)} steps"
+    # The profiler is free again.
+    r = server.post("/stop_profile")
+    assert r.status_code == 400, r.text
+
+
+def test_profile_without_a_body_uses_the_default_dir(server: ServerProcess, default_dir: Path) -> None:
+    """GET /start_profile with no body, as the reference's scripts call it."""
+    wait_idle(server)
+    before = set(trace_files(default_dir))
+    r = server.get("/start_profile")
+    assert r.status_code == 200 and r.text == START_TEXT, r.text
+    generate_ids(server, PROMPT, 2)
+    r = server.get("/stop_profile")
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + TRACE_WAIT
+    while not (set(trace_files(default_dir)) - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    new = sorted(set(trace_files(default_dir)) - before)
+    assert any(p.name.endswith(".trace.json.gz") for p in new), new
+    trace = next(p for p in new if p.name.endswith(".trace.json.gz"))
+    assert step_spans(read_trace(trace))
+
+
+def test_profile_bad_num_steps(server: ServerProcess, tmp_path: Path) -> None:
+    r = start(server, {"output_dir": str(tmp_path), "num_steps": 0})
+    assert r.status_code == 400 and "num_steps" in r.json()["error"]["message"], r.text
+    r = start(server, {"output_dir": str(tmp_path), "num_steps": "many"})
+    assert r.status_code in (400, 422) and "num_steps" in r.text, r.text
+    # Nothing started.
+    assert server.post("/stop_profile").status_code == 400
