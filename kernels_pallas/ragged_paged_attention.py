@@ -56,12 +56,16 @@ def write_kv(
     v: jax.Array,
     meta: AttentionMetadata,
 ) -> tuple[jax.Array, jax.Array]:
-    """Scatter one layer's new K/V (`[T, kv_heads, head_dim]`) into their pool slots, in place."""
-    num_layers, num_pages, page_size, kv_heads, head_dim = k_pool.shape
-    flat_shape = (num_layers, num_pages * page_size, kv_heads, head_dim)
-    k_flat = k_pool.reshape(flat_shape).at[layer, meta.write_slots].set(k.astype(k_pool.dtype))
-    v_flat = v_pool.reshape(flat_shape).at[layer, meta.write_slots].set(v.astype(v_pool.dtype))
-    return k_flat.reshape(k_pool.shape), v_flat.reshape(v_pool.shape)
+    """Scatter one layer's new K/V (`[T, kv_heads, head_dim]`) into their pool slots, in place.
+
+    Indexed by (layer, page, offset) on the pool's own shape: a reshape around the
+    scatter lets XLA's CPU backend turn a one-token write into whole-pool copies.
+    """
+    page_size = k_pool.shape[2]
+    pages, offsets = meta.write_slots // page_size, meta.write_slots % page_size
+    k_pool = k_pool.at[layer, pages, offsets].set(k.astype(k_pool.dtype), mode="promise_in_bounds")
+    v_pool = v_pool.at[layer, pages, offsets].set(v.astype(v_pool.dtype), mode="promise_in_bounds")
+    return k_pool, v_pool
 
 
 def _gather_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> jax.Array:
