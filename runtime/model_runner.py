@@ -57,11 +57,39 @@ class ModelRunner:
         self.expert_hist = jnp.zeros((self.num_layers, max(num_experts, 1)), jnp.int32)
         self.recording = jnp.zeros((), jnp.int32)
         self._prev_tokens = jnp.zeros((1,), jnp.int32)
+        self._commit_state()
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2, 3))
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2,))
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
+
+    def _commit_state(self) -> None:
+        """Place all device state explicitly: a step's outputs are committed, and a jit cache
+        entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
+        device = self.pool.k_pool.devices().pop()
+        (
+            self.params,
+            self.pool.k_pool,
+            self.pool.v_pool,
+            self.output_counts,
+            self.prompt_mask,
+            self.expert_hist,
+            self.recording,
+            self._prev_tokens,
+        ) = jax.device_put(
+            (
+                self.params,
+                self.pool.k_pool,
+                self.pool.v_pool,
+                self.output_counts,
+                self.prompt_mask,
+                self.expert_hist,
+                self.recording,
+                self._prev_tokens,
+            ),
+            device,
+        )
 
     # -- the step -------------------------------------------------------------------------
 
@@ -178,12 +206,12 @@ class ModelRunner:
         self.params = new_params
 
     def set_recording(self, on: bool) -> None:
-        self.recording = jnp.asarray(1 if on else 0, jnp.int32)
+        self.recording = jax.device_put(jnp.asarray(1 if on else 0, jnp.int32), self.recording.sharding)
 
     def take_expert_histogram(self) -> np.ndarray:
         """Read and reset the histogram (one host transfer per dump, none per step)."""
         hist = np.asarray(self.expert_hist)
-        self.expert_hist = jnp.zeros_like(self.expert_hist)
+        self.expert_hist = jax.device_put(jnp.zeros_like(self.expert_hist), self.expert_hist.sharding)
         return hist
 
     @property
