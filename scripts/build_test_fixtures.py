@@ -290,9 +290,10 @@ def router_counts(model: PreTrainedModel, ids: Sequence[int]) -> np.ndarray:
         chosen = torch.topk(probs, cfg.num_experts_per_tok, dim=-1).indices
         rows.append(torch.bincount(chosen.reshape(-1), minlength=cfg.num_experts))
     counts = torch.stack(rows).numpy().astype(np.int32)
-    if counts.shape != (cfg.num_hidden_layers, cfg.num_experts) or not (
-        counts.sum(axis=1) == len(ids) * cfg.num_experts_per_tok
-    ).all():
+    if (
+        counts.shape != (cfg.num_hidden_layers, cfg.num_experts)
+        or not (counts.sum(axis=1) == len(ids) * cfg.num_experts_per_tok).all()
+    ):
         raise RuntimeError(f"unexpected router counts {counts.shape}: {counts.sum(axis=1)}")
     return counts
 

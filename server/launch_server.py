@@ -122,7 +122,11 @@ def run_server(server_args: ServerArgs) -> int:
     from runtime.engine import Engine
     from server.app import create_app
 
-    engine = Engine(server_args)
+    try:
+        engine = Engine(server_args)
+    except (ValueError, FileNotFoundError) as exc:  # a wrong path or an unservable model: say so plainly
+        logger.error("Cannot serve %s: %s", server_args.model_path, exc)
+        return 1
     try:
         app = create_app(engine)
         state = app.state.sglax

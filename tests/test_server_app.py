@@ -385,7 +385,8 @@ def test_bad_requests_are_400_and_server_keeps_serving(live: LiveServer, body: b
 def test_rid_in_flight_is_400(live: LiveServer) -> None:
     body = {"text": "long", "rid": "dup", "sampling_params": {"max_new_tokens": 50}, "stream": True}
     with requests.post(live.url + "/generate", json=body, stream=True) as first:
-        next(first.iter_lines())
+        lines = first.iter_lines()  # keep the iterator: dropping it closes the connection
+        next(lines)
         second = requests.post(live.url + "/generate", json=body)
         assert second.status_code == 400 and "dup" in second.json()["error"]["message"]
 
@@ -465,7 +466,8 @@ def test_flush_cache(live: LiveServer) -> None:
         assert r.status_code == 200 and r.text == FLUSH_CACHE_TEXT
     body = {"text": "busy", "sampling_params": {"max_new_tokens": 60}, "stream": True}
     with requests.post(live.url + "/generate", json=body, stream=True) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # keep the iterator: dropping it closes the connection
+        next(lines)
         busy = requests.post(live.url + "/flush_cache")
         assert busy.status_code == 400 and busy.text == FLUSH_CACHE_TEXT
 

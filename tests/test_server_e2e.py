@@ -151,7 +151,8 @@ def test_flush_cache_idle_and_busy(base_url: str) -> None:
     assert requests.post(base_url + "/flush_cache").status_code == 200
     body = {"text": "Count to a hundred:", "sampling_params": greedy(200, ignore_eos=True), "stream": True}
     with requests.post(base_url + "/generate", json=body, stream=True, timeout=300) as r:
-        next(r.iter_lines())
+        lines = r.iter_lines()  # keep the iterator: dropping it closes the connection
+        next(lines)
         busy = requests.get(base_url + "/flush_cache")
         assert busy.status_code == 400
         assert busy.text.startswith("Cache flushed.\n")
@@ -224,6 +225,15 @@ def test_logprob_shapes(base_url: str, tokenizer: Any) -> None:
     assert all(top[0][1] == entry[1] for top, entry in zip(meta["output_top_logprobs"], outputs, strict=True))
     assert len(meta["input_top_logprobs"]) == len(ids) and meta["input_top_logprobs"][0] is None
     assert all(len(pos) == 2 for pos in meta["output_token_ids_logprobs"])
+
+
+def test_hidden_states(base_url: str) -> None:
+    meta = generate(base_url, text="Hello", sampling_params=greedy(3), return_hidden_states=True).json()[
+        "meta_info"
+    ]
+    hidden = meta["hidden_states"]
+    assert len(hidden) == meta["completion_tokens"]
+    assert all(len(vector) == 576 for vector in hidden)  # SmolLM2-135M's hidden size
 
 
 def test_cached_tokens(base_url: str) -> None:
