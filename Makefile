@@ -50,7 +50,7 @@ serve: models
 	$(PY) -m server.launch_server --model-path $(MODEL) --host $(HOST) --port $(PORT)
 
 test-main: fixtures
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-kernels: kernels-venv
 	@if [ -x $(KPY) ]; then $(KPY) -m pytest -q -m kernels tests/kernels; else echo "kernel tests skipped: no python3.12"; fi

@@ -108,6 +108,8 @@ class Engine:
             self.encoder = EncoderRunner(self.model, args.model_path, self.model_info.context_length)
         else:
             self._build_scheduler()
+        if self.server_args.warmup:
+            self.warmup()
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -200,6 +202,28 @@ class Engine:
     def model_dtype(self) -> Any:
         leaves = jax.tree_util.tree_leaves(nnx.state(self.model, nnx.Param))
         return leaves[0].dtype
+
+    def warmup(self) -> None:
+        """Compile the common programs before serving: every decode-row bucket, short prefills.
+
+        With the persistent compile cache warm this mostly loads programs from disk.
+        """
+        started = time.monotonic()
+        if self.scheduler is None:
+            self.encode(input_ids=[[1, 2, 3]])
+            return
+        sizes = [n for n in self.scheduler.buckets.decode_seqs if n > 0]
+        params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
+        for n in sizes:
+            requests = [
+                EngineRequest(rid=f"warmup-{n}-{i}", input_ids=[1 + i, 2, 3, 4], sampling_params=params)
+                for i in range(n)
+            ]
+            self._run_blocking(requests)
+        self.flush_cache()
+        logger.info(
+            "Warm-up compiled %d programs in %.1f s", self.num_compiled_programs, time.monotonic() - started
+        )
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -402,6 +426,7 @@ class Engine:
         )
         paused = self._swap(new)
         self.model_info.model_path = model_path
+        self.server_args.model_path = model_path
         return True, "Succeeded to update model weights.", paused
 
     def _swap(self, new_params: Any) -> int:

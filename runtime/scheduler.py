@@ -121,8 +121,12 @@ class Scheduler:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the scheduler thread between two steps and return its result."""
+        if self.error is not None:
+            raise RuntimeError(f"The scheduler failed: {self.error}")
         future: concurrent.futures.Future = concurrent.futures.Future()
         self.inbox.put(("call", fn, future))
+        if self.error is not None:  # crashed while we queued: the drain may have missed our item
+            self._fail_inbox(self.error)
         return future.result()
 
     def _loop(self) -> None:
@@ -143,6 +147,19 @@ class Scheduler:
             for req in list(self.by_rid.values()):
                 message = f"internal error: {exc}"
                 self._finish(req, {"type": "abort", "message": message}, release=False, error=message)
+            self._fail_inbox(exc)
+
+    def _fail_inbox(self, exc: BaseException) -> None:
+        """After a crash nothing will serve the queue: answer every waiting request and call."""
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "call":
+                item[2].set_exception(RuntimeError(f"The scheduler failed: {exc}"))
+            elif item[0] == "req":
+                self._reject(item[1], f"The scheduler failed: {exc}")
 
     def _has_work(self) -> bool:
         return bool(self.running or self.waiting or self._pending)
