@@ -68,28 +68,9 @@ class ModelRunner:
         """Place all device state explicitly: a step's outputs are committed, and a jit cache
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
         device = self.pool.k_pool.devices().pop()
-        (
-            self.params,
-            self.pool.k_pool,
-            self.pool.v_pool,
-            self.output_counts,
-            self.prompt_mask,
-            self.expert_hist,
-            self.recording,
-            self._prev_tokens,
-        ) = jax.device_put(
-            (
-                self.params,
-                self.pool.k_pool,
-                self.pool.v_pool,
-                self.output_counts,
-                self.prompt_mask,
-                self.expert_hist,
-                self.recording,
-                self._prev_tokens,
-            ),
-            device,
-        )
+        self.pool.k_pool, self.pool.v_pool = jax.device_put((self.pool.k_pool, self.pool.v_pool), device)
+        for name in ("params", "output_counts", "prompt_mask", "expert_hist", "recording", "_prev_tokens"):
+            setattr(self, name, jax.device_put(getattr(self, name), device))
 
     # -- the step -------------------------------------------------------------------------
 

@@ -508,8 +508,6 @@ class Scheduler:
             if not request.return_logprob or request.logprob_start_len < 0 or req.output_ids:
                 continue
             begin = max(request.logprob_start_len, 0)
-            if start == 0 or begin >= req.prompt_len:
-                pass
             end = min(req.num_computed, req.prompt_len)
             for pos in range(start, end):
                 target = pos + 1
