@@ -159,7 +159,7 @@ class Engine:
         fraction = (
             args.mem_fraction_static
             if args.mem_fraction_static is not None
-            else (0.88 if jax.devices()[0].platform != "cpu" else 0.2)
+            else (0.88 if jax.devices()[0].platform != "cpu" else 0.05)
         )
         num_pages = pages_for_budget(
             page_size=args.page_size,
