@@ -33,6 +33,18 @@ def power_of_two_buckets(minimum: int, maximum: int) -> list[int]:
     return buckets
 
 
+def width_buckets(minimum: int, maximum: int) -> list[int]:
+    """Powers of two and the midpoints 1.5x between them: the page gather of decode rows
+    dominates batched decode on CPU, so padding a width by at most 1.5x instead of 2x pays."""
+    buckets = []
+    for low in power_of_two_buckets(minimum, maximum):
+        buckets.append(low)
+        middle = low * 3 // 2
+        if low >= 8 and middle < maximum:
+            buckets.append(middle)
+    return sorted(set(buckets))
+
+
 def bucket_for(n: int, buckets: list[int]) -> int:
     """The smallest bucket holding n; n beyond the last bucket is a scheduler bug."""
     for bucket in buckets:
@@ -58,9 +70,7 @@ class Buckets:
             decode_seqs=[0, *power_of_two_buckets(1, max_running)],
             prefill_seqs=[0, *power_of_two_buckets(1, max_prefill_seqs)],
             prefill_tokens=[0, *power_of_two_buckets(16, chunk_tokens)],
-            page_table_width=power_of_two_buckets(
-                min(MIN_PAGE_TABLE_WIDTH, max_pages_per_seq), max_pages_per_seq
-            ),
+            page_table_width=width_buckets(min(MIN_PAGE_TABLE_WIDTH, max_pages_per_seq), max_pages_per_seq),
         )
 
     def max_programs(self) -> int:
