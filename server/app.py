@@ -602,6 +602,12 @@ def _require_tokenizer(state: ServerState, what: str) -> Any:
     return state.tokenizer
 
 
+def _usage_event(response_cls: type, rid: str, created: int, model: str, usage: Any) -> bytes:
+    """The final OpenAI stream event that carries only the usage (`stream_options.include_usage`)."""
+    event = response_cls(id=rid, created=created, model=model, choices=[], usage=usage)
+    return b"data: " + event.model_dump_json().encode() + b"\n\n"
+
+
 def _usage(
     state: ServerState, outputs: list[RequestOutput | None], n: int, with_completion: bool = True
 ) -> protocol.UsageInfo:
@@ -997,14 +1003,13 @@ async def _stream_completions(
             )
             yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage_chunk = protocol.CompletionStreamResponse(
-                id=group.requests[0].rid,
-                created=created,
-                model=name,
-                choices=[],
-                usage=_usage(state, finals, body.n),
+            yield _usage_event(
+                protocol.CompletionStreamResponse,
+                group.requests[0].rid,
+                created,
+                name,
+                _usage(state, finals, body.n),
             )
-            yield b"data: " + usage_chunk.model_dump_json().encode() + b"\n\n"
         yield SSE_DONE
     finally:
         group.abort_unfinished()
@@ -1057,14 +1062,13 @@ async def _stream_chat(
             )
             yield chunk(output, choice)
         if body.stream_options is not None and body.stream_options.include_usage:
-            usage_chunk = protocol.ChatCompletionStreamResponse(
-                id=group.requests[0].rid,
-                created=created,
-                model=name,
-                choices=[],
-                usage=_usage(state, finals, body.n),
+            yield _usage_event(
+                protocol.ChatCompletionStreamResponse,
+                group.requests[0].rid,
+                created,
+                name,
+                _usage(state, finals, body.n),
             )
-            yield b"data: " + usage_chunk.model_dump_json().encode() + b"\n\n"
         yield SSE_DONE
     finally:
         group.abort_unfinished()
