@@ -120,7 +120,10 @@ def test_grouped_matmul_matches_ragged_dot(rng, interpret, rows, depth, width, g
     assert narrow.dtype == expected.dtype
     narrow, expected = np.asarray(narrow, np.float64), np.asarray(expected, np.float64)
     eps = float(jnp.finfo(dtype).eps)
-    assert np.all(np.abs(narrow - expected) <= eps * np.abs(expected) + 1e-6)
+    # One rounding of the output, plus float32 accumulation-order noise, which is absolute (it follows
+    # the size of the products, not of a result that cancels to near zero): scale it by the largest output.
+    atol = 1e-6 * float(np.abs(expected).max())
+    assert np.all(np.abs(narrow - expected) <= eps * np.abs(expected) + atol)
 
 
 def test_no_races(rng, interpreter_only):
