@@ -75,13 +75,13 @@ def _gather_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> j
     return pages.reshape(seqs, width * page_size, kv_heads, head_dim)
 
 
-def _masked_softmax_attend(scores: jax.Array, mask: jax.Array, values: jax.Array, spec: str) -> jax.Array:
+def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax over the last axis where `mask` holds; masked entries (and fully masked rows) weigh 0."""
     scores = jnp.where(mask, scores, MASK_VALUE)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(denom == 0.0, 1.0, denom)
-    return jnp.einsum(spec, weights, values.astype(jnp.float32))
+    return weights / jnp.where(denom == 0.0, 1.0, denom)
 
 
 def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
@@ -96,34 +96,55 @@ def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
     scores = jnp.einsum("shgd,skhd->shgk", q_rows, keys.astype(jnp.float32)) * sm_scale
     kv_pos = jnp.arange(keys.shape[1])
     mask = (kv_pos[None, :] < meta.kv_lens[:num_decode, None])[:, None, None, :]
-    out = _masked_softmax_attend(scores, mask, values, "shgk,skhd->shgd")
+    out = jnp.einsum("shgk,skhd->shgd", _masked_softmax(scores, mask), values.astype(jnp.float32))
     return out.reshape(num_decode, -1, q.shape[-1])
 
 
+def _batched_matmul(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
+    """`a[S, H, M, K]` times `b[S, H, ...]` (contracting its axis `contract_b`), batched over (S, H)."""
+    return lax.dot_general(a, b, (((3,), (contract_b,)), ((0, 1), (0, 1))))
+
+
 def _prefill_attention(q, k_pool, v_pool, layer, meta, sm_scale):
-    """Sequences after the decode rows: gathered to `[seqs, max_q, ...]`, causal over the cached prefix."""
+    """Sequences after the decode rows, as `[T, q_heads, head_dim]` (zeros on every other row).
+
+    Each sequence's chunk is gathered into a `[seqs, kv_heads, max_q * group, head_dim]`
+    block (the layout XLA's batched matmul takes without transposing the scores) and
+    attends causally over its cached prefix. The rows come back by a gather from each
+    token to its (sequence, offset): XLA's CPU scatter is element by element.
+    """
     num_decode = meta.num_decode_seqs
     max_q = meta.max_prefill_q_len
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k_pool.shape[3]
-    q_start = meta.cu_q_lens[num_decode:-1]
-    q_len = meta.cu_q_lens[num_decode + 1 :] - q_start
-    kv_lens = meta.kv_lens[num_decode:]
+    group = num_heads // kv_heads
+    cu_q_lens = meta.cu_q_lens[num_decode:]
+    q_start = cu_q_lens[:-1]
+    q_len = cu_q_lens[1:] - q_start
+    seqs = q_start.shape[0]
     offsets = jnp.arange(max_q)
     valid_q = offsets[None, :] < q_len[:, None]
     token_index = jnp.where(valid_q, q_start[:, None] + offsets[None, :], num_tokens)
     q_rows = q.at[token_index].get(mode="fill", fill_value=0).astype(jnp.float32)
-    q_rows = q_rows.reshape(*token_index.shape, kv_heads, -1, head_dim)
+    q_rows = q_rows.reshape(seqs, max_q, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    q_rows = q_rows.reshape(seqs, kv_heads, max_q * group, head_dim)
     page_table = meta.page_table[num_decode:]
-    keys = _gather_pages(k_pool, layer, page_table)
-    values = _gather_pages(v_pool, layer, page_table)
-    scores = jnp.einsum("sqhgd,skhd->shgqk", q_rows, keys.astype(jnp.float32)) * sm_scale
-    kv_pos = jnp.arange(keys.shape[1])
-    q_pos = (kv_lens - q_len)[:, None] + offsets[None, :]
-    mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]
-    out = _masked_softmax_attend(scores, mask[:, None, None], values, "shgqk,skhd->sqhgd")
-    out = out.reshape(*token_index.shape, num_heads, head_dim)
-    return token_index, out
+    keys = _gather_pages(k_pool, layer, page_table).astype(jnp.float32).transpose(0, 2, 1, 3)
+    values = _gather_pages(v_pool, layer, page_table).astype(jnp.float32).transpose(0, 2, 1, 3)
+    scores = _batched_matmul(q_rows, keys, contract_b=3) * sm_scale  # [seqs, kv_heads, max_q * group, kv_len]
+    q_pos = (meta.kv_lens[num_decode:] - q_len)[:, None] + offsets[None, :]
+    mask = (jnp.arange(keys.shape[2])[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]
+    mask = jnp.repeat(mask, group, axis=1)[:, None]
+    out = _batched_matmul(_masked_softmax(scores, mask), values, contract_b=2)
+    out = out.reshape(seqs, kv_heads, max_q, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(seqs, max_q, num_heads, head_dim)
+
+    tokens = jnp.arange(num_tokens)
+    seq_of_token = jnp.minimum(jnp.sum(cu_q_lens[None, 1:] <= tokens[:, None], axis=1), seqs - 1)
+    offset_of_token = tokens - q_start[seq_of_token]
+    in_chunk = (tokens >= cu_q_lens[0]) & (offset_of_token < q_len[seq_of_token])
+    rows = out[seq_of_token, jnp.clip(offset_of_token, 0, max_q - 1)]
+    return jnp.where(in_chunk[:, None, None], rows, 0.0)
 
 
 def ragged_paged_attention_reference(
@@ -136,12 +157,12 @@ def ragged_paged_attention_reference(
 ) -> jax.Array:
     """XLA reference: `q[T, q_heads, head_dim]` -> `[T, q_heads, head_dim]`; padding rows give zeros."""
     num_tokens, num_heads, head_dim = q.shape
-    out = jnp.zeros((num_tokens, num_heads, head_dim), jnp.float32)
+    if meta.page_table.shape[0] > meta.num_decode_seqs and meta.max_prefill_q_len > 0:
+        out = _prefill_attention(q, k_pool, v_pool, layer, meta, sm_scale)
+    else:
+        out = jnp.zeros((num_tokens, num_heads, head_dim), jnp.float32)
     if meta.num_decode_seqs > 0:
         out = out.at[: meta.num_decode_seqs].set(_decode_attention(q, k_pool, v_pool, layer, meta, sm_scale))
-    if meta.page_table.shape[0] > meta.num_decode_seqs and meta.max_prefill_q_len > 0:
-        token_index, rows = _prefill_attention(q, k_pool, v_pool, layer, meta, sm_scale)
-        out = out.at[token_index].set(rows, mode="drop")
     return out.astype(q.dtype)
 
 
