@@ -85,19 +85,23 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
-    """Rows `[0, num_decode_seqs)`: one query token per sequence, no causal mask needed."""
+    """Rows `[0, num_decode_seqs)`: one query token per sequence, no causal mask needed.
+
+    The gathered keys are the left operand (`K . q`, scores as `[seqs, kv_heads,
+    keys, group]`): XLA then moves whole head_dim rows of K into the batched
+    layout instead of transposing K element by element into a right operand.
+    """
     num_decode = meta.num_decode_seqs
-    kv_heads = k_pool.shape[3]
-    q_rows = q[:num_decode].astype(jnp.float32)
-    q_rows = q_rows.reshape(num_decode, kv_heads, -1, q.shape[-1])
+    kv_heads, head_dim = k_pool.shape[3], q.shape[-1]
+    q_rows = q[:num_decode].astype(jnp.float32).reshape(num_decode, kv_heads, -1, head_dim)
     page_table = meta.page_table[:num_decode]
-    keys = _gather_pages(k_pool, layer, page_table)
-    values = _gather_pages(v_pool, layer, page_table)
-    scores = jnp.einsum("shgd,skhd->shgk", q_rows, keys.astype(jnp.float32)) * sm_scale
-    kv_pos = jnp.arange(keys.shape[1])
-    mask = (kv_pos[None, :] < meta.kv_lens[:num_decode, None])[:, None, None, :]
-    out = jnp.einsum("shgk,skhd->shgd", _masked_softmax(scores, mask), values.astype(jnp.float32))
-    return out.reshape(num_decode, -1, q.shape[-1])
+    keys = _gather_pages(k_pool, layer, page_table).astype(jnp.float32)  # [seqs, kv_len, kv_heads, d]
+    values = _gather_pages(v_pool, layer, page_table).astype(jnp.float32)
+    scores = lax.dot_general(keys, q_rows, (((3,), (3,)), ((0, 2), (0, 1)))) * sm_scale
+    visible = jnp.arange(keys.shape[1])[None, :] < meta.kv_lens[:num_decode, None]
+    weights = _masked_softmax(jnp.swapaxes(scores, 2, 3), visible[:, None, None, :])
+    out = lax.dot_general(weights, values, (((3,), (1,)), ((0, 1), (0, 2))))  # [seqs, kv_heads, group, d]
+    return out.reshape(num_decode, -1, head_dim)
 
 
 def _batched_matmul(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
