@@ -87,7 +87,7 @@ class ScheduledBatch:
     """One step: decode rows first (one token each), then prefill chunks, all padded."""
 
     input_ids: np.ndarray  # int32[T]: host-known tokens
-    token_source: np.ndarray  # int32[T]: row of the previous step's sampled tokens, or -1 to use input_ids
+    token_source: np.ndarray  # int32[T]: request slot whose last sampled token (on device) to use, or -1
     positions: np.ndarray  # int32[T]
     cu_q_lens: np.ndarray  # int32[S + 1]
     kv_lens: np.ndarray  # int32[S]

@@ -56,10 +56,13 @@ class ModelRunner:
         self.num_layers = pool.num_layers
         self.expert_hist = jnp.zeros((self.num_layers, max(num_experts, 1)), jnp.int32)
         self.recording = jnp.zeros((), jnp.int32)
-        self._prev_tokens = jnp.zeros((1,), jnp.int32)
+        # The last token sampled for each request slot (row 0: padding), read by the next step's
+        # forward for decode rows whose token is still on the device. Fixed shape: a buffer shaped
+        # like the previous step would make each program specialise on its predecessor's shape.
+        self.slot_tokens = jnp.zeros((self.penalty_rows,), jnp.int32)
         self._commit_state()
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2, 3))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(2,))
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
@@ -69,19 +72,16 @@ class ModelRunner:
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
         device = self.pool.k_pool.devices().pop()
         self.pool.k_pool, self.pool.v_pool = jax.device_put((self.pool.k_pool, self.pool.v_pool), device)
-        for name in ("params", "output_counts", "prompt_mask", "expert_hist", "recording", "_prev_tokens"):
+        for name in ("params", "output_counts", "prompt_mask", "expert_hist", "recording", "slot_tokens"):
             setattr(self, name, jax.device_put(getattr(self, name), device))
 
     # -- the step -------------------------------------------------------------------------
 
-    def _forward_fn(self, params, k_pool, v_pool, expert_hist, recording, prev_tokens, host, meta):
+    def _forward_fn(self, params, k_pool, v_pool, expert_hist, recording, slot_tokens, host, meta):
         """The model over the flat batch, and the logits of each sequence's last token."""
         model = nnx.merge(self.graphdef, params)
-        input_ids = jnp.where(
-            host["token_source"] >= 0,
-            prev_tokens[jnp.clip(host["token_source"], 0, prev_tokens.shape[0] - 1)],
-            host["input_ids"],
-        )
+        source = host["token_source"]
+        input_ids = jnp.where(source >= 0, slot_tokens[jnp.maximum(source, 0)], host["input_ids"])
         hidden, k_pool, v_pool, expert_counts = model(input_ids, host["positions"], k_pool, v_pool, meta)
         if getattr(type(model), "kind", "causal_lm") == "causal_lm":
             logits = model.compute_logits(hidden[host["sample_rows"]])
@@ -92,11 +92,12 @@ class ModelRunner:
         return logits, hidden, k_pool, v_pool, expert_hist
 
     @staticmethod
-    def _sample_fn(logits, sampling, output_counts, prompt_mask, sample_valid):
+    def _sample_fn(logits, sampling, output_counts, prompt_mask, slot_tokens, sample_valid):
         """Sampling is its own program: it depends on the row count only, so few compile."""
         out = sample(logits, sampling, output_counts, prompt_mask)
         output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, sample_valid)
-        return out.tokens, out.chosen_logprob, out.logprobs, output_counts
+        slot_tokens = slot_tokens.at[jnp.where(sample_valid, sampling.penalty_slot, 0)].set(out.tokens)
+        return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
 
     def run(self, batch: ScheduledBatch) -> StepOutput:
         """Dispatch one step asynchronously; the returned handles resolve when it ends."""
@@ -116,21 +117,26 @@ class ModelRunner:
             max_prefill_q_len=batch.max_prefill_q_len,
         )
         host, meta, sampling, sample_valid = jax.device_put((host, meta, batch.sampling, batch.sample_valid))
+        programs_before = self._forward._cache_size()
         logits, hidden, k_pool, v_pool, hist = self._forward(
             self.params,
             self.pool.k_pool,
             self.pool.v_pool,
             self.expert_hist,
             self.recording,
-            self._prev_tokens,
+            self.slot_tokens,
             host,
             meta,
         )
+        if self._forward._cache_size() > programs_before:
+            logger.info(
+                "New step program for (tokens, seqs, page-table width, decode rows, max q) %s",
+                batch.shape_key()[:5],
+            )
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        tokens, chosen, logprobs, self.output_counts = self._sample(
-            logits, sampling, self.output_counts, self.prompt_mask, sample_valid
+        tokens, chosen, logprobs, self.output_counts, self.slot_tokens = self._sample(
+            logits, sampling, self.output_counts, self.prompt_mask, self.slot_tokens, sample_valid
         )
-        self._prev_tokens = tokens
         return StepOutput(tokens, chosen, logprobs, hidden)
 
     # -- per-request device state -----------------------------------------------------------

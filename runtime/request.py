@@ -32,7 +32,7 @@ class Req:
     pages: list[int] = dataclasses.field(default_factory=list)
     locked_node: TreeNode | None = None
     cached_tokens: int = 0
-    penalty_slot: int = 0
+    penalty_slot: int = 0  # row of the runner's per-request device state: penalty counts, last token
     finished: bool = False
     finish_reason: dict | None = None
     detokenizer: IncrementalDetokenizer | None = None

@@ -4,7 +4,7 @@ Runs on its own thread and owns every host structure (requests, radix tree,
 allocator) without locks; other threads reach it through `self.inbox`. Each
 iteration dispatches step N+1 before reading step N's tokens, so host work
 overlaps device work; a decode row whose previous token is still on the device
-names that token's row in the previous step (`token_source`) instead.
+names the request's slot instead (`token_source`), where the sampler left it.
 """
 
 from __future__ import annotations
@@ -379,13 +379,12 @@ class Scheduler:
         sample_rows = np.zeros(num_seqs, np.int32)
         sample_valid = np.zeros(num_seqs, np.bool_)
         rows: list[SamplingRow] = [PADDING_ROW] * num_seqs
-        prev_rows = self._previous_rows()
 
         cu_q_lens[1 : num_decode + 1] = np.arange(1, num_decode + 1)
         for seq, req in enumerate(decodes):
             pos = req.num_computed
             if req.inflight:
-                token_source[seq] = prev_rows[id(req)]
+                token_source[seq] = req.penalty_slot
             else:
                 input_ids[seq] = req.all_ids[pos]
             positions[seq] = pos
@@ -442,11 +441,6 @@ class Scheduler:
             sample_valid=sample_valid,
             sampling=sampling,
         )
-
-    def _previous_rows(self) -> dict[int, int]:
-        if self._pending is None:
-            return {}
-        return {id(req): row for req, row in self._pending[0].sampled}
 
     def _sampling_row(self, req: Req) -> SamplingRow:
         return SamplingRow(
