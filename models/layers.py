@@ -206,18 +206,22 @@ def embedding(num: int, features: int, dtype: Dtype, rngs: nnx.Rngs) -> nnx.Embe
 
 
 class GatedMLP(nnx.Module):
-    """`down(act(gate(x)) * up(x))`: Llama's MLP, and Qwen2-MoE's shared expert."""
+    """`down(act(gate(x)) * up(x))`: Llama's MLP, and Qwen2-MoE's shared expert.
+
+    HF's gate and up projections are one `[hidden, 2 * intermediate]` kernel here
+    (gate columns first): one matmul, one weight read per layer instead of two.
+    """
 
     def __init__(
         self, hidden: int, intermediate: int, act: str, dtype: Dtype, rngs: nnx.Rngs, bias: bool = False
     ):
-        self.gate_proj = linear(hidden, intermediate, dtype, rngs, bias)
-        self.up_proj = linear(hidden, intermediate, dtype, rngs, bias)
+        self.gate_up_proj = linear(hidden, 2 * intermediate, dtype, rngs, bias)
         self.down_proj = linear(intermediate, hidden, dtype, rngs, bias)
         self.act = act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(activation(self.act)(gate) * up)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -309,13 +313,14 @@ class DecoderConfig:
 
 
 class Attention(nnx.Module):
-    """Self-attention over the paged KV pool: project, rotate, write K/V, attend, project out."""
+    """Self-attention over the paged KV pool: project, rotate, write K/V, attend, project out.
+
+    HF's q, k and v projections are one `[hidden, q + 2 * kv]` kernel here (one matmul).
+    """
 
     def __init__(self, cfg: DecoderConfig, dtype: Dtype, rngs: nnx.Rngs):
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = linear(cfg.hidden_size, q_size, dtype, rngs, cfg.qkv_bias)
-        self.k_proj = linear(cfg.hidden_size, kv_size, dtype, rngs, cfg.qkv_bias)
-        self.v_proj = linear(cfg.hidden_size, kv_size, dtype, rngs, cfg.qkv_bias)
+        self.qkv_proj = linear(cfg.hidden_size, q_size + 2 * kv_size, dtype, rngs, cfg.qkv_bias)
         self.o_proj = linear(q_size, cfg.hidden_size, dtype, rngs, cfg.o_bias)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -331,9 +336,11 @@ class Attention(nnx.Module):
         backends: KernelBackends,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         tokens = x.shape[0]
-        q = self.q_proj(x).reshape(tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(tokens, self.num_kv_heads, self.head_dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
+        q = q.reshape(tokens, self.num_heads, self.head_dim)
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         k_pool, v_pool = write_kv(k_pool, v_pool, layer, k, v, meta)
         out = attention(q, k_pool, v_pool, layer, meta, self.head_dim**-0.5, backends)
@@ -605,10 +612,20 @@ class HFTensorReader:
     def embedding(self, name: str, num: int, features: int) -> Params:
         return {"embedding": self.take(name, (num, features))}
 
+    def fused_linear(
+        self, prefixes: Sequence[str], in_features: int, out_features: Sequence[int], bias: bool = False
+    ) -> Params:
+        """HF linears that share their input (q/k/v, gate/up) as one layer, outputs side by side."""
+        parts = [
+            self.linear(prefix, in_features, out, bias)
+            for prefix, out in zip(prefixes, out_features, strict=True)
+        ]
+        return jax.tree.map(lambda *leaves: np.concatenate(leaves, axis=-1), *parts)
+
     def gated_mlp(self, prefix: str, hidden: int, intermediate: int, bias: bool = False) -> Params:
+        gate_up = [f"{prefix}gate_proj", f"{prefix}up_proj"]
         return {
-            "gate_proj": self.linear(f"{prefix}gate_proj", hidden, intermediate, bias),
-            "up_proj": self.linear(f"{prefix}up_proj", hidden, intermediate, bias),
+            "gate_up_proj": self.fused_linear(gate_up, hidden, [intermediate, intermediate], bias),
             "down_proj": self.linear(f"{prefix}down_proj", intermediate, hidden, bias),
         }
 
@@ -651,9 +668,12 @@ def decoder_params_from_hf(
         return {
             "input_layernorm": reader.norm(f"{p}input_layernorm", hidden),
             "self_attn": {
-                "q_proj": reader.linear(f"{p}self_attn.q_proj", hidden, q_size, cfg.qkv_bias),
-                "k_proj": reader.linear(f"{p}self_attn.k_proj", hidden, kv_size, cfg.qkv_bias),
-                "v_proj": reader.linear(f"{p}self_attn.v_proj", hidden, kv_size, cfg.qkv_bias),
+                "qkv_proj": reader.fused_linear(
+                    [f"{p}self_attn.{name}_proj" for name in "qkv"],
+                    hidden,
+                    [q_size, kv_size, kv_size],
+                    cfg.qkv_bias,
+                ),
                 "o_proj": reader.linear(f"{p}self_attn.o_proj", q_size, hidden, cfg.o_bias),
             },
             "post_attention_layernorm": reader.norm(f"{p}post_attention_layernorm", hidden),
