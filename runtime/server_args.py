@@ -159,7 +159,7 @@ class ServerArgs:
         if self.max_running_requests is None:
             self.max_running_requests = 256 if on_gpu else 64
         if self.chunked_prefill_size is None:
-            self.chunked_prefill_size = 8192 if on_gpu else 512
+            self.chunked_prefill_size = 8192 if on_gpu else 2048
         if self.enable_compile_cache and self.compile_cache_dir is None:
             self.compile_cache_dir = str(paths.compile_cache_dir())
         if self.attention_backend in REFERENCE_ATTENTION_BACKENDS:

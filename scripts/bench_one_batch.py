@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--decode-context", type=int, default=256, help="KV depth of each decode row.")
     parser.add_argument("--prefill-cases", nargs="*", default=["1x64", "1x128", "1x256", "1x512", "4x128"])
     parser.add_argument("--mixed-cases", nargs="*", default=["32+1x256"], help="DECODE_ROWS+SEQSxLEN")
-    parser.add_argument("--chunked-prefill-size", type=int, default=512)
+    parser.add_argument("--chunked-prefill-size", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="Repeats of each machine measurement.")
