@@ -34,9 +34,11 @@ from runtime.response import embedding_response, generate_response
 from runtime.sampling import SamplingParams
 from runtime.scheduler import Scheduler
 from runtime.server_args import ServerArgs
+from runtime.xla_cpu import set_xla_cpu_flags
 
 logger = logging.getLogger(__name__)
 keep_freed_memory()
+set_xla_cpu_flags()
 
 VERSION = "0.1.0"
 CLASSIFY_SUFFIX = "ForSequenceClassification"

@@ -182,19 +182,30 @@ def test_no_leaks_after_burst_with_aborts(tiny):
     assert stats["num_free_pages"] == stats["num_total_pages"]
 
 
-def test_compiled_programs_bounded(tiny):
+def test_compiled_programs_bounded(tiny, monkeypatch):
     rng = np.random.default_rng(9)
     prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(1, 400, size=200)]
     lengths = [int(n) for n in rng.integers(1, 20, size=200)]
+    shapes = set()
+    run = tiny.runner.run
+
+    def run_and_note_shape(batch):
+        shapes.add(batch.shape_key()[:5])  # what the forward program is specialised on
+        return run(batch)
+
+    monkeypatch.setattr(tiny.runner, "run", run_and_note_shape)
+    programs_before = tiny.runner.num_step_programs
     for start in range(0, 200, 50):
         _batched_ids(tiny, prompts[start : start + 50], lengths[start : start + 50])
     steps = tiny.runner.num_step_programs
     bound = tiny.scheduler.buckets.max_programs()
     print(
         f"after 200 varied requests: {steps} step programs (bucket bound {bound}), "
-        f"{tiny.num_compiled_programs} programs in all"
+        f"{tiny.num_compiled_programs} programs in all; {len(shapes)} step shapes in this test"
     )
     assert steps <= bound
+    # One program per step shape: none specialised on what ran before it.
+    assert steps - programs_before <= len(shapes)
     # Sampling compiles once per row bucket and suppressed-id width, not per step shape.
     assert tiny.runner._sample._cache_size() <= 2 * len(tiny.scheduler.buckets.decode_seqs)
 
