@@ -324,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # The engine's XLA CPU flags, before the machine measurements start JAX's CPU client.
+    from runtime.xla_cpu import set_xla_cpu_flags
+
+    set_xla_cpu_flags()
 
     config = model_config(args.model_path)
     cases = parse_cases(args)
