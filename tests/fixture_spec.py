@@ -90,7 +90,7 @@ MINILM_SENTENCES: list[str] = [
     "?",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
     "SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;",
-    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }",
+    'for (int i = 0; i < 10; ++i) { printf("%d\\n", i); }',
     "Der schnelle braune Fuchs springt über den faulen Hund.",
     "東京は日本の首都です。",
     "Москва — столица России.",
