@@ -34,14 +34,19 @@ def power_of_two_buckets(minimum: int, maximum: int) -> list[int]:
 
 
 def width_buckets(minimum: int, maximum: int) -> list[int]:
-    """Powers of two and the midpoints 1.5x between them: the page gather of decode rows
-    dominates batched decode on CPU, so padding a width by at most 1.5x instead of 2x pays."""
+    """Powers of two, and from 16 pages up the quarter steps between them (16, 20, 24, 28, 32, 40...).
+
+    The decode rows' page gather and attention dominate batched decode on CPU and
+    grow with the padded width, so a width padded by at most 1.25x (instead of 2x)
+    pays for the extra programs: batch-32 decode at 300 tokens of context, width
+    20 instead of 24 pages, 70.6 -> 65.8 ms per step on the 2-core box.
+    """
     buckets = []
     for low in power_of_two_buckets(minimum, maximum):
-        buckets.append(low)
-        middle = low * 3 // 2
-        if low >= 8 and middle < maximum:
-            buckets.append(middle)
+        steps = (4, 5, 6, 7) if low >= 16 else (4, 6) if low >= 8 else (4,)
+        buckets.extend(
+            width for width in (low * step // 4 for step in steps) if width <= maximum or width == low
+        )
     return sorted(set(buckets))
 
 
