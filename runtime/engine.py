@@ -41,6 +41,7 @@ keep_freed_memory()
 set_xla_cpu_flags()
 
 VERSION = "0.1.0"
+WARMUP_MAX_PROMPT = 512  # longest prompt bucket the start-up warm-up compiles
 CLASSIFY_SUFFIX = "ForSequenceClassification"
 
 
@@ -206,7 +207,9 @@ class Engine:
         return leaves[0].dtype
 
     def warmup(self) -> None:
-        """Compile the common programs before serving: every decode-row bucket, short prefills.
+        """Compile the common programs before serving: every decode-row bucket, and one prompt
+        per prefill bucket up to WARMUP_MAX_PROMPT tokens (a first chat request then finds its
+        prefill and its first decode widths compiled instead of waiting about a second each).
 
         With the persistent compile cache warm this mostly loads programs from disk.
         """
@@ -214,14 +217,20 @@ class Engine:
         if self.scheduler is None:
             self.encode(input_ids=[[1, 2, 3]])
             return
-        sizes = [n for n in self.scheduler.buckets.decode_seqs if n > 0]
+        buckets = self.scheduler.buckets
         params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-        for n in sizes:
+        for n in (n for n in buckets.decode_seqs if n > 0):
             requests = [
                 EngineRequest(rid=f"warmup-{n}-{i}", input_ids=[1 + i, 2, 3, 4], sampling_params=params)
                 for i in range(n)
             ]
             self._run_blocking(requests)
+        longest = min(WARMUP_MAX_PROMPT, self.model_info.context_length - params.max_new_tokens)
+        for length in (n for n in buckets.prefill_tokens if 16 < n <= longest):
+            prompt = [1 + i % 100 for i in range(length)]
+            self._run_blocking(
+                [EngineRequest(rid=f"warmup-p{length}", input_ids=prompt, sampling_params=params)]
+            )
         self.flush_cache()
         logger.info(
             "Warm-up compiled %d programs in %.1f s", self.num_compiled_programs, time.monotonic() - started
