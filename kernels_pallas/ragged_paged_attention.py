@@ -181,13 +181,51 @@ def ragged_paged_attention_reference(
 # from the pool by TMA into a ring of SMEM slots that a producer warpgroup keeps
 # full across item boundaries, and runs an online softmax in f32. Q tiles are
 # gathered into a padded `[items, 64, head_dim]` buffer by XLA and the output
-# comes back the same way; both are small next to the KV they read.
+# comes back the same way; both are small next to the KV they read. Float32
+# inputs run as bfloat16 parts (SPLIT_TERMS): Q split by XLA, each KV block and
+# P split by the consumer into SMEM, six wgmmas per product.
 
 # Columns of the int32 work table read by the kernel.
 _W_SEQ, _W_KV_HEAD, _W_BASE, _W_Q_COUNT, _W_FULL_BLOCKS, _W_BLOCKS, _W_VALID = range(7)
 _WORK_COLUMNS = 7
 TILE_ROWS = 64  # wgmma's M granule on Hopper
-KERNEL_DTYPES = (jnp.bfloat16, jnp.float16)
+KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# wgmma's f32 mode is tf32 (10 mantissa bits) and wants K-major operands, which V's pool layout is
+# not. So float32 runs as three bfloat16 parts (hi + mid + lo carry f32's 24 bits) and each product
+# sums the six part products of order <= 2 (hi.hi, hi.mid, mid.hi, mid.mid, hi.lo, lo.hi): on random
+# attention inputs ~6e-7 of max |out| from float64, where three products (order <= 1) reach ~1e-5.
+SPLIT_PARTS = 3
+SPLIT_TERMS = tuple((i, j) for i in range(SPLIT_PARTS) for j in range(SPLIT_PARTS) if i + j < SPLIT_PARTS)
+
+
+def _split(dtype: Any) -> bool:
+    return jnp.dtype(dtype) == jnp.float32
+
+
+def _operand_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype wgmma reads: the input's own, or bfloat16 parts for float32."""
+    return jnp.dtype(jnp.bfloat16) if _split(dtype) else jnp.dtype(dtype)
+
+
+def _num_parts(dtype: Any) -> int:
+    return SPLIT_PARTS if _split(dtype) else 1
+
+
+def as_operands(x: jax.Array, dtype: Any) -> list[jax.Array]:
+    """`x` as wgmma operands of an input `dtype`: itself cast, or bfloat16 parts summing to it (float32)."""
+    if not _split(dtype):
+        return [x.astype(dtype)]
+    parts, rest = [], x.astype(jnp.float32)
+    for _ in range(SPLIT_PARTS):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(jnp.float32)
+    return parts
+
+
+def _swizzled(dtype: Any) -> tuple:
+    """SMEM transforms for 128-byte swizzled rows of `dtype` (what TMA and wgmma read fastest)."""
+    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
 @jax.tree_util.register_dataclass
@@ -285,7 +323,7 @@ def _attention_kernel_body(
     k_barriers: Any,
     v_barriers: Any,
     kv_free: Any,
-    *,
+    *split_smem: Any,
     sm_scale: float,
     group: int,
     block_kv: int,
@@ -301,6 +339,10 @@ def _attention_kernel_body(
     short decode item does not start cold. Warpgroup 0 (the consumer) runs the
     wgmmas and the online softmax, and frees each buffer when done with it.
     Both walk the same work table, so they agree on every item's block count.
+
+    For float32 (`split_smem` holds K and V part buffers) the consumer also
+    splits each KV block into bfloat16 parts in SMEM before its wgmmas, and Q
+    arrives already split (`q_smem` is `[2, parts, rows, head_dim]`).
     """
     head_dim = q_smem.shape[-1]
     page_size = k_pool_ref.shape[2]
@@ -308,7 +350,8 @@ def _attention_kernel_body(
     rows_per_copy = min(page_size, block_kv)
     copies_per_block = block_kv // rows_per_copy
     blocks_per_page = max(1, page_size // block_kv)
-    dtype = q_smem.dtype
+    dtype = k_pool_ref.dtype
+    terms = SPLIT_TERMS if split_smem else ((0, 0),)
     cta = lax.axis_index("cta")
     num_items = work_ref.shape[0]
     rounds = -(-num_items // num_ctas)
@@ -383,6 +426,17 @@ def _attention_kernel_body(
         def _drain_q(round_index):
             plgpu.barrier_wait(q_free.at[lax.rem(round_index, 2)])
 
+    def block_operands(ring_slot: Any, which: int) -> list[Any]:
+        """A KV block as wgmma operands: the ring slot, or (float32) its bfloat16 parts in SMEM."""
+        if not split_smem:
+            return [ring_slot]
+        parts_ref = split_smem[which]
+        block = plgpu.load(ring_slot, layout=plgpu.Layout.WGMMA)
+        for i, part in enumerate(as_operands(block, dtype)):
+            parts_ref.at[i][...] = part
+        plgpu.commit_smem()
+        return [parts_ref.at[i] for i in range(SPLIT_PARTS)]
+
     @pl.when(lax.axis_index("wg") == 0)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
@@ -403,9 +457,11 @@ def _attention_kernel_body(
                     acc, row_max, row_sum = carry
                     slot = lax.rem(consumed + block, stages)
                     plgpu.barrier_wait(k_barriers.at[slot])
+                    k_parts = block_operands(k_smem.at[slot], 0)
 
                     def scores_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, tile_q, k_smem.at[slot].transpose((1, 0)))
+                        for i, j in terms:
+                            plgpu.wgmma(acc_ref, tile_q.at[i], k_parts[j].transpose((1, 0)))
                         return acc_ref[...]
 
                     scores = pl.run_scoped(scores_scope, plgpu.ACC((TILE_ROWS, block_kv), jnp.float32))
@@ -427,12 +483,16 @@ def _attention_kernel_body(
                         probs = jnp.where(visible, probs, 0.0)
                     row_sum = row_sum * rescale + probs.sum(axis=1)
                     # wgmma takes A from SMEM here (the GPU interpreter cannot run a register LHS).
-                    p_smem[...] = probs.astype(dtype)
-                    plgpu.commit_smem()
+                    for i, part in enumerate(as_operands(probs, dtype)):
+                        p_smem.at[i][...] = part
                     plgpu.barrier_wait(v_barriers.at[slot])
+                    v_parts = block_operands(v_smem.at[slot], 1)  # its commit covers P too
+                    if not split_smem:
+                        plgpu.commit_smem()
 
                     def values_scope(acc_ref):
-                        plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                        for i, j in terms:
+                            plgpu.wgmma(acc_ref, p_smem.at[i], v_parts[j])
                         return acc_ref[...]
 
                     block_out = pl.run_scoped(values_scope, plgpu.ACC((TILE_ROWS, head_dim), jnp.float32))
@@ -456,7 +516,7 @@ def _attention_kernel_body(
                 row_sum = jnp.where(row_sum == 0.0, 1.0, row_sum)
                 out = acc / lax.broadcast_in_dim(row_sum, acc.shape, [0])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous item's store has left o_smem
-                o_smem[...] = out.astype(dtype)
+                o_smem[...] = out.astype(o_smem.dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_smem, out_ref.at[item])
 
@@ -470,14 +530,19 @@ def _attention_kernel_body(
 SMEM_BUDGET = 227 * 1024 - 4096
 
 
-def _smem_bytes(head_dim: int, itemsize: int, block_kv: int, num_stages: int) -> int:
-    """Two Q tiles, the K and V rings, the P tile and the output tile."""
-    return itemsize * (3 * TILE_ROWS * head_dim + 2 * num_stages * block_kv * head_dim + TILE_ROWS * block_kv)
+def _smem_bytes(head_dim: int, dtype: Any, block_kv: int, num_stages: int) -> int:
+    """Two Q tiles, the K and V rings, the P tile and the output tile (float32: Q, P and the K/V parts)."""
+    itemsize, operand = jnp.dtype(dtype).itemsize, _operand_dtype(dtype).itemsize
+    parts = _num_parts(dtype)
+    rings = 2 * num_stages * block_kv * head_dim * itemsize
+    split = 2 * parts * block_kv * head_dim * operand if parts > 1 else 0
+    tiles = parts * operand * (2 * TILE_ROWS * head_dim + TILE_ROWS * block_kv)
+    return rings + split + tiles + TILE_ROWS * head_dim * itemsize
 
 
-def _default_stages(head_dim: int, itemsize: int, block_kv: int) -> int:
+def _default_stages(head_dim: int, dtype: Any, block_kv: int) -> int:
     """Three KV blocks in flight where SMEM allows, else two."""
-    return 3 if _smem_bytes(head_dim, itemsize, block_kv, 3) <= SMEM_BUDGET else 2
+    return 3 if _smem_bytes(head_dim, dtype, block_kv, 3) <= SMEM_BUDGET else 2
 
 
 def kernel_unsupported_reason(
@@ -487,14 +552,13 @@ def kernel_unsupported_reason(
     num_heads, head_dim = q.shape[1:]
     page_size, kv_heads = k_pool.shape[2:4]
     if q.dtype not in KERNEL_DTYPES or k_pool.dtype != q.dtype:
-        # wgmma runs f32 operands as tf32, and a tf32 B operand must be K-major, which V's layout is not.
-        return f"needs bfloat16/float16 q and pools of the same dtype, got {q.dtype}/{k_pool.dtype}"
+        return f"needs bfloat16/float16/float32 q and pools of the same dtype, got {q.dtype}/{k_pool.dtype}"
     if head_dim % 64:
         return f"needs head_dim % 64 == 0 (128-byte swizzled SMEM rows), got {head_dim}"
     if page_size % 8 or (block_kv % page_size and page_size % block_kv):
         return f"needs page_size % 8 == 0, dividing or divided by block_kv {block_kv}; got {page_size}"
-    num_stages = num_stages or _default_stages(head_dim, q.dtype.itemsize, block_kv)
-    if _smem_bytes(head_dim, q.dtype.itemsize, block_kv, num_stages) > SMEM_BUDGET:
+    num_stages = num_stages or _default_stages(head_dim, q.dtype, block_kv)
+    if _smem_bytes(head_dim, q.dtype, block_kv, num_stages) > SMEM_BUDGET:
         return f"needs more than {SMEM_BUDGET} bytes of SMEM at head_dim {head_dim}, {num_stages} stages"
     if num_heads % kv_heads or num_heads // kv_heads > TILE_ROWS:
         return f"needs q_heads a multiple of kv_heads with ratio <= {TILE_ROWS}, got {num_heads}/{kv_heads}"
@@ -524,7 +588,7 @@ def ragged_paged_attention_mgpu(
     if reason:
         raise ValueError(f"ragged_paged_attention_mgpu {reason}")
     num_tokens, num_heads, head_dim = q.shape
-    num_stages = num_stages or _default_stages(head_dim, q.dtype.itemsize, block_kv)
+    num_stages = num_stages or _default_stages(head_dim, q.dtype, block_kv)
     if block_kv % 64 or num_stages < 2:
         raise ValueError(f"need block_kv % 64 == 0 and num_stages >= 2, got {block_kv}, {num_stages}")
     num_ctas = num_ctas or sm_count()
@@ -532,9 +596,9 @@ def ragged_paged_attention_mgpu(
     group = num_heads // kv_heads
     plan = _plan_work(meta, num_tokens, num_heads, kv_heads, block_kv)
     q_tiles = q.at[plan.q_rows[..., 0], plan.q_rows[..., 1]].get(mode="fill", fill_value=0)
-    num_items = plan.work.shape[0]
-
-    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    q_tiles = jnp.stack(as_operands(q_tiles, q.dtype), axis=1)  # [items, parts, rows, head_dim]
+    num_items, parts = q_tiles.shape[:2]
+    operand_dtype = _operand_dtype(q.dtype)
     copies_per_block = block_kv // min(k_pool.shape[2], block_kv)
     body = functools.partial(
         _attention_kernel_body,
@@ -544,9 +608,11 @@ def ragged_paged_attention_mgpu(
         num_stages=num_stages,
         num_ctas=num_ctas,
     )
-    kv_buffer = plgpu.SMEM((num_stages, block_kv, head_dim), q.dtype, transforms=swizzled)
+    kv_buffer = plgpu.SMEM((num_stages, block_kv, head_dim), q.dtype, transforms=_swizzled(q.dtype))
     kv_barriers = plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=num_stages)
-    two_tiles = plgpu.SMEM((2, TILE_ROWS, head_dim), q.dtype, transforms=swizzled)
+    operand_smem = functools.partial(plgpu.SMEM, dtype=operand_dtype, transforms=_swizzled(operand_dtype))
+    two_tiles = operand_smem((2, parts, TILE_ROWS, head_dim))
+    kv_parts = operand_smem((parts, block_kv, head_dim))
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_items, TILE_ROWS, head_dim), q.dtype),
@@ -554,19 +620,21 @@ def ragged_paged_attention_mgpu(
             two_tiles,
             kv_buffer,
             kv_buffer,
-            plgpu.SMEM((TILE_ROWS, block_kv), q.dtype, transforms=swizzled),
-            plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=swizzled),
+            operand_smem((parts, TILE_ROWS, block_kv)),
+            plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=_swizzled(q.dtype)),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
             kv_barriers,
             kv_barriers,
             plgpu.Barrier(num_barriers=num_stages),
+            *([kv_parts, kv_parts] if parts > 1 else []),
         ],
         grid=(num_ctas,),
         grid_names=("cta",),
         num_threads=2,
         thread_name="wg",
-        # Fast exp (ex2.approx): its ~1e-7 relative error is far below the bf16 rounding of P.
+        # Fast exp (ex2.approx): its ~2e-7 relative error is below bf16's rounding of P, and below
+        # the 1e-5 the float32 split path is held to.
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )

@@ -189,6 +189,13 @@ def build_cases(quick: bool) -> list[Case]:
     mixed = [int(x) for x in np.random.default_rng(1).integers(100, 4000, 128)]
     return cases + [
         attention_case("smollm2 decode 256 x kv 2048", decode_kv_lens=[2048] * 256, prefills=[], **smollm2),
+        attention_case(
+            "smollm2 float32 decode 256 x kv 2048 (bf16 parts)",
+            decode_kv_lens=[2048] * 256,
+            prefills=[],
+            dtype=jnp.float32,
+            **smollm2,
+        ),
         attention_case("qwen2.5-0.5b decode 128 x kv 100..4000", decode_kv_lens=mixed, prefills=[], **qwen),
         attention_case("qwen2.5-0.5b prefill 2048 (fresh)", decode_kv_lens=[], prefills=[(2048, 0)], **qwen),
         attention_case(

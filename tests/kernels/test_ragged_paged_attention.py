@@ -7,11 +7,12 @@ sequence may see (pages past `kv_lens`, padding page 0, unused pages, other
 layers) hold V = 1000, so any masking or page-table slip shows up as a large
 error; unwritten kernel output is NaN under the interpreter.
 
-Tolerance: the kernel takes bf16/f16 inputs (wgmma's f32 mode is tf32, and V's
-pool layout is not the K-major layout a tf32 operand needs), accumulates in
-f32 and rounds the softmax probabilities to the input dtype before P @ V, as
-flash attention does. With eps the dtype's epsilon, that bounds the error by
-eps * |ref| (both outputs rounded) + eps / 2 * max |V| (rounded P).
+Tolerance: with bf16/f16 inputs the kernel accumulates in f32 and rounds the
+softmax probabilities to the input dtype before P @ V, as flash attention does.
+With eps the dtype's epsilon, that bounds the error by eps * |ref| (both
+outputs rounded) + eps / 2 * max |V| (rounded P). Float32 inputs run as
+bfloat16 parts (rpa.SPLIT_TERMS) and are held to the issue's bound: the
+largest error below 1e-5 of the largest output.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kernels_pallas import ragged_paged_attention as rpa  # noqa: E402
 pytestmark = pytest.mark.kernels
 
 SM_SCALE = 0.125
+F32_RELATIVE_ERROR = 1e-5
 
 
 def run_kernel(batch: Batch, interpret, num_ctas: int = 3) -> np.ndarray:
@@ -48,9 +50,12 @@ def check_against_reference(batch: Batch, out: np.ndarray) -> None:
     assert not np.isnan(out).any(), "NaN in the kernel's output: a row was never written"
     real = batch.num_real_tokens
     assert np.all(out[real:] == 0.0), "padding tokens must give zeros"
-    eps = float(jnp.finfo(batch.q.dtype).eps)
     error = np.abs(out[:real] - ref[:real])
-    bound = eps * np.abs(ref[:real]) + eps / 2 * batch.visible_v_max
+    if batch.q.dtype == jnp.float32:
+        bound = np.full_like(error, F32_RELATIVE_ERROR * np.abs(ref[:real]).max())
+    else:
+        eps = float(jnp.finfo(batch.q.dtype).eps)
+        bound = eps * np.abs(ref[:real]) + eps / 2 * batch.visible_v_max
     worst = np.unravel_index(np.argmax(error - bound), error.shape)
     print(f"max error {error.max():.3g}; at {worst}, the closest to its bound: {error[worst]:.3g}")
     print(f"bound there {bound[worst]:.3g}")
@@ -63,13 +68,16 @@ def random_decode_lens(rng: np.random.Generator, count: int, page_size: int) -> 
     return [edges[i] if i < len(edges) else int(rng.integers(2, 150)) for i in range(count)]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32], ids=["f16", "f32"])
 @pytest.mark.parametrize(("group", "kv_heads"), [(1, 2), (3, 2), (8, 1)], ids=["gqa1", "gqa3", "gqa8"])
-def test_mixed_batch_matches_reference(rng, interpret, group, kv_heads):
+def test_mixed_batch_matches_reference(rng, interpret, group, kv_heads, dtype):
     """Decode rows and prefill chunks (one over a cached prefix, one fresh) in one launch."""
     decode = random_decode_lens(rng, 3, page_size=16)
     chunk = (int(rng.integers(9, 25)), int(rng.integers(20, 60)))  # cached prefix ends mid-page
     fresh = (int(rng.integers(5, 40)), 0)
-    batch = build_batch(rng, decode_kv_lens=decode, prefills=[chunk, fresh], kv_heads=kv_heads, group=group)
+    batch = build_batch(
+        rng, decode_kv_lens=decode, prefills=[chunk, fresh], kv_heads=kv_heads, group=group, dtype=dtype
+    )
     check_against_reference(batch, run_kernel(batch, interpret))
 
 
@@ -103,11 +111,20 @@ def test_decode_only(rng, interpret):
     check_against_reference(batch, run_kernel(batch, interpret, num_ctas=2))
 
 
-def test_no_races_between_producer_and_consumer(rng, interpreter_only):
-    """The TMA warpgroup never overwrites a KV slot or Q buffer the compute warpgroup still reads."""
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32], ids=["f16", "f32"])
+def test_no_races_between_producer_and_consumer(rng, interpreter_only, dtype):
+    """The TMA warpgroup never overwrites a KV slot or Q buffer the compute warpgroup still reads.
+
+    In float32 the consumer also rewrites its K/V part buffers every block while wgmmas read them.
+    """
     decode = [int(rng.integers(130, 200))]  # more blocks than stages: the ring wraps
     batch = build_batch(
-        rng, decode_kv_lens=decode, prefills=[(int(rng.integers(5, 20)), 30)], kv_heads=1, group=2
+        rng,
+        decode_kv_lens=decode,
+        prefills=[(int(rng.integers(5, 20)), 30)],
+        kv_heads=1,
+        group=2,
+        dtype=dtype,
     )
     kernel = functools.partial(rpa.ragged_paged_attention_mgpu, sm_scale=SM_SCALE, num_ctas=1, num_stages=2)
     out = jax.jit(functools.partial(kernel, interpret=race_params()))(*batch.args)
@@ -150,6 +167,8 @@ LOWERING_CASES = [
     (jnp.bfloat16, 128, 64, 4, 8),
     (jnp.bfloat16, 128, 256, 1, 4),
     (jnp.bfloat16, 192, 16, 2, 2),  # two KV stages: three do not fit in SMEM
+    (jnp.float32, 64, 16, 3, 3),  # float32 as bfloat16 parts, two stages
+    (jnp.float32, 64, 8, 2, 7),
 ]
 
 
@@ -173,7 +192,10 @@ def test_unsupported_inputs_are_named():
     q = jnp.zeros((4, 2, 64), jnp.bfloat16)
     pool = jnp.zeros((1, 3, 16, 1, 64), jnp.bfloat16)
     assert rpa.kernel_unsupported_reason(q, pool) == ""
-    assert "bfloat16" in rpa.kernel_unsupported_reason(q.astype(jnp.float32), pool.astype(jnp.float32))
+    assert rpa.kernel_unsupported_reason(q.astype(jnp.float32), pool.astype(jnp.float32)) == ""
+    assert "same dtype" in rpa.kernel_unsupported_reason(q.astype(jnp.float32), pool)
+    wide = jnp.zeros((4, 2, 128), jnp.float32)
+    assert "SMEM" in rpa.kernel_unsupported_reason(wide, jnp.zeros((1, 3, 16, 1, 128), jnp.float32))
     assert "head_dim" in rpa.kernel_unsupported_reason(q[..., :32], pool[..., :32])
     assert "page_size" in rpa.kernel_unsupported_reason(q, pool[:, :, :4])
     assert "ratio" in rpa.kernel_unsupported_reason(q[:, :1], jnp.zeros((1, 3, 16, 2, 64), jnp.bfloat16))
