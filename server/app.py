@@ -953,122 +953,107 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         return json_response(payload)
 
 
-async def _stream_completions(
+async def _stream_openai(
+    state: ServerState,
+    body: protocol.CompletionRequest | protocol.ChatCompletionRequest,
+    group: RequestGroup,
+    name: str,
+    response_cls: type,
+    choices_for: Callable[[int, RequestOutput], list[Any]],
+) -> AsyncIterator[bytes]:
+    """The SSE both OpenAI routes share: each output's choices (from `choices_for`) as chunks,
+    engine errors as error events, the usage chunk when asked, then [DONE]. A client that
+    leaves mid-stream aborts what is still running."""
+    finals: list[RequestOutput | None] = [None] * len(group.requests)
+    created = int(time.time())
+    try:
+        async for index, output in group.outputs():
+            if output.error:
+                yield sse_event(protocol.ErrorResponse(message=output.error).model_dump())
+                continue
+            if output.finished:
+                finals[index] = output
+            for choice in choices_for(index, output):
+                message = response_cls(id=output.rid, created=created, model=name, choices=[choice])
+                yield b"data: " + message.model_dump_json().encode() + b"\n\n"
+        if body.stream_options is not None and body.stream_options.include_usage:
+            usage = _usage(state, finals, body.n)
+            yield _usage_event(response_cls, group.requests[0].rid, created, name, usage)
+        yield SSE_DONE
+    finally:
+        group.abort_unfinished()
+
+
+def _stream_completions(
     state: ServerState,
     body: protocol.CompletionRequest,
     group: RequestGroup,
     echoes: list[str],
     name: str,
 ) -> AsyncIterator[bytes]:
-    """SSE of /v1/completions: text deltas per choice, optional usage chunk, [DONE]."""
+    """SSE of /v1/completions: text deltas per choice (the echoed prompt first), logprobs as asked."""
     deltas = _TextDeltas(len(group.requests))
-    finals: list[RequestOutput | None] = [None] * len(group.requests)
-    created = int(time.time())
-    try:
-        async for index, output in group.outputs():
-            if output.error:
-                yield sse_event(protocol.ErrorResponse(message=output.error).model_dump())
-                continue
-            prefix = ""
-            if not deltas.started[index]:
-                deltas.started[index] = True
-                prefix = echoes[index // body.n]
-            offset = deltas.text_len[index]
-            text = prefix + deltas.text(index, output.text or "")
-            logprobs = None
-            if body.logprobs is not None:
-                entries = list(output.output_token_logprobs or [])
-                start, end = deltas.logprobs(index, len(entries))
-                top = list(output.output_top_logprobs or [])[start:end]
-                logprobs = _completion_logprobs(state, entries[start:end], top, offset)
-            if output.finished:
-                finals[index] = output
-            elif not text and (logprobs is None or not logprobs.tokens):
-                continue
-            chunk = protocol.CompletionStreamResponse(
-                id=output.rid,
-                created=created,
-                model=name,
-                choices=[
-                    protocol.CompletionChoice(
-                        index=index,
-                        text=text,
-                        logprobs=logprobs,
-                        finish_reason=protocol.finish_reason_type(
-                            output.finish_reason if output.finished else None
-                        ),
-                        matched_stop=protocol.matched_stop(output.finish_reason if output.finished else None),
-                    )
-                ],
+
+    def choices_for(index: int, output: RequestOutput) -> list[protocol.CompletionChoice]:
+        prefix = ""
+        if not deltas.started[index]:
+            deltas.started[index] = True
+            prefix = echoes[index // body.n]
+        offset = deltas.text_len[index]
+        text = prefix + deltas.text(index, output.text or "")
+        logprobs = None
+        if body.logprobs is not None:
+            entries = list(output.output_token_logprobs or [])
+            start, end = deltas.logprobs(index, len(entries))
+            top = list(output.output_top_logprobs or [])[start:end]
+            logprobs = _completion_logprobs(state, entries[start:end], top, offset)
+        if not output.finished and not text and (logprobs is None or not logprobs.tokens):
+            return []
+        finish = output.finish_reason if output.finished else None
+        return [
+            protocol.CompletionChoice(
+                index=index,
+                text=text,
+                logprobs=logprobs,
+                finish_reason=protocol.finish_reason_type(finish),
+                matched_stop=protocol.matched_stop(finish),
             )
-            yield b"data: " + chunk.model_dump_json().encode() + b"\n\n"
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield _usage_event(
-                protocol.CompletionStreamResponse,
-                group.requests[0].rid,
-                created,
-                name,
-                _usage(state, finals, body.n),
-            )
-        yield SSE_DONE
-    finally:
-        group.abort_unfinished()
+        ]
+
+    return _stream_openai(state, body, group, name, protocol.CompletionStreamResponse, choices_for)
 
 
-async def _stream_chat(
+def _stream_chat(
     state: ServerState, body: protocol.ChatCompletionRequest, group: RequestGroup, name: str
 ) -> AsyncIterator[bytes]:
-    """SSE of /v1/chat/completions: a role chunk per choice, content deltas, optional usage, [DONE]."""
+    """SSE of /v1/chat/completions: a role chunk per choice, then content deltas, logprobs as asked."""
     deltas = _TextDeltas(len(group.requests))
-    finals: list[RequestOutput | None] = [None] * len(group.requests)
-    created = int(time.time())
 
-    def chunk(output: RequestOutput, choice: protocol.ChatStreamChoice) -> bytes:
-        message = protocol.ChatCompletionStreamResponse(
-            id=output.rid, created=created, model=name, choices=[choice]
-        )
-        return b"data: " + message.model_dump_json().encode() + b"\n\n"
-
-    try:
-        async for index, output in group.outputs():
-            if output.error:
-                yield sse_event(protocol.ErrorResponse(message=output.error).model_dump())
-                continue
-            if not deltas.started[index]:
-                deltas.started[index] = True
-                role = protocol.ChatStreamChoice(
-                    index=index, delta=protocol.DeltaMessage(role="assistant", content="")
-                )
-                yield chunk(output, role)
-            text = deltas.text(index, output.text or "")
-            logprobs = None
-            if body.logprobs:
-                entries = list(output.output_token_logprobs or [])
-                start, end = deltas.logprobs(index, len(entries))
-                logprobs = _chat_logprobs(
-                    state, entries[start:end], list(output.output_top_logprobs or [])[start:end]
-                )
-            if output.finished:
-                finals[index] = output
-            elif not text and (logprobs is None or not logprobs.content):
-                continue
-            finish = output.finish_reason if output.finished else None
-            choice = protocol.ChatStreamChoice(
+    def choices_for(index: int, output: RequestOutput) -> list[protocol.ChatStreamChoice]:
+        choices = []
+        if not deltas.started[index]:
+            deltas.started[index] = True
+            role = protocol.DeltaMessage(role="assistant", content="")
+            choices.append(protocol.ChatStreamChoice(index=index, delta=role))
+        text = deltas.text(index, output.text or "")
+        logprobs = None
+        if body.logprobs:
+            entries = list(output.output_token_logprobs or [])
+            start, end = deltas.logprobs(index, len(entries))
+            top = list(output.output_top_logprobs or [])[start:end]
+            logprobs = _chat_logprobs(state, entries[start:end], top)
+        if not output.finished and not text and (logprobs is None or not logprobs.content):
+            return choices
+        finish = output.finish_reason if output.finished else None
+        choices.append(
+            protocol.ChatStreamChoice(
                 index=index,
                 delta=protocol.DeltaMessage(content=text or None),
                 logprobs=logprobs,
                 finish_reason=protocol.finish_reason_type(finish),
                 matched_stop=protocol.matched_stop(finish),
             )
-            yield chunk(output, choice)
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield _usage_event(
-                protocol.ChatCompletionStreamResponse,
-                group.requests[0].rid,
-                created,
-                name,
-                _usage(state, finals, body.n),
-            )
-        yield SSE_DONE
-    finally:
-        group.abort_unfinished()
+        )
+        return choices
+
+    return _stream_openai(state, body, group, name, protocol.ChatCompletionStreamResponse, choices_for)

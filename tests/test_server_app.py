@@ -582,6 +582,33 @@ def test_openai_logprobs(live: LiveServer) -> None:
     assert len(logprobs.tokens) == 4  # the fake reports the last prompt token, then 3 outputs
 
 
+def test_openai_streams_match_non_streamed(live: LiveServer) -> None:
+    """Streamed choices (n=2, echo, logprobs) add up to the non-streamed response."""
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
+    kwargs = dict(model="m", prompt="ab", max_tokens=3, logprobs=1, n=2)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    echoed = list(client.completions.create(**kwargs, echo=True, stream=True))
+    for i, choice in enumerate(whole.choices):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == choice.text
+        assert sum((c.logprobs.tokens for c in mine if c.logprobs), []) == choice.logprobs.tokens
+        assert [c.finish_reason for c in mine][-1] == choice.finish_reason == "length"
+        assert not any(c.finish_reason for c in mine[:-1])
+        assert "".join(c.choices[0].text for c in echoed if c.choices[0].index == i) == "ab" + choice.text
+    chat_kwargs = dict(
+        model="m", messages=[{"role": "user", "content": "a"}], max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    chat = client.chat.completions.create(**chat_kwargs).choices[0]
+    chunks = [c for c in client.chat.completions.create(**chat_kwargs, stream=True) if c.choices]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.message.content
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in chat.logprobs.content]
+    assert all(len(e.top_logprobs) == 2 for e in streamed)
+    assert chunks[-1].choices[0].finish_reason == chat.finish_reason == "length"
+
+
 def test_openai_errors(live: LiveServer) -> None:
     r = requests.post(live.url + "/v1/chat/completions", json={"model": "m", "messages": "nope"})
     assert r.status_code == 400
