@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas._backend import pl, plgpu, resolve_backend, sm_count
+from kernels_pallas.float32_parts import SPLIT_PARTS, SPLIT_TERMS, as_operands, swizzled
 
 
 @functools.partial(
@@ -210,7 +211,9 @@ def route_tokens_mgpu(
 # group (ragged_dot gives zeros there). A persistent grid walks (item, N tile)
 # pairs: a pipelined K loop of wgmmas over that block and the group's `rhs`,
 # then a ladder of TMA stores (64, 32, ..., 1 rows) writes exactly the item's
-# rows, so items sharing a block never overwrite each other.
+# rows, so items sharing a block never overwrite each other. Float32 operands
+# run as bfloat16 parts (float32_parts.py): each K step's tiles are split into
+# SMEM by the warpgroup, then six wgmmas.
 
 _G_GROUP, _G_BLOCK, _G_ROW_LO, _G_ROW_HI, _G_ZERO, _G_VALID = range(6)
 
@@ -272,13 +275,16 @@ def _grouped_matmul_body(
     rhs_ref: Any,
     out_ref: Any,
     out_smem: Any,
-    *,
+    *part_smem: Any,
     block_m: int,
     block_n: int,
     block_k: int,
     num_ctas: int,
 ) -> None:
-    """One CTA walks (item, N tile) pairs `cta, cta + num_ctas, ...`."""
+    """One CTA walks (item, N tile) pairs `cta, cta + num_ctas, ...`.
+
+    `part_smem` (float32 only) holds the lhs and rhs part buffers.
+    """
     num_items = work_ref.shape[0]
     n_tiles = out_ref.shape[1] // block_n
     k_steps = lhs_ref.shape[1] // block_k
@@ -301,12 +307,41 @@ def _grouped_matmul_body(
             @pl.when(work_ref[item, _G_ZERO] == 0)
             def _product():
                 def accumulate(acc_ref):
+                    def split_step(lhs_smem: Any, rhs_smem: Any) -> None:
+                        lhs_parts, rhs_parts = part_smem
+                        lhs = as_operands(plgpu.load(lhs_smem, layout=plgpu.Layout.WGMMA), jnp.float32)
+                        rhs = as_operands(plgpu.load(rhs_smem, layout=plgpu.Layout.WGMMA), jnp.float32)
+                        plgpu.wgmma_wait(0)  # the previous step's wgmmas are done reading the parts
+                        for i in range(SPLIT_PARTS):
+                            lhs_parts.at[i][...] = lhs[i]
+                            rhs_parts.at[i][...] = rhs[i]
+                        plgpu.commit_smem()
+                        for i, j in SPLIT_TERMS:
+                            plgpu.wgmma(acc_ref, lhs_parts.at[i], rhs_parts.at[j])
+
+                    def step(_, lhs_smem: Any, rhs_smem: Any) -> None:
+                        if part_smem:
+                            split_step(lhs_smem, rhs_smem)
+                        else:
+                            plgpu.wgmma(acc_ref, lhs_smem, rhs_smem)
+
+                    transforms = swizzled(jnp.float32) if part_smem else ()
                     plgpu.emit_pipeline(
-                        lambda _, lhs_smem, rhs_smem: plgpu.wgmma(acc_ref, lhs_smem, rhs_smem),
+                        step,
                         grid=(k_steps,),
                         in_specs=[
-                            plgpu.BlockSpec((block_m, block_k), lambda k: (block, k), delay_release=1),
-                            plgpu.BlockSpec((block_k, block_n), lambda k: (k, n_tile), delay_release=1),
+                            plgpu.BlockSpec(
+                                (block_m, block_k),
+                                lambda k: (block, k),
+                                transforms=transforms,
+                                delay_release=1,
+                            ),
+                            plgpu.BlockSpec(
+                                (block_k, block_n),
+                                lambda k: (k, n_tile),
+                                transforms=transforms,
+                                delay_release=1,
+                            ),
                         ],
                         max_concurrent_steps=max(2, min(4, k_steps)),
                     )(lhs_ref, rhs_ref.at[group])
@@ -328,9 +363,8 @@ def _grouped_matmul_body(
 
 def grouped_matmul_unsupported_reason(lhs: jax.Array, rhs: jax.Array, block_k: int = 64) -> str:
     """Why the kernel cannot take these operands ('' when it can); the dispatcher then uses XLA."""
-    if lhs.dtype not in (jnp.bfloat16, jnp.float16) or rhs.dtype != lhs.dtype:
-        # wgmma runs f32 as tf32, and a tf32 B operand must be K-major; rhs[g] is [K, N].
-        return f"needs bfloat16/float16 operands of one dtype, got {lhs.dtype}/{rhs.dtype}"
+    if lhs.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32) or rhs.dtype != lhs.dtype:
+        return f"needs bfloat16/float16/float32 operands of one dtype, got {lhs.dtype}/{rhs.dtype}"
     if lhs.shape[1] % block_k or rhs.shape[2] % 64:
         return f"needs K % {block_k} == 0 and N % 64 == 0, got K={lhs.shape[1]}, N={rhs.shape[2]}"
     return ""
@@ -351,6 +385,7 @@ def grouped_matmul_mgpu(
     """Mosaic GPU grouped matmul with the reference's contract; f32 accumulation.
 
     `out_dtype` (default `lhs.dtype`) may be float32 to keep the accumulator's precision.
+    Float32 operands run as bfloat16 parts, with 64-wide N tiles (SMEM for the parts).
     """
     reason = grouped_matmul_unsupported_reason(lhs, rhs, block_k)
     if reason:
@@ -359,8 +394,9 @@ def grouped_matmul_mgpu(
     num_groups, depth_rhs, width = rhs.shape
     if depth_rhs != depth or group_sizes.shape != (num_groups,):
         raise ValueError(f"mismatched lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
+    split = lhs.dtype == jnp.float32
     if block_n is None:
-        block_n = 128 if width % 128 == 0 else 64
+        block_n = 128 if width % 128 == 0 and not split else 64
     num_ctas = num_ctas or sm_count()
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     work = _plan_groups(group_sizes, num_rows, block_m)
@@ -372,7 +408,21 @@ def grouped_matmul_mgpu(
             _grouped_matmul_body, block_m=block_m, block_n=block_n, block_k=block_k, num_ctas=num_ctas
         ),
         out_type=jax.ShapeDtypeStruct((num_rows, width), out_dtype),
-        scratch_types=[plgpu.SMEM((block_m, block_n), out_dtype)],
+        scratch_types=[
+            plgpu.SMEM((block_m, block_n), out_dtype),
+            *(
+                [
+                    plgpu.SMEM(
+                        (SPLIT_PARTS, block_m, block_k), jnp.bfloat16, transforms=swizzled(jnp.bfloat16)
+                    ),
+                    plgpu.SMEM(
+                        (SPLIT_PARTS, block_k, block_n), jnp.bfloat16, transforms=swizzled(jnp.bfloat16)
+                    ),
+                ]
+                if split
+                else []
+            ),
+        ],
         grid=(num_ctas,),
         grid_names=("cta",),
         interpret=interpret,

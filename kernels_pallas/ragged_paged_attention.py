@@ -25,6 +25,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas._backend import pl, plgpu, resolve_backend, sm_count
+from kernels_pallas.float32_parts import (
+    SPLIT_PARTS,
+    as_operands,
+    num_parts,
+    operand_dtype,
+    product_terms,
+    swizzled,
+)
 
 # Finite, so that a fully masked row gives zeros instead of NaN from (-inf) - (-inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -182,50 +190,14 @@ def ragged_paged_attention_reference(
 # full across item boundaries, and runs an online softmax in f32. Q tiles are
 # gathered into a padded `[items, 64, head_dim]` buffer by XLA and the output
 # comes back the same way; both are small next to the KV they read. Float32
-# inputs run as bfloat16 parts (SPLIT_TERMS): Q split by XLA, each KV block and
-# P split by the consumer into SMEM, six wgmmas per product.
+# inputs run as bfloat16 parts (float32_parts.py): Q split by XLA, each KV
+# block and P split by the consumer into SMEM, six wgmmas per product.
 
 # Columns of the int32 work table read by the kernel.
 _W_SEQ, _W_KV_HEAD, _W_BASE, _W_Q_COUNT, _W_FULL_BLOCKS, _W_BLOCKS, _W_VALID = range(7)
 _WORK_COLUMNS = 7
 TILE_ROWS = 64  # wgmma's M granule on Hopper
 KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-# wgmma's f32 mode is tf32 (10 mantissa bits) and wants K-major operands, which V's pool layout is
-# not. So float32 runs as three bfloat16 parts (hi + mid + lo carry f32's 24 bits) and each product
-# sums the six part products of order <= 2 (hi.hi, hi.mid, mid.hi, mid.mid, hi.lo, lo.hi): on random
-# attention inputs ~6e-7 of max |out| from float64, where three products (order <= 1) reach ~1e-5.
-SPLIT_PARTS = 3
-SPLIT_TERMS = tuple((i, j) for i in range(SPLIT_PARTS) for j in range(SPLIT_PARTS) if i + j < SPLIT_PARTS)
-
-
-def _split(dtype: Any) -> bool:
-    return jnp.dtype(dtype) == jnp.float32
-
-
-def _operand_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype wgmma reads: the input's own, or bfloat16 parts for float32."""
-    return jnp.dtype(jnp.bfloat16) if _split(dtype) else jnp.dtype(dtype)
-
-
-def _num_parts(dtype: Any) -> int:
-    return SPLIT_PARTS if _split(dtype) else 1
-
-
-def as_operands(x: jax.Array, dtype: Any) -> list[jax.Array]:
-    """`x` as wgmma operands of an input `dtype`: itself cast, or bfloat16 parts summing to it (float32)."""
-    if not _split(dtype):
-        return [x.astype(dtype)]
-    parts, rest = [], x.astype(jnp.float32)
-    for _ in range(SPLIT_PARTS):
-        part = rest.astype(jnp.bfloat16)
-        parts.append(part)
-        rest = rest - part.astype(jnp.float32)
-    return parts
-
-
-def _swizzled(dtype: Any) -> tuple:
-    """SMEM transforms for 128-byte swizzled rows of `dtype` (what TMA and wgmma read fastest)."""
-    return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))
 
 
 @jax.tree_util.register_dataclass
@@ -351,7 +323,7 @@ def _attention_kernel_body(
     copies_per_block = block_kv // rows_per_copy
     blocks_per_page = max(1, page_size // block_kv)
     dtype = k_pool_ref.dtype
-    terms = SPLIT_TERMS if split_smem else ((0, 0),)
+    terms = product_terms(dtype)
     cta = lax.axis_index("cta")
     num_items = work_ref.shape[0]
     rounds = -(-num_items // num_ctas)
@@ -532,8 +504,8 @@ SMEM_BUDGET = 227 * 1024 - 4096
 
 def _smem_bytes(head_dim: int, dtype: Any, block_kv: int, num_stages: int) -> int:
     """Two Q tiles, the K and V rings, the P tile and the output tile (float32: Q, P and the K/V parts)."""
-    itemsize, operand = jnp.dtype(dtype).itemsize, _operand_dtype(dtype).itemsize
-    parts = _num_parts(dtype)
+    itemsize, operand = jnp.dtype(dtype).itemsize, operand_dtype(dtype).itemsize
+    parts = num_parts(dtype)
     rings = 2 * num_stages * block_kv * head_dim * itemsize
     split = 2 * parts * block_kv * head_dim * operand if parts > 1 else 0
     tiles = parts * operand * (2 * TILE_ROWS * head_dim + TILE_ROWS * block_kv)
@@ -598,7 +570,7 @@ def ragged_paged_attention_mgpu(
     q_tiles = q.at[plan.q_rows[..., 0], plan.q_rows[..., 1]].get(mode="fill", fill_value=0)
     q_tiles = jnp.stack(as_operands(q_tiles, q.dtype), axis=1)  # [items, parts, rows, head_dim]
     num_items, parts = q_tiles.shape[:2]
-    operand_dtype = _operand_dtype(q.dtype)
+    parts_dtype = operand_dtype(q.dtype)
     copies_per_block = block_kv // min(k_pool.shape[2], block_kv)
     body = functools.partial(
         _attention_kernel_body,
@@ -608,9 +580,9 @@ def ragged_paged_attention_mgpu(
         num_stages=num_stages,
         num_ctas=num_ctas,
     )
-    kv_buffer = plgpu.SMEM((num_stages, block_kv, head_dim), q.dtype, transforms=_swizzled(q.dtype))
+    kv_buffer = plgpu.SMEM((num_stages, block_kv, head_dim), q.dtype, transforms=swizzled(q.dtype))
     kv_barriers = plgpu.Barrier(num_arrivals=copies_per_block, num_barriers=num_stages)
-    operand_smem = functools.partial(plgpu.SMEM, dtype=operand_dtype, transforms=_swizzled(operand_dtype))
+    operand_smem = functools.partial(plgpu.SMEM, dtype=parts_dtype, transforms=swizzled(parts_dtype))
     two_tiles = operand_smem((2, parts, TILE_ROWS, head_dim))
     kv_parts = operand_smem((parts, block_kv, head_dim))
     kernel = plgpu.kernel(
@@ -621,7 +593,7 @@ def ragged_paged_attention_mgpu(
             kv_buffer,
             kv_buffer,
             operand_smem((parts, TILE_ROWS, block_kv)),
-            plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=_swizzled(q.dtype)),
+            plgpu.SMEM((TILE_ROWS, head_dim), q.dtype, transforms=swizzled(q.dtype)),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=2),
             kv_barriers,

@@ -96,6 +96,7 @@ MATMUL_CASES = [
     (150, 128, 128, 5, jnp.bfloat16, 7),
     (128, 64, 192, 3, jnp.float16, 0),
     (200, 192, 64, 9, jnp.bfloat16, 0),
+    (150, 128, 128, 5, jnp.float32, 7),  # float32 as bfloat16 parts
 ]
 
 
@@ -115,6 +116,8 @@ def test_grouped_matmul_matches_ragged_dot(rng, interpret, rows, depth, width, g
     assert error < 1e-5
     assert np.all(wide[rows - tail :] == 0.0), "rows past the last group must be zeros, as in ragged_dot"
 
+    if dtype == jnp.float32:
+        return  # the output above is already in the input dtype
     narrow = jax.jit(kernel)(lhs, rhs, group_sizes)
     expected = moe.grouped_matmul_reference(lhs, rhs, group_sizes)
     assert narrow.dtype == expected.dtype
@@ -134,11 +137,12 @@ def test_no_races(rng, interpreter_only):
         jax.jit(functools.partial(route, interpret=race_params()))(logits, jnp.ones((200,), bool))
     )
     assert not races_found()
-    lhs = jnp.asarray(rng.standard_normal((200, 128)), jnp.bfloat16)
-    rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), jnp.bfloat16)
     kernel = functools.partial(moe.grouped_matmul_mgpu, num_ctas=1, interpret=race_params())
-    jax.block_until_ready(jax.jit(kernel)(lhs, rhs, random_group_sizes(rng, 200, 3, 5)))
-    assert not races_found()
+    for dtype in (jnp.bfloat16, jnp.float32):  # float32 also rewrites its part buffers every K step
+        lhs = jnp.asarray(rng.standard_normal((200, 128)), dtype)
+        rhs = jnp.asarray(rng.standard_normal((3, 128, 128)), dtype)
+        jax.block_until_ready(jax.jit(kernel)(lhs, rhs, random_group_sizes(rng, 200, 3, 5)))
+        assert not races_found()
 
 
 def test_group_plan_covers_rows_once(rng):
@@ -161,8 +165,13 @@ def test_group_plan_covers_rows_once(rng):
 
 @pytest.mark.parametrize(
     ("rows", "depth", "width", "groups", "dtype"),
-    [(256, 2048, 1408, 60, jnp.bfloat16), (256, 1408, 2048, 60, jnp.bfloat16), (130, 64, 64, 3, jnp.float16)],
-    ids=["qwen1.5-moe-up", "qwen1.5-moe-down", "small-f16"],
+    [
+        (256, 2048, 1408, 60, jnp.bfloat16),
+        (256, 1408, 2048, 60, jnp.bfloat16),
+        (130, 64, 64, 3, jnp.float16),
+        (256, 2048, 1408, 60, jnp.float32),
+    ],
+    ids=["qwen1.5-moe-up", "qwen1.5-moe-down", "small-f16", "qwen1.5-moe-up-f32"],
 )
 def test_grouped_matmul_lowers_for_h100(rows, depth, width, groups, dtype):
     lhs = jnp.zeros((rows, depth), dtype)
