@@ -92,6 +92,10 @@ def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
     return weights / jnp.where(denom == 0.0, 1.0, denom)
 
 
+# Up to this many decode rows, decode attention reads K/V in the pages' own layout (see below).
+FEW_DECODE_ROWS = 2
+
+
 def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
     """Rows `[0, num_decode_seqs)`: one query token per sequence, no causal mask needed.
 
@@ -100,6 +104,8 @@ def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
     layout instead of transposing K element by element into a right operand.
     """
     num_decode = meta.num_decode_seqs
+    if num_decode <= FEW_DECODE_ROWS:
+        return _decode_attention_few_rows(q, k_pool, v_pool, layer, meta, sm_scale)
     kv_heads, head_dim = k_pool.shape[3], q.shape[-1]
     q_rows = q[:num_decode].astype(jnp.float32).reshape(num_decode, kv_heads, -1, head_dim)
     page_table = meta.page_table[:num_decode]
@@ -110,6 +116,34 @@ def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
     weights = _masked_softmax(jnp.swapaxes(scores, 2, 3), visible[:, None, None, :])
     out = lax.dot_general(weights, values, (((3,), (1,)), ((0, 1), (0, 2))))  # [seqs, kv_heads, group, d]
     return out.reshape(num_decode, -1, head_dim)
+
+
+def _decode_attention_few_rows(q, k_pool, v_pool, layer, meta, sm_scale):
+    """Decode rows of a batch of at most FEW_DECODE_ROWS, with K/V in the pages' own layout.
+
+    The gathered pages are used as `[seqs, kv_len * kv_heads, head_dim]` (a plain
+    copy, no transpose into a per-head batched layout), every q head scores
+    against every kv head's keys, and the softmax masks out the other heads.
+    That is kv_heads times the score and value FLOPs, which at one or two rows
+    costs less than the transposes: on the 2-core box (SmolLM2-135M) a batch-1
+    decode step at 256 tokens of context 20 -> 18 ms, at 1024 tokens 29 -> 20 ms;
+    from four rows on the batched layout wins.
+    """
+    num_decode = meta.num_decode_seqs
+    num_heads, head_dim = q.shape[1:]
+    kv_heads = k_pool.shape[3]
+    page_table = meta.page_table[:num_decode]
+    kv_len = page_table.shape[1] * k_pool.shape[2]
+    keys = k_pool[layer, page_table].astype(jnp.float32).reshape(num_decode, kv_len * kv_heads, head_dim)
+    values = v_pool[layer, page_table].astype(jnp.float32).reshape(num_decode, kv_len * kv_heads, head_dim)
+    q_rows = q[:num_decode].astype(jnp.float32)
+    scores = lax.dot_general(q_rows, keys, (((2,), (2,)), ((0,), (0,)))) * sm_scale  # [seqs, heads, keys]
+    scores = scores.reshape(num_decode, kv_heads, -1, kv_len * kv_heads)  # keys: (position, kv head)
+    own_head = jnp.arange(kv_heads)[:, None] == jnp.arange(kv_heads)[None, :]
+    visible = jnp.arange(kv_len)[None, :] < meta.kv_lens[:num_decode, None]
+    mask = (visible[:, None, :, None] & own_head[None, :, None, :]).reshape(num_decode, kv_heads, 1, -1)
+    weights = _masked_softmax(scores, mask).reshape(num_decode, num_heads, kv_len * kv_heads)
+    return lax.dot_general(weights, values, (((2,), (1,)), ((0,), (0,))))  # [seqs, heads, d]
 
 
 def _batched_matmul(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:

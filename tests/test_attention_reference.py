@@ -48,11 +48,13 @@ def numpy_attention(batch: Batch) -> np.ndarray:
     ("num_decode", "prefills"),
     [
         (5, []),  # decode only
+        (1, []),  # one decode row: the few-rows layout (rpa.FEW_DECODE_ROWS)
+        (2, [(23, 9)]),  # two decode rows and a chunk
         (0, [(37, 0)]),  # one fresh prefill chunk
         (0, [(20, 45), (1, 0), (16, 16)]),  # chunks over cached prefixes, a one-token chunk
         (4, [(23, 9), (40, 0)]),  # mixed: decode rows then prefill chunks
     ],
-    ids=["decode", "prefill", "cached-prefix", "mixed"],
+    ids=["decode", "decode-1", "few-decodes-mixed", "prefill", "cached-prefix", "mixed"],
 )
 def test_reference_matches_numpy(num_decode, prefills, kv_heads, group):
     seed = secrets.randbits(32)
