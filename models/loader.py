@@ -23,6 +23,7 @@ from flax import nnx
 from models.layers import Params, config_value
 from models.registry import architecture_of, get_model_class
 from runtime.weights import (
+    LOAD_FORMATS,
     WeightError,
     check_params_match,
     detect_load_format,
@@ -38,7 +39,6 @@ DTYPES: dict[str, Any] = {
     "float16": jnp.float16,
     "half": jnp.float16,
 }
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 
 
 @dataclasses.dataclass

@@ -19,10 +19,10 @@ import random
 from typing import Any
 
 from runtime import paths
+from runtime.weights import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
 
-LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 KERNEL_BACKENDS = ("auto", "pallas", "reference")

@@ -74,6 +74,10 @@ def _gguf_in_dir(path: Path) -> Path | None:
     return found[0] if found else None
 
 
+# What `--load-format` takes: a checkpoint format, "auto" (detected) or "dummy" (random weights).
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
+
+
 def detect_load_format(path: str | os.PathLike) -> LoadFormat:
     """Which loader a model path needs: "safetensors", "gguf" or "orbax".
 
@@ -561,12 +565,14 @@ def load_config(path: str | os.PathLike):
     from transformers import AutoConfig, LlamaConfig
 
     p = Path(path)
-    fmt = detect_load_format(p)
-    if fmt == "gguf" and not (p.is_dir() and (p / "config.json").exists()):
-        return LlamaConfig(**gguf_config_dict(p))
-    folder = p.parent if p.is_file() else p
-    if fmt == "orbax" and not (folder / "config.json").exists() and _is_orbax_dir(folder):
-        folder = folder.parent
+    folder = p
+    if not (p.is_dir() and (p / "config.json").exists()):  # a folder with a config needs no weights
+        fmt = detect_load_format(p)
+        if fmt == "gguf":
+            return LlamaConfig(**gguf_config_dict(p))
+        folder = p.parent if p.is_file() else p
+        if fmt == "orbax" and not (folder / "config.json").exists() and _is_orbax_dir(folder):
+            folder = folder.parent
     if not (folder / "config.json").exists():
         raise WeightError(f"no config.json in {folder}")
     try:

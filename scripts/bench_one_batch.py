@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model-path", default=str(DEFAULT_MODEL))
+    parser.add_argument(
+        "--load-format", default="auto", help="dummy: random weights (scripts/write_model_config.py)."
+    )
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--decode-context", type=int, default=256, help="KV depth of each decode row.")
     parser.add_argument("--prefill-cases", nargs="*", default=["1x64", "1x128", "1x256", "1x512", "4x128"])
@@ -360,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             chunked_prefill_size=args.chunked_prefill_size,
             page_size=page_size,
             random_seed=0,
+            load_format=args.load_format,
+            dtype=args.dtype,
+            skip_tokenizer_init=args.load_format == "dummy",  # a config-only folder has no tokenizer
         )
     )
     rows = []
