@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels_pallas._backend import pl, plgpu, resolve_backend, sm_count
-from kernels_pallas.float32_parts import SPLIT_PARTS, SPLIT_TERMS, as_operands, swizzled
+from kernels_pallas.float32_parts import SPLIT_PARTS, SPLIT_TERMS, as_operands, is_split, swizzled
 
 
 @functools.partial(
@@ -394,7 +394,7 @@ def grouped_matmul_mgpu(
     num_groups, depth_rhs, width = rhs.shape
     if depth_rhs != depth or group_sizes.shape != (num_groups,):
         raise ValueError(f"mismatched lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
-    split = lhs.dtype == jnp.float32
+    split = is_split(lhs.dtype)
     if block_n is None:
         block_n = 128 if width % 128 == 0 and not split else 64
     num_ctas = num_ctas or sm_count()
