@@ -22,11 +22,21 @@ RESERVED_PAGE = 0
 
 
 class PageAllocator:
-    """Free list of KV pages 1..num_pages-1.
+    """Free pages 1..num_pages-1, handed out so that each sequence's pages stay contiguous.
 
-    A stack keeps `alloc`/`free` O(pages touched); a per-page in-use flag makes a
-    double free or a stray page id fail loudly instead of silently handing the
-    same page to two sequences (which would corrupt their KV without any error).
+    On CPU the decode attention gathers every row's pages each step, and that gather
+    runs at the copy bandwidth only while the pages follow each other in memory (or
+    in a regular stride): a batch whose pages lie in a random order took 86 ms per
+    batch-32 decode step against 70 ms in order on the 2-core box. So a sequence asks
+    for its next pages `after` its last one, and says how many more it expects
+    (`room`); the free pages right after its last page are then kept as its room, and
+    fresh allocations take the smallest free run that holds them plus their own room.
+    Rooms are soft: when only reserved pages are left, the pages farthest into the
+    rooms go first, so reservation never makes an allocation fail.
+
+    A per-page in-use flag makes a double free or a stray page id fail loudly instead
+    of silently handing the same page to two sequences (which would corrupt their KV
+    without any error).
     """
 
     def __init__(self, num_pages: int) -> None:
@@ -34,13 +44,15 @@ class PageAllocator:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
         self._num_pages = num_pages
         self._in_use = np.zeros(num_pages, dtype=np.bool_)
-        self._free: list[int] = []
+        self._num_free = 0
+        # Holder page -> the last page of the free run after it kept for the holder's growth.
+        self._room_end: dict[int, int] = {}
         self.reset()
 
     @property
     def num_free(self) -> int:
-        """Pages that `alloc` can hand out now."""
-        return len(self._free)
+        """Pages that `alloc` can hand out now (rooms included: they are only kept while others remain)."""
+        return self._num_free
 
     @property
     def num_total(self) -> int:
@@ -52,22 +64,44 @@ class PageAllocator:
         """Pages in the pool, the reserved page 0 included."""
         return self._num_pages
 
-    def alloc(self, n: int) -> list[int] | None:
-        """Hand out `n` pages, or None (and nothing) when fewer than `n` are free."""
-        if n < 0:
-            raise ValueError(f"cannot allocate a negative number of pages ({n})")
-        if n > len(self._free):
+    def alloc(self, n: int, after: int | None = None, room: int = 0) -> list[int] | None:
+        """Hand out `n` pages, or None (and nothing) when fewer than `n` are free.
+
+        `after`: the caller's last page; the pages right after it come first while free
+        (and not another holder's room). `room`: how many more pages the caller expects
+        to need after these; that many free pages after the last one handed out are kept
+        for it, as far as free pages allow.
+        """
+        if n < 0 or room < 0:
+            raise ValueError(f"cannot allocate a negative number of pages ({n}, room {room})")
+        if n > self._num_free:
             return None
         if n == 0:
             return []
-        pages = self._free[-n:]
-        del self._free[-n:]
-        pages.reverse()
-        self._in_use[pages] = True
+        pages: list[int] = []
+        own_end = self._room_end.pop(after, None) if after is not None else None
+        if after is not None:
+            pages = self._extend(after, n, own_end)
+            self._in_use[pages] = True
+        if len(pages) < n:
+            own_end = None  # left the own room behind: the rest starts a new run
+            fresh = self._take_fresh(n - len(pages), room)
+            self._in_use[fresh] = True
+            pages += fresh
+        self._num_free -= n
+        last = pages[-1]
+        if own_end is not None and own_end > last:
+            self._room_end[last] = own_end
+        elif room:
+            self._keep_room(last, room)
         return pages
 
+    def release_room(self, page: int) -> None:
+        """Stop keeping free pages after `page` (its holder is done growing)."""
+        self._room_end.pop(page, None)
+
     def free(self, pages: Iterable[int]) -> None:
-        """Return pages to the free list; all-or-nothing, `ValueError` on a bad id or a double free."""
+        """Return pages to the pool; all-or-nothing, `ValueError` on a bad id or a double free."""
         pages = [int(p) for p in pages]
         seen: set[int] = set()
         for page in pages:
@@ -76,21 +110,94 @@ class PageAllocator:
             if not self._in_use[page] or page in seen:
                 raise ValueError(f"double free of page {page}")
             seen.add(page)
-        if pages:
-            self._in_use[pages] = False
-            # Reversed so that a later alloc of the same count returns them in the same order.
-            self._free.extend(reversed(pages))
+        for page in pages:
+            self._room_end.pop(page, None)
+        self._in_use[pages] = False
+        self._num_free += len(pages)
 
     def is_free(self, page: int) -> bool:
-        """Whether `page` sits in the free list (for checks and tests)."""
+        """Whether `page` can be handed out (for checks and tests)."""
         return 0 < page < self._num_pages and not self._in_use[page]
 
     def reset(self) -> None:
         """Mark every usable page free; the caller guarantees nobody holds one."""
         self._in_use[:] = False
         self._in_use[RESERVED_PAGE] = True
-        # Stack top last: a fresh allocator hands out 1, 2, 3, ...
-        self._free = list(range(self._num_pages - 1, 0, -1))
+        self._num_free = self._num_pages - 1
+        self._room_end.clear()
+
+    # -- placement ---------------------------------------------------------------------------
+
+    def _reserved(self) -> np.ndarray:
+        """Pages inside some holder's room (all free)."""
+        mask = np.zeros(self._num_pages, dtype=np.bool_)
+        for holder, end in self._room_end.items():
+            mask[holder + 1 : end + 1] = True
+        return mask
+
+    def _extend(self, after: int, n: int, own_end: int | None) -> list[int]:
+        """Up to `n` free pages right after `after`: its own room, then free pages nobody keeps."""
+        reserved = None
+        pages: list[int] = []
+        page = after + 1
+        while len(pages) < n and page < self._num_pages and not self._in_use[page]:
+            if own_end is None or page > own_end:
+                reserved = self._reserved() if reserved is None else reserved
+                if reserved[page]:
+                    break
+            pages.append(page)
+            page += 1
+        return pages
+
+    def _take_fresh(self, n: int, room: int) -> list[int]:
+        """`n` free pages outside every room: the smallest run that also holds `room` pages
+        after them, else the longest runs; pages farthest into the rooms when nothing else is left."""
+        open_pages = ~self._in_use & ~self._reserved()
+        starts, lengths = _runs(open_pages)
+        fits = np.flatnonzero(lengths >= n + room)
+        if fits.size:
+            best = fits[np.argmin(lengths[fits])]
+            return list(range(int(starts[best]), int(starts[best]) + n))
+        pages: list[int] = []
+        for run in np.argsort(-lengths, kind="stable"):
+            take = min(n - len(pages), int(lengths[run]))
+            pages += range(int(starts[run]), int(starts[run]) + take)
+            if len(pages) == n:
+                return pages
+        return pages + self._take_from_rooms(n - len(pages))
+
+    def _take_from_rooms(self, n: int) -> list[int]:
+        """The `n` reserved pages farthest from their holders; their rooms end before them."""
+        holders = sorted(self._room_end.items())
+        candidates = [
+            (page - holder, page, holder) for holder, end in holders for page in range(holder + 1, end + 1)
+        ]
+        candidates.sort(key=lambda c: -c[0])
+        taken = candidates[:n]
+        for _, page, holder in taken:
+            if holder in self._room_end and page <= self._room_end[holder]:
+                if page == holder + 1:
+                    del self._room_end[holder]
+                else:
+                    self._room_end[holder] = page - 1
+        return sorted(page for _, page, _ in taken)
+
+    def _keep_room(self, last: int, room: int) -> None:
+        """Keep up to `room` free, unreserved pages right after `last` for its holder."""
+        end = min(last + room, self._num_pages - 1)
+        reserved = self._reserved()
+        page = last + 1
+        while page <= end and not self._in_use[page] and not reserved[page]:
+            page += 1
+        if page > last + 1:
+            self._room_end[last] = page - 1
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths of the runs of True in a 1-D bool array."""
+    edges = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
+    starts = np.flatnonzero(edges == 1)
+    return starts, np.flatnonzero(edges == -1) - starts
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: Any) -> int:

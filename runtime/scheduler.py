@@ -269,13 +269,18 @@ class Scheduler:
         total = -(-(req.num_computed + new_tokens) // self.page_size)
         return max(0, total - len(req.pages))
 
-    def _alloc(self, n: int) -> list[int] | None:
+    def _alloc(self, req: Req, n: int) -> list[int] | None:
+        """`n` more pages for `req`, placed after its last one with room for what it will still need."""
         if n == 0:
             return []
-        pages = self.allocator.alloc(n)
+        final_tokens = len(req.all_ids) if not req.is_generation else req.prompt_len + req.max_new_tokens
+        final_pages = -(-min(final_tokens, self.context_length) // self.page_size)
+        after = req.pages[-1] if req.pages else None
+        room = max(0, final_pages - len(req.pages) - n)
+        pages = self.allocator.alloc(n, after=after, room=room)
         if pages is None:
             self.radix.evict(n - self.allocator.num_free)
-            pages = self.allocator.alloc(n)
+            pages = self.allocator.alloc(n, after=after, room=room)
         return pages
 
     def _ensure_decode_pages(self, decodes: list[Req]) -> list[Req]:
@@ -291,7 +296,7 @@ class Scheduler:
             decodes.remove(victim)
             self._retract(victim)
         for req in decodes:
-            pages = self._alloc(self._pages_needed(req, 1))
+            pages = self._alloc(req, self._pages_needed(req, 1))
             assert pages is not None
             req.pages.extend(pages)
         return decodes
@@ -312,7 +317,7 @@ class Scheduler:
 
     def _take_chunk(self, req: Req, budget: int) -> int:
         take = min(req.remaining, budget)
-        pages = self._alloc(self._pages_needed(req, take))
+        pages = self._alloc(req, self._pages_needed(req, take))
         if pages is None:
             return 0
         req.pages.extend(pages)
@@ -330,7 +335,7 @@ class Scheduler:
         req.pages = list(match.pages)
         req.num_computed = match.num_tokens
         take = min(req.remaining, budget)
-        pages = self._alloc(self._pages_needed(req, take))
+        pages = self._alloc(req, self._pages_needed(req, take))
         if pages is None:
             self.radix.dec_lock(match.node)
             req.locked_node, req.pages, req.num_computed = None, [], 0
@@ -602,6 +607,8 @@ class Scheduler:
 
     def _release(self, req: Req) -> None:
         """Cache the request's computed tokens in the radix tree, free the rest, unlock its prefix."""
+        if req.pages:
+            self.allocator.release_room(req.pages[-1])
         if req.locked_node is not None:
             self.radix.cache_finished(req.all_ids[: req.num_computed], req.pages, req.locked_node)
         elif req.pages:

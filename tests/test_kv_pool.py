@@ -82,6 +82,88 @@ def test_allocator_reset_and_random_churn():
     assert allocator.alloc(2) == [1, 2]
 
 
+def test_rows_growing_together_keep_contiguous_pages():
+    # Eight sequences admitted at once, each expecting 6 more pages, then growing one page
+    # at a time in turn (as decode rows do): every sequence's pages follow each other.
+    allocator = PageAllocator(1 + 8 * 8 + 5)
+    seqs = [allocator.alloc(2, room=6) for _ in range(8)]
+    for _ in range(6):
+        for pages in seqs:
+            pages += allocator.alloc(1, after=pages[-1], room=0)
+    for pages in seqs:
+        assert pages == list(range(pages[0], pages[0] + 8))
+    assert len({p for pages in seqs for p in pages}) == 64
+
+
+def test_rooms_are_soft_and_give_their_farthest_pages_first():
+    allocator = PageAllocator(1 + 20)
+    a = allocator.alloc(2, room=8)  # pages 1-2, room 3-10
+    b = allocator.alloc(2, room=8)  # a fresh run outside a's room: 11-12, room 13-20
+    assert a == [1, 2] and b == [11, 12]
+    assert allocator.num_free == 16  # rooms stay free pages
+    # Nothing outside the rooms is left: the pages farthest into the rooms go first.
+    other = allocator.alloc(4)
+    assert other == [9, 10, 19, 20]
+    assert allocator.alloc(1, after=a[-1]) == [3]  # a's room still starts right after it
+    assert allocator.alloc(1, after=b[-1]) == [13]
+    rest = allocator.alloc(allocator.num_free)
+    assert rest is not None and sorted(rest) == [4, 5, 6, 7, 8, 14, 15, 16, 17, 18]
+    assert allocator.alloc(1) is None
+
+
+def test_a_room_is_kept_from_others_until_released():
+    allocator = PageAllocator(1 + 12)
+    mine = allocator.alloc(1, room=4)  # page 1, room 2-5
+    neighbour = allocator.alloc(1, after=None)
+    assert neighbour == [6]  # the smallest free run outside the room
+    assert allocator.alloc(1, after=neighbour[-1]) == [7]
+    allocator.release_room(mine[-1])
+    assert allocator.alloc(4) == [2, 3, 4, 5]  # released: the smallest run that fits
+
+
+def test_extension_stops_at_another_holders_room():
+    allocator = PageAllocator(1 + 10)
+    first = allocator.alloc(1)  # page 1
+    second = allocator.alloc(1, room=3)  # smallest run holding 1 + 3 pages: 2-10 -> page 2, room 3-5
+    assert first == [1] and second == [2]
+    allocator.free(first)
+    mine = allocator.alloc(1)  # page 1 again
+    grown = allocator.alloc(2, after=mine[-1])  # page 2 is taken, so a fresh run after the room
+    assert mine == [1] and grown == [6, 7]
+    allocator.free(second)  # freeing the holder drops its room: 2-5 is one free run again
+    assert allocator.alloc(3) == [8, 9, 10]  # the smallest run that fits
+    assert allocator.alloc(4) == [2, 3, 4, 5]
+
+
+def test_allocator_churn_with_placement_hints():
+    rng = random.Random(1)
+    allocator = PageAllocator(65)
+    held: list[list[int]] = []
+    for _ in range(2000):
+        roll = rng.random()
+        if held and roll < 0.3:
+            seq = held.pop(rng.randrange(len(held)))
+            if rng.random() < 0.5:
+                allocator.release_room(seq[-1])
+            allocator.free(seq)
+        elif held and roll < 0.7:
+            seq = rng.choice(held)
+            got = allocator.alloc(rng.randint(0, 3), after=seq[-1], room=rng.randint(0, 8))
+            if got is not None:
+                seq += got
+        else:
+            got = allocator.alloc(rng.randint(1, 6), room=rng.randint(0, 12))
+            if got is not None:
+                held.append(got)
+        flat = [p for seq in held for p in seq]
+        assert len(set(flat)) == len(flat) and 0 not in flat
+        assert allocator.num_free + len(flat) == allocator.num_total
+        assert all(not allocator.is_free(p) for p in flat)
+        assert allocator.alloc(allocator.num_free + 1) is None
+    rest = allocator.alloc(allocator.num_free)  # rooms never keep a page from a caller who needs it
+    assert rest is not None and allocator.num_free == 0
+
+
 def test_kv_bytes_per_token():
     # SmolLM2-135M: 30 layers, 3 KV heads, head_dim 64: about 46 KB per token in float32.
     assert kv_bytes_per_token(30, 3, 64, jnp.float32) == 2 * 30 * 3 * 64 * 4 == 46080
