@@ -7,7 +7,8 @@ LM-head shapes [B x H] x [H x V] that decode batches produce). Then the
 engine's own `ModelRunner` runs hand-built batches with the shapes the
 scheduler would build (same buckets), warmed up, timed in steady state:
 
-- decode at batch B (each row `--decode-context` tokens deep, distinct KV pages interleaved across rows),
+- decode at batch B (each row `--decode-context` tokens deep, in its own run of KV pages, as the
+  allocator places a sequence's pages),
 - prefill of S sequences of N fresh tokens, and mixed decode + prefill steps.
 
 Per case: ms/step (pipelined: steps dispatched back to back as the overlap
@@ -229,13 +230,12 @@ def build_batch(case: Case, runner: Any, buckets: Any, page_size: int, rng: np.r
         next_page += count
         return pages
 
-    # Decode rows' pages interleave, as when rows grow together in serving (row r's page i is
-    # the (i * rows + r)-th handed out): their gathers then read scattered pages, as they do there.
+    # Each decode row's pages follow each other, as the allocator places them (runtime/kv_pool.py).
     decode_pages = -(-(case.context + 1) // ps)
-    interleaved = take_pages(decode_pages * case.decode).reshape(decode_pages, case.decode).T
+    row_pages = take_pages(decode_pages * case.decode).reshape(case.decode, decode_pages)
     cu_q_lens[1 : num_decode + 1] = np.arange(1, num_decode + 1)
     for seq in range(case.decode):
-        pages = interleaved[seq]
+        pages = row_pages[seq]
         pos = case.context
         input_ids[seq] = rng.integers(MIN_TOKEN_ID, runner.vocab_size)
         positions[seq] = pos
