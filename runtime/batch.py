@@ -33,21 +33,35 @@ def power_of_two_buckets(minimum: int, maximum: int) -> list[int]:
     return buckets
 
 
+def stepped_buckets(minimum: int, maximum: int, quarter_from: int) -> list[int]:
+    """Powers of two from `minimum`, with the half step between them from `quarter_from // 2`
+    and the quarter steps from `quarter_from` (16: 8, 12, 16, 20, 24, 28, 32, 40...)."""
+    buckets = []
+    for low in power_of_two_buckets(minimum, maximum):
+        steps = (4, 5, 6, 7) if low >= quarter_from else (4, 6) if low >= quarter_from // 2 else (4,)
+        buckets.extend(size for size in (low * step // 4 for step in steps) if size <= maximum or size == low)
+    return sorted(set(buckets))
+
+
 def width_buckets(minimum: int, maximum: int) -> list[int]:
-    """Powers of two, and from 16 pages up the quarter steps between them (16, 20, 24, 28, 32, 40...).
+    """Page-table widths: powers of two, and from 16 pages up the quarter steps between them.
 
     The decode rows' page gather and attention dominate batched decode on CPU and
     grow with the padded width, so a width padded by at most 1.25x (instead of 2x)
     pays for the extra programs: batch-32 decode at 300 tokens of context, width
     20 instead of 24 pages, 70.6 -> 65.8 ms per step on the 2-core box.
     """
-    buckets = []
-    for low in power_of_two_buckets(minimum, maximum):
-        steps = (4, 5, 6, 7) if low >= 16 else (4, 6) if low >= 8 else (4,)
-        buckets.extend(
-            width for width in (low * step // 4 for step in steps) if width <= maximum or width == low
-        )
-    return sorted(set(buckets))
+    return stepped_buckets(minimum, maximum, quarter_from=16)
+
+
+def prefill_token_buckets(chunk_tokens: int) -> list[int]:
+    """Padded prefill tokens per step: powers of two from 16, and from 256 up the quarter steps.
+
+    Every padded token runs through every matmul, so a 300-token prompt padded to 512
+    (or three prompts of 1244 tokens padded to 2048) wastes most of its step; quarter
+    steps bound the waste at 1.25x for the prompts whose compute matters.
+    """
+    return stepped_buckets(16, chunk_tokens, quarter_from=256)
 
 
 def bucket_for(n: int, buckets: list[int]) -> int:
@@ -74,7 +88,7 @@ class Buckets:
         return cls(
             decode_seqs=[0, *power_of_two_buckets(1, max_running)],
             prefill_seqs=[0, *power_of_two_buckets(1, max_prefill_seqs)],
-            prefill_tokens=[0, *power_of_two_buckets(16, chunk_tokens)],
+            prefill_tokens=[0, *prefill_token_buckets(chunk_tokens)],
             page_table_width=width_buckets(min(MIN_PAGE_TABLE_WIDTH, max_pages_per_seq), max_pages_per_seq),
         )
 

@@ -32,7 +32,9 @@ from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
 
 logger = logging.getLogger(__name__)
 
-MAX_PREFILL_SEQS = 8
+# Prefill sequences per step: enough that a burst of short prompts fills the chunk budget
+# (with 8, 32 prompts of 32-256 tokens left steps of ~1200 tokens padded to 2048).
+MAX_PREFILL_SEQS = 16
 # Rows that sample nothing (padding, unfinished prefill chunks) take the cheapest path: greedy.
 PADDING_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, output_index=0, penalty_slot=0)
 
