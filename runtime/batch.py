@@ -58,8 +58,8 @@ def prefill_token_buckets(chunk_tokens: int) -> list[int]:
     """Padded prefill tokens per step: powers of two from 16, and from 256 up the quarter steps.
 
     Every padded token runs through every matmul, so a 300-token prompt padded to 512
-    (or three prompts of 1244 tokens padded to 2048) wastes most of its step; quarter
-    steps bound the waste at 1.25x for the prompts whose compute matters.
+    (or a step of 1244 prompt tokens padded to 2048) spends 40% of its step on padding;
+    quarter steps bound the waste at 1.25x where the compute matters.
     """
     return stepped_buckets(16, chunk_tokens, quarter_from=256)
 
