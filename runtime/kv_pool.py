@@ -168,19 +168,21 @@ class PageAllocator:
 
     def _take_from_rooms(self, n: int) -> list[int]:
         """The `n` reserved pages farthest from their holders; their rooms end before them."""
-        holders = sorted(self._room_end.items())
-        candidates = [
-            (page - holder, page, holder) for holder, end in holders for page in range(holder + 1, end + 1)
-        ]
-        candidates.sort(key=lambda c: -c[0])
-        taken = candidates[:n]
-        for _, page, holder in taken:
-            if holder in self._room_end and page <= self._room_end[holder]:
-                if page == holder + 1:
-                    del self._room_end[holder]
-                else:
-                    self._room_end[holder] = page - 1
-        return sorted(page for _, page, _ in taken)
+        holders = np.fromiter(self._room_end, dtype=np.int64)
+        ends = np.fromiter(self._room_end.values(), dtype=np.int64)
+        sizes = ends - holders
+        owner = np.repeat(holders, sizes)
+        pages = owner + 1 + np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        taken = np.argsort(owner - pages, kind="stable")[:n]  # farthest into its room first
+        first_taken: dict[int, int] = {}
+        for holder, page in zip(owner[taken].tolist(), pages[taken].tolist(), strict=True):
+            first_taken[holder] = min(page, first_taken.get(holder, page))
+        for holder, page in first_taken.items():  # each room keeps the pages before its first taken one
+            if page == holder + 1:
+                del self._room_end[holder]
+            else:
+                self._room_end[holder] = page - 1
+        return sorted(pages[taken].tolist())
 
     def _keep_room(self, last: int, room: int) -> None:
         """Keep up to `room` free, unreserved pages right after `last` for its holder."""
