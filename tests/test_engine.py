@@ -182,6 +182,28 @@ def test_no_leaks_after_burst_with_aborts(tiny):
     assert stats["num_free_pages"] == stats["num_total_pages"]
 
 
+def test_each_request_gets_contiguous_pages(tiny, monkeypatch):
+    # The decode gather is half again as slow on pages in random order (docs/benchmarks.md), so
+    # requests admitted and growing together must each keep one run of pages, also after churn.
+    assert tiny.flush_cache()
+    rng = np.random.default_rng(11)
+    _batched_ids(tiny, [rng.integers(100, 40000, size=40).tolist() for _ in range(12)], [5] * 12)
+    held: dict[str, list[int]] = {}
+    release = tiny.scheduler._release
+
+    def note_pages(req):
+        held[req.rid] = list(req.pages)
+        release(req)
+
+    monkeypatch.setattr(tiny.scheduler, "_release", note_pages)
+    prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(20, 150, size=16)]
+    _batched_ids(tiny, prompts, [int(n) for n in rng.integers(40, 100, size=16)])
+    assert len(held) == 16
+    for pages in held.values():
+        assert pages == list(range(pages[0], pages[0] + len(pages))), pages
+    assert _pool_whole(tiny)
+
+
 def test_compiled_programs_bounded(tiny, monkeypatch):
     rng = np.random.default_rng(9)
     prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(1, 400, size=200)]
