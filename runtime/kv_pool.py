@@ -79,8 +79,9 @@ class PageAllocator:
         if n == 0:
             return []
         pages: list[int] = []
-        own_end = self._room_end.pop(after, None) if after is not None else None
+        own_end = None
         if after is not None:
+            own_end = self._room_end.pop(after, None)
             pages = self._extend(after, n, own_end)
             self._in_use[pages] = True
         if len(pages) < n:
