@@ -102,6 +102,7 @@ class Engine:
             raise ValueError(f"{args.model_path} is a generation model: --is-embedding cannot serve it.")
         self._rng = random.Random(args.random_seed)
         self._rid_lock = threading.Lock()
+        self._weights_lock = threading.Lock()
         self._inflight: set[str] = set()
         self.encoder = None
         self.scheduler: Scheduler | None = None
@@ -421,7 +422,14 @@ class Engine:
     def update_weights_from_disk(
         self, model_path: str, load_format: str | None = None
     ) -> tuple[bool, str, int]:
-        """Load, check and swap in new weights between two steps; the old ones keep serving on failure."""
+        """Load, check and swap in new weights between two steps; the old ones keep serving on failure.
+
+        One update at a time: a second one's admission hold must not be lifted by the first's resume.
+        """
+        with self._weights_lock:
+            return self._update_weights_from_disk(model_path, load_format)
+
+    def _update_weights_from_disk(self, model_path: str, load_format: str | None) -> tuple[bool, str, int]:
         if not Path(model_path).exists():
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
@@ -488,12 +496,18 @@ class Engine:
         requests = []
         for ids, params in zip(id_lists, params_list, strict=True):
             parsed = params if isinstance(params, SamplingParams) else SamplingParams.from_dict(params or {})
-            request = EngineRequest(
-                rid=uuid.uuid4().hex, input_ids=ids, sampling_params=parsed, kind=kind, **extra
-            )
-            self.validate_request(request)
-            requests.append(request)
-        return requests, single
+            parsed.validate()
+            for sample in range(parsed.n):  # n samples per prompt: [p0 x n, p1 x n, ...] as /generate
+                request = EngineRequest(
+                    rid=uuid.uuid4().hex,
+                    input_ids=ids,
+                    sampling_params=parsed.for_sample(sample),
+                    kind=kind,
+                    **extra,
+                )
+                self.validate_request(request)
+                requests.append(request)
+        return requests, single and len(requests) == 1
 
     def _run_blocking(self, requests: list[EngineRequest]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -57,6 +57,7 @@ class RequestOutput:
     hidden_states: list[list[float]] | None = None
     embedding: list[float] | None = None
     error: str | None = None
+    error_status: int = 500  # the HTTP status of `error`: 400 when the request itself is at fault
 
 
 OutputCallback = Callable[[RequestOutput], None]

@@ -72,3 +72,9 @@ class Req:
     @property
     def is_generation(self) -> bool:
         return self.request.kind == "generate"
+
+    @property
+    def samples(self) -> bool:
+        """Whether the request wants tokens: with max_new_tokens 0 a generation only reads its
+        prompt (for input logprobs), like a pooling request, and ends after its last chunk."""
+        return self.is_generation and self.max_new_tokens > 0

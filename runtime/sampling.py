@@ -167,6 +167,14 @@ class SamplingParams:
         """Argmax decoding: the same rule `sample` applies on the device."""
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
+    def for_sample(self, sample_index: int) -> SamplingParams:
+        """A copy for sample `sample_index` of n; a seeded request's sample j uses seed + j, so
+        the samples differ."""
+        seed = self.sampling_seed
+        if seed is not None:
+            seed += sample_index
+        return dataclasses.replace(self, n=1, sampling_seed=seed)
+
 
 def _type_error(key: str, expected: str, value: Any) -> ValueError:
     return ValueError(f"{key} must be {expected}, got {value!r}.")

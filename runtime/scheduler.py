@@ -46,8 +46,9 @@ class _Plan:
         self.sampled: list[tuple[Req, int]] = []  # (request, sequence row) whose token is wanted
         self.finished_prefill: list[
             tuple[Req, int]
-        ] = []  # embedding requests done this step: (req, token row)
-        self.chunks: list[tuple[Req, int, int]] = []  # (request, first position, first token row)
+        ] = []  # requests that sample nothing, done this step: (req, token row)
+        self.chunks: list[tuple[Req, int, int, int]] = []  # (request, first position, tokens, first row)
+        self.sample_rows: np.ndarray | None = None  # token row of each sequence's last token
         self.num_new_tokens = 0
         self.num_cached_tokens = 0
         self.num_new_seqs = 0
@@ -177,7 +178,7 @@ class Scheduler:
             if kind == "req":
                 req = item[1]
                 if req.rid in self.by_rid:
-                    self._reject(req, f"Request id {req.rid!r} is already in flight.")
+                    self._reject(req, f"Request id {req.rid!r} is already in flight.", status=400)
                     continue
                 self.by_rid[req.rid] = req
                 req.all_ids = list(req.request.input_ids)
@@ -191,12 +192,12 @@ class Scheduler:
                 except BaseException as exc:
                     future.set_exception(exc)
 
-    def _reject(self, req: Req, message: str) -> None:
-        req.callback(
-            self._output(
-                req, finished=True, error=message, finish_reason={"type": "abort", "message": message}
-            )
+    def _reject(self, req: Req, message: str, status: int = 500) -> None:
+        output = self._output(
+            req, finished=True, error=message, finish_reason={"type": "abort", "message": message}
         )
+        output.error_status = status
+        req.callback(output)
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -209,8 +210,8 @@ class Scheduler:
         for req in self.running:
             if budget <= 0 or len(prefills) >= MAX_PREFILL_SEQS:
                 break
-            # Pooling requests finish with a prefill chunk, even a one-token one.
-            if not req.finished and (req.remaining > 1 or (req.remaining == 1 and not req.is_generation)):
+            # Requests that sample nothing finish with a prefill chunk, even a one-token one.
+            if not req.finished and (req.remaining > 1 or (req.remaining == 1 and not req.samples)):
                 take = self._take_chunk(req, budget)
                 if take == 0:
                     break
@@ -227,7 +228,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 self.running.append(req)
-                if req.remaining == 1 and req.is_generation:
+                if req.remaining == 1 and req.samples:
                     decodes.append(req)
                 else:
                     prefills.append((req, take))
@@ -258,7 +259,7 @@ class Scheduler:
         )
 
     def _wants_more(self, req: Req) -> bool:
-        if not req.is_generation:
+        if not req.samples:
             return False
         return req.produced < req.max_new_tokens and len(req.all_ids) + req.inflight < self.context_length
 
@@ -313,6 +314,8 @@ class Scheduler:
         self._release(req)
         req.num_computed = 0
         req.cached_tokens = 0
+        if not req.output_ids:  # its prompt's logprobs will be computed again
+            req.input_logprobs, req.input_top_logprobs, req.input_ids_logprobs = [], [], []
         self.running.remove(req)
         self.waiting.appendleft(req)
         logger.info("retracted request %s to free KV pages", req.rid)
@@ -419,11 +422,11 @@ class Scheduler:
             page_table[seq, : len(req.pages)] = req.pages
             cu_q_lens[seq + 1] = offset + take
             sample_rows[seq] = offset + take - 1
-            plan.chunks.append((req, start, offset))
+            plan.chunks.append((req, start, take, offset))
             req.num_computed += take
             plan.num_new_tokens += take
             if req.num_computed == len(req.all_ids):
-                if req.is_generation:
+                if req.samples:
                     sample_valid[seq] = True
                     rows[seq] = self._sampling_row(req)
                     plan.sampled.append((req, seq))
@@ -432,6 +435,7 @@ class Scheduler:
                     plan.finished_prefill.append((req, offset + take - 1))
             offset += take
         cu_q_lens[num_decode + len(prefills) + 1 :] = offset
+        plan.sample_rows = sample_rows
         sampling = make_sampling_batch(rows, num_seqs)
         return ScheduledBatch(
             input_ids=input_ids,
@@ -478,8 +482,9 @@ class Scheduler:
         self._hidden_states(plan, output)
         for req, row in plan.finished_prefill:
             if not req.finished:
-                vector = self.runner.readout(output.hidden, [row], req.request.kind)[0]
-                req.embedding = [float(x) for x in vector]
+                if not req.is_generation:
+                    vector = self.runner.readout(output.hidden, [row], req.request.kind)[0]
+                    req.embedding = [float(x) for x in vector]
                 self._finish(req, {"type": "length", "length": 0})
         for req, row in plan.sampled:
             req.inflight -= 1
@@ -504,12 +509,12 @@ class Scheduler:
     def _prompt_logprobs(self, plan: _Plan, output: StepOutput) -> None:
         """Input-token logprobs for the prompt positions this step computed, when a request asks."""
         rows, targets, owners = [], [], []
-        for req, start, first_row in plan.chunks:
+        for req, start, take, first_row in plan.chunks:
             request = req.request
             if not request.return_logprob or request.logprob_start_len < 0 or req.output_ids:
                 continue
             begin = max(request.logprob_start_len, 0)
-            end = min(req.num_computed, req.prompt_len)
+            end = min(start + take, req.prompt_len)  # not num_computed: the next chunk is already planned
             for pos in range(start, end):
                 target = pos + 1
                 if target <= begin or target >= req.prompt_len:
@@ -530,7 +535,9 @@ class Scheduler:
 
     def _hidden_states(self, plan: _Plan, output: StepOutput) -> None:
         wanted = [
-            (req, row) for req, row in plan.sampled if req.request.return_hidden_states and not req.finished
+            (req, int(plan.sample_rows[seq]))  # hidden states are per token, not per sequence
+            for req, seq in plan.sampled
+            if req.request.return_hidden_states and not req.finished
         ]
         if wanted:
             states = self.runner.readout(output.hidden, [row for _, row in wanted], "hidden")
@@ -538,16 +545,19 @@ class Scheduler:
                 req.hidden_states.append([float(x) for x in state])
 
     def _check_finish(self, req: Req, token: int) -> None:
+        """The reference's order: the length limit first; then, unless ignore_eos, EOS and
+        stop_token_ids; then stop strings."""
         params = req.request.sampling_params
         reason: dict | None = None
-        if len(req.output_ids) > params.min_new_tokens:
-            if params.stop_token_ids and token in params.stop_token_ids:
+        if len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length:
+            reason = {"type": "length", "length": req.max_new_tokens}
+        elif not params.ignore_eos and len(req.output_ids) > params.min_new_tokens:
+            if token in self.eos_ids or (params.stop_token_ids and token in params.stop_token_ids):
                 reason = {"type": "stop", "matched": token}
-            elif not params.ignore_eos and token in self.eos_ids:
-                reason = {"type": "stop", "matched": token}
-        if reason is None and self.tokenizer is not None and (req.request.stream or params.stop):
+        wants_text = self.tokenizer is not None and (req.request.stream or params.stop)
+        if wants_text and (reason is None or reason["type"] == "length"):
             self._detokenize(req)
-            if params.stop:
+            if reason is None and params.stop:
                 found = find_stop_string(req.text, params.stop, req.stop_scan_from)
                 if found is not None:
                     position, stop = found
@@ -558,10 +568,6 @@ class Scheduler:
                 else:
                     longest = max(len(s) for s in params.stop)
                     req.stop_scan_from = max(0, len(req.text) - longest + 1)
-        if reason is None and (
-            len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length
-        ):
-            reason = {"type": "length", "length": req.max_new_tokens}
         if reason is not None:
             self._finish(req, reason)
         elif req.request.stream and (len(req.output_ids) - req.last_streamed) >= self.stream_interval:
@@ -580,15 +586,21 @@ class Scheduler:
         req.text += req.detokenizer.add(req.output_ids[-1:])
 
     def _final_text(self, req: Req) -> str | None:
+        """The whole text; a matched stop token (EOS or stop_token_ids) is left out of it unless
+        no_stop_trim, as the reference's detokenizer does (the token stays in output_ids)."""
         if self.tokenizer is None or not req.is_generation:
             return None
         params = req.request.sampling_params
-        if req.finish_reason and isinstance(req.finish_reason.get("matched"), str):
+        matched = req.finish_reason.get("matched") if req.finish_reason else None
+        if isinstance(matched, str):
             return req.text
+        keep_last = not isinstance(matched, int) or params.no_stop_trim
         if req.detokenizer is not None:
+            if isinstance(matched, int) and params.no_stop_trim:  # _check_finish stopped before it
+                req.text += req.detokenizer.add(req.output_ids[-1:])
             return req.text + req.detokenizer.flush()
         return self.tokenizer.decode(
-            req.output_ids,
+            req.output_ids if keep_last else req.output_ids[:-1],
             skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens,
         )

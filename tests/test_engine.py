@@ -280,7 +280,116 @@ def test_output_and_input_logprobs_match_hf(tiny, tiny_ref):
     assert [t[1] for t in top] == list(np.argsort(-logits[-1])[:3])
 
 
-def test_stop_string_spanning_tokens_is_trimmed(smollm2_path):
+def test_input_logprobs_of_a_chunked_prompt_match_one_chunk(tiny, tiny_llama_path):
+    """A prompt prefilled over several steps (chunks of 64) gets each input logprob once, equal
+    to a one-chunk prefill's."""
+    prompt = np.random.default_rng(3).integers(5, 200, 150).tolist()
+    whole = _engine(tiny_llama_path, chunked_prefill_size=256)
+    try:
+        logprobs = [
+            engine.generate(
+                input_ids=prompt,
+                sampling_params=_greedy(1),
+                return_logprob=True,
+                logprob_start_len=0,
+                top_logprobs_num=2,
+            )["meta_info"]
+            for engine in (tiny, whole)
+        ]
+    finally:
+        whole.shutdown()
+    chunked, single = logprobs
+    assert len(chunked["input_token_logprobs"]) == len(prompt) == len(single["input_token_logprobs"])
+    assert [e[1] for e in chunked["input_token_logprobs"]] == prompt
+    for a, b in zip(chunked["input_token_logprobs"][1:], single["input_token_logprobs"][1:], strict=True):
+        assert abs(a[0] - b[0]) < 1e-4, (a, b)
+    assert len(chunked["input_top_logprobs"]) == len(prompt)
+
+
+def test_hidden_states_belong_to_each_output_token(tiny, tiny_ref):
+    """The hidden state returned for output token i gives that token back through the LM head
+    (greedy), the first one (sampled in the prefill step) included."""
+    import jax.numpy as jnp
+
+    request = EngineRequest(
+        rid="hidden-rows",
+        input_ids=prompts_of(tiny_ref)[2],
+        sampling_params=SamplingParams.from_dict(_greedy(4)),
+        return_hidden_states=True,
+    )
+    (output,) = tiny._run_blocking([request])
+    assert len(output.hidden_states) == len(output.output_ids) == 4
+    logits = np.asarray(tiny.model.compute_logits(jnp.asarray(output.hidden_states, jnp.float32)))
+    assert logits.argmax(-1).tolist() == output.output_ids
+
+
+def test_finish_order_length_first_and_ignore_eos_covers_stop_tokens(tiny, tiny_ref):
+    """As the reference: the length limit wins over a stop token on the last allowed token, and
+    ignore_eos also ignores stop_token_ids."""
+    prompt = prompts_of(tiny_ref)[0]
+    greedy = _batched_ids(tiny, [prompt], [6])[0]
+    third = greedy[2]
+    first = greedy.index(third)  # the stop matches the token's first appearance
+
+    def run(**params) -> tuple[list[int], dict]:
+        request = EngineRequest(
+            rid=f"order-{time.monotonic_ns()}",
+            input_ids=prompt,
+            sampling_params=SamplingParams.from_dict({"temperature": 0.0, **params}),
+        )
+        (output,) = tiny._run_blocking([request])
+        return output.output_ids, output.finish_reason
+
+    ids, reason = run(max_new_tokens=6, stop_token_ids=[third])
+    assert ids == greedy[: first + 1] and reason == {"type": "stop", "matched": third}
+    ids, reason = run(max_new_tokens=first + 1, stop_token_ids=[third])
+    assert reason == {"type": "length", "length": first + 1}
+    ids, reason = run(max_new_tokens=6, stop_token_ids=[third], ignore_eos=True)
+    assert ids == greedy and reason == {"type": "length", "length": 6}
+
+
+def test_offline_generate_expands_n(tiny, tiny_ref):
+    """Engine.generate with n: a list of n samples per prompt, in [p0 x n, p1 x n] order."""
+    prompts = prompts_of(tiny_ref)[:2]
+    solo = [tiny.generate(input_ids=p, sampling_params=_greedy(3)) for p in prompts]
+    out = tiny.generate(input_ids=prompts, sampling_params=_greedy(3, n=2))
+    assert [o["text"] for o in out] == [solo[0]["text"]] * 2 + [solo[1]["text"]] * 2
+    seeded = tiny.generate(
+        input_ids=prompts[0],
+        sampling_params={"temperature": 1.0, "max_new_tokens": 8, "n": 2, "sampling_seed": 5},
+    )
+    assert isinstance(seeded, list) and len(seeded) == 2 and seeded[0]["text"] != seeded[1]["text"]
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        tiny.generate(input_ids=prompts[0], sampling_params=SamplingParams(n=0))
+
+
+def test_zero_new_tokens_reads_the_prompt_only(tiny, tiny_ref):
+    """max_new_tokens 0: no token sampled, input logprobs as HF's, also for a cached prompt."""
+    prompt = prompts_of(tiny_ref)[1]
+    logits = np.asarray(tiny_ref["logits_1"], np.float64)
+    peak = logits.max(-1, keepdims=True)
+    logsoftmax = logits - peak - np.log(np.exp(logits - peak).sum(-1, keepdims=True))
+    scored = tiny.generate(
+        input_ids=prompt, sampling_params=_greedy(0), return_logprob=True, logprob_start_len=0
+    )
+    meta = scored["meta_info"]
+    assert scored.get("text", "") == "" and scored.get("output_ids", []) == []
+    assert meta["completion_tokens"] == 0
+    assert meta["finish_reason"] == {"type": "length", "length": 0}
+    assert meta["output_token_logprobs"] == []
+    inputs = meta["input_token_logprobs"]
+    assert len(inputs) == len(prompt) and inputs[0][0] is None
+    for pos in range(1, len(prompt)):
+        assert abs(inputs[pos][0] - logsoftmax[pos - 1, prompt[pos]]) < 1e-4
+    cached = tiny.generate(input_ids=prompt, sampling_params=_greedy(0))["meta_info"]
+    assert cached["completion_tokens"] == 0 and cached["cached_tokens"] > 0
+    after = _batched_ids(tiny, [prompt], [4])[0]  # on the prefix the 0-token requests cached
+    result = greedy_agrees(after, tiny_ref["greedy_1"][:4], tiny_ref["greedy_margin_1"][:4])
+    assert result, result
+    assert _pool_whole(tiny)
+
+
+def test_stop_strings_and_stop_tokens_are_trimmed(smollm2_path):
     engine = _engine(smollm2_path, max_total_tokens=2048)
     try:
         chat = engine.tokenizer.apply_chat_template(
@@ -300,5 +409,21 @@ def test_stop_string_spanning_tokens_is_trimmed(smollm2_path):
         streamed = list(engine.generate(prompt=chat, sampling_params=_greedy(20), stream=True))
         assert streamed[-1]["text"] == full["text"]
         assert all("\ufffd" not in event["text"] for event in streamed)
+        # A matched stop token is left out of the text (kept with no_stop_trim), streamed or not.
+        ids = engine.tokenizer(full["text"], add_special_tokens=False)["input_ids"]
+        token, before = ids[3], engine.tokenizer.decode(ids[:3])
+        for stream in (False, True):
+            runs = [
+                engine.generate(
+                    prompt=chat,
+                    sampling_params=_greedy(20, stop_token_ids=[token], no_stop_trim=keep, ignore_eos=False),
+                    stream=stream,
+                )
+                for keep in (False, True)
+            ]
+            trimmed, kept = (list(run)[-1] if stream else run for run in runs)
+            assert trimmed["meta_info"]["finish_reason"] == {"type": "stop", "matched": token}
+            assert trimmed["text"] == before, (stream, trimmed["text"])
+            assert kept["text"] == engine.tokenizer.decode(ids[:4]), (stream, kept["text"])
     finally:
         engine.shutdown()
