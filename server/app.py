@@ -81,10 +81,20 @@ def native_error(message: str, status_code: int = 400) -> Response:
     return json_response({"error": {"message": message}}, status_code)
 
 
+OPENAI_ERROR_TYPES = {401: "AuthenticationError", 404: "NotFoundError"}
+
+
+def openai_error_body(message: str, status_code: int = 400, param: str | None = None) -> dict[str, Any]:
+    error_type = OPENAI_ERROR_TYPES.get(
+        status_code, "BadRequestError" if status_code < 500 else "InternalServerError"
+    )
+    return protocol.ErrorResponse(
+        message=message, type=error_type, param=param, code=status_code
+    ).model_dump()
+
+
 def openai_error(message: str, status_code: int = 400, param: str | None = None) -> Response:
-    error_type = "BadRequestError" if status_code < 500 else "InternalServerError"
-    body = protocol.ErrorResponse(message=message, type=error_type, param=param, code=status_code)
-    return json_response(body.model_dump(), status_code)
+    return json_response(openai_error_body(message, status_code, param), status_code)
 
 
 def error_for_path(path: str, message: str, status_code: int, param: str | None = None) -> Response:
@@ -374,8 +384,9 @@ def _generate_payloads(
     ]
 
 
-def _first_error(outputs: list[RequestOutput]) -> str | None:
-    return next((output.error for output in outputs if output.error), None)
+def _first_error(outputs: list[RequestOutput]) -> RequestOutput | None:
+    """The first output that carries an engine error (its `error_status` says whose fault)."""
+    return next((output for output in outputs if output.error), None)
 
 
 async def _stream_generate(
@@ -415,9 +426,9 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
-        error = _first_error(outputs)
-        if error is not None:
-            return native_error(error)
+        failed = _first_error(outputs)
+        if failed is not None:
+            return native_error(failed.error, failed.error_status)
         payloads = _generate_payloads(state, expanded, outputs)
         return json_response(payloads[0] if expanded.is_single else payloads)
 
@@ -432,9 +443,9 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
-        error = _first_error(outputs)
-        if error is not None:
-            return native_error(error)
+        failed = _first_error(outputs)
+        if failed is not None:
+            return native_error(failed.error, failed.error_status)
         payloads = [embedding_response(output) for output in outputs]
         return json_response(payloads[0] if expanded.is_single else payloads)
 
@@ -483,11 +494,11 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
     @_native
     async def abort_request(request: Request) -> Response:
         body = protocol.validate_model(protocol.AbortRequest, protocol.parse_json_body(await request.body()))
+        # Each request's HTTP handler learns of the abort from the engine's final output.
         if body.abort_all:
-            for group in set(state.inflight.values()):
-                group.abort_unfinished()
+            for rid in list(state.inflight):
+                state.engine.abort(rid)
         elif body.rid:
-            # The request's HTTP handler learns of the abort from the engine's final output.
             state.engine.abort(body.rid)
         else:
             raise ProtocolError("rid is required (or abort_all: true).")
@@ -657,7 +668,7 @@ def _openai_requests(
                 EngineRequest(
                     rid=rids[i * n + j],
                     input_ids=list(ids),
-                    sampling_params=protocol.sample_params(params, j),
+                    sampling_params=params.for_sample(j),
                     stream=stream,
                     return_logprob=top_logprobs is not None,
                     logprob_start_len=logprob_start_len,
@@ -823,9 +834,9 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
-        error = _first_error(outputs)
-        if error is not None:
-            return openai_error(error)
+        failed = _first_error(outputs)
+        if failed is not None:
+            return openai_error(failed.error, failed.error_status)
         choices = []
         for index, output in enumerate(outputs):
             echo = echoes[index // body.n]
@@ -879,9 +890,9 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
-        error = _first_error(outputs)
-        if error is not None:
-            return openai_error(error)
+        failed = _first_error(outputs)
+        if failed is not None:
+            return openai_error(failed.error, failed.error_status)
         choices = [
             protocol.ChatChoice(
                 index=index,
@@ -912,7 +923,7 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
             raise ProtocolError(NOT_EMBEDDING_MODEL)
         if body.dimensions is not None:
             raise ProtocolError("dimensions is not supported by this server.", param="dimensions")
-        prompts, _ = protocol.split_openai_prompts(body.input)
+        prompts, _ = protocol.split_openai_prompts(body.input, param="input")
         tokenize = state.tokenize
         prompt_ids: list[list[int]] = []
         texts: list[str | None] = []
@@ -930,9 +941,9 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
-        error = _first_error(outputs)
-        if error is not None:
-            return openai_error(error)
+        failed = _first_error(outputs)
+        if failed is not None:
+            return openai_error(failed.error, failed.error_status)
         data = []
         for index, output in enumerate(outputs):
             vector = output.embedding or []
@@ -966,19 +977,20 @@ async def _stream_openai(
     leaves mid-stream aborts what is still running."""
     finals: list[RequestOutput | None] = [None] * len(group.requests)
     created = int(time.time())
+    stream_id = group.requests[0].rid  # one id for every chunk of the stream, as OpenAI's
     try:
         async for index, output in group.outputs():
             if output.error:
-                yield sse_event(protocol.ErrorResponse(message=output.error).model_dump())
+                yield sse_event(openai_error_body(output.error, output.error_status))
                 continue
             if output.finished:
                 finals[index] = output
             for choice in choices_for(index, output):
-                message = response_cls(id=output.rid, created=created, model=name, choices=[choice])
+                message = response_cls(id=stream_id, created=created, model=name, choices=[choice])
                 yield b"data: " + message.model_dump_json().encode() + b"\n\n"
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(state, finals, body.n)
-            yield _usage_event(response_cls, group.requests[0].rid, created, name, usage)
+            yield _usage_event(response_cls, stream_id, created, name, usage)
         yield SSE_DONE
     finally:
         group.abort_unfinished()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from runtime.io_struct import EngineRequest, RequestKind
 from runtime.sampling import SamplingParams
@@ -185,14 +185,6 @@ def parse_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
         raise ProtocolError(str(exc), param="sampling_params") from exc
 
 
-def sample_params(params: SamplingParams, sample_index: int) -> SamplingParams:
-    """A fresh copy for one of n samples; sample j of a seeded request uses seed + j so samples differ."""
-    seed = params.sampling_seed
-    if seed is not None:
-        seed += sample_index
-    return dataclasses.replace(params, n=1, sampling_seed=seed)
-
-
 def expand_rids(rid: str | list[str] | None, num_prompts: int, n: int) -> list[str]:
     """One rid per engine request: given per request, per prompt (suffixed per sample), or generated."""
     total = num_prompts * n
@@ -284,7 +276,7 @@ def expand_generate(
                 EngineRequest(
                     rid=rids[i * n + j],
                     input_ids=list(ids),
-                    sampling_params=sample_params(params[i], j),
+                    sampling_params=params[i].for_sample(j),
                     kind="generate",
                     stream=req.stream,
                     return_logprob=bool(return_logprob[i]),
@@ -415,8 +407,8 @@ class AbortRequest(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool | None = False
-    continuous_usage_stats: bool | None = False
+    include_usage: StrictBool | None = False
+    continuous_usage_stats: StrictBool | None = False
 
 
 class _OpenAISampling(BaseModel):
@@ -429,18 +421,18 @@ class _OpenAISampling(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    temperature: StrictFloat | None = None
+    top_p: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
     seed: StrictInt | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
     # SGLang extensions
     top_k: StrictInt | None = None
-    min_p: float | None = None
+    min_p: StrictFloat | None = None
     min_tokens: StrictInt | None = None
-    repetition_penalty: float | None = None
+    repetition_penalty: StrictFloat | None = None
     stop_token_ids: TokenIds | None = None
     no_stop_trim: StrictBool | None = None
     ignore_eos: StrictBool | None = None
@@ -488,6 +480,12 @@ class _OpenAISampling(BaseModel):
         return params
 
 
+def check_token_budget(name: str, value: int | None) -> None:
+    """A negative max_tokens is a 400 naming the field the client sent (not the native one)."""
+    if value is not None and value < 0:
+        raise ProtocolError(f"{name} must be at least 0, got {value}.", param=name)
+
+
 class CompletionRequest(_OpenAISampling):
     """POST /v1/completions."""
 
@@ -506,6 +504,7 @@ class CompletionRequest(_OpenAISampling):
             raise ProtocolError("best_of is not supported by this server.", param="best_of")
         if self.logprobs is not None and self.logprobs < 0:
             raise ProtocolError(f"logprobs must be at least 0, got {self.logprobs}.", param="logprobs")
+        check_token_budget("max_tokens", self.max_tokens)
 
 
 class ChatMessage(BaseModel):
@@ -544,6 +543,8 @@ class ChatCompletionRequest(_OpenAISampling):
             raise ProtocolError(
                 f"top_logprobs must be in [0, 20], got {self.top_logprobs}.", param="top_logprobs"
             )
+        check_token_budget("max_tokens", self.max_tokens)
+        check_token_budget("max_completion_tokens", self.max_completion_tokens)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -730,12 +731,15 @@ class ErrorResponse(BaseModel):
     code: int = 400
 
 
-def split_openai_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> tuple[list[Any], bool]:
-    """A prompt or list of prompts (text or token ids) -> (prompts, is_single)."""
+def split_openai_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]], param: str = "prompt"
+) -> tuple[list[Any], bool]:
+    """A prompt or list of prompts (text or token ids) -> (prompts, is_single); `param` names
+    the field in errors (`input` on /v1/embeddings)."""
     if isinstance(prompt, str):
         return [prompt], True
     if not prompt:
-        raise ProtocolError("The prompt cannot be empty.", param="prompt")
+        raise ProtocolError(f"The {param} cannot be empty.", param=param)
     if isinstance(prompt[0], int):
         return [prompt], True
     return list(prompt), False

@@ -619,6 +619,37 @@ def test_openai_errors(live: LiveServer) -> None:
     assert r.status_code == 400 and r.json()["object"] == "error"
     r = requests.post(live.url + "/v1/completions", json={"prompt": "a", "max_tokens": 10**6})
     assert r.status_code == 400 and "maximum context length" in r.json()["message"]
+    wrong = [
+        ("/v1/completions", {"prompt": "a", "temperature": True}, "temperature"),
+        ("/v1/completions", {"prompt": "a", "top_p": "0.5"}, "top_p"),
+        (
+            "/v1/completions",
+            {"prompt": "a", "stream": True, "stream_options": {"include_usage": 1}},
+            "stream_options",
+        ),
+        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "a"}], "max_tokens": -2},
+            "max_tokens",
+        ),
+    ]
+    for route, body, field in wrong:
+        r = requests.post(live.url + route, json=body)
+        assert r.status_code == 400, (route, body, r.text)
+        assert field in r.json()["message"], (route, body, r.text)
+    r = requests.post(live.url + "/v1/completions", json={"prompt": "a", "max_tokens": -1})
+    assert r.json()["param"] == "max_tokens"
+
+
+def test_openai_stream_chunks_share_one_id(live: LiveServer) -> None:
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
+    chunks = list(
+        client.completions.create(
+            model="m", prompt="ab", max_tokens=3, n=3, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert len({chunk.id for chunk in chunks}) == 1 and len(chunks) > 3
 
 
 # ----------------------------------------------------------------------------- other configurations
@@ -635,6 +666,7 @@ def test_api_key() -> None:
         assert requests.get(server.url + "/get_model_info", headers=good).status_code == 200
         r = requests.post(server.url + "/v1/completions", json={"prompt": "a"}, headers=bad)
         assert r.status_code == 401 and r.json()["object"] == "error"
+        assert r.json()["type"] == "AuthenticationError"
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="sekrit")
         assert client.models.list().data[0].id == "/models/fake"
         assert requests.get(server.url + "/metrics").status_code != 401
@@ -688,6 +720,8 @@ def test_embedding_model() -> None:
         assert result.usage.prompt_tokens == 6
         floats = client.embeddings.create(model="m", input="ab", encoding_format="float")
         assert floats.data[0].embedding == [2.0, 0.5]
+        r = requests.post(server.url + "/v1/embeddings", json={"input": []})
+        assert r.status_code == 400 and r.json()["param"] == "input", r.text
         assert requests.get(server.url + "/health_generate").status_code == 200
     finally:
         server.close()

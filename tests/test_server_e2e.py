@@ -390,6 +390,44 @@ def test_concurrent_streams_with_disconnects_leave_the_pool_whole(base_url: str,
     assert generate(base_url, text="Hello", sampling_params=greedy(2)).status_code == 200
 
 
+def test_abort_all_ends_every_request_with_an_abort_reason(base_url: str) -> None:
+    """Plain, streamed and OpenAI requests in flight all answer 200 with an abort reason."""
+    long = {"max_new_tokens": 2000, "ignore_eos": True}
+    answers: dict[str, Any] = {}
+
+    def plain() -> None:
+        answers["plain"] = generate(base_url, text="Count:", sampling_params=long)
+
+    def streamed() -> None:
+        body = {"text": "Count:", "sampling_params": long, "stream": True}
+        with requests.post(base_url + "/generate", json=body, stream=True, timeout=300) as r:
+            answers["stream_status"] = r.status_code
+            answers["stream"] = sse(r)
+
+    def completion() -> None:
+        body = {"prompt": "Count:", "max_tokens": 2000, "ignore_eos": True}
+        answers["openai"] = requests.post(base_url + "/v1/completions", json=body, timeout=300)
+
+    threads = [threading.Thread(target=fn) for fn in (plain, streamed, completion)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while server_info(base_url)["num_running_reqs"] < 3:
+        assert time.monotonic() < deadline, "the three requests never ran together"
+        time.sleep(0.05)
+    assert requests.post(base_url + "/abort_request", json={"abort_all": True}).status_code == 200
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers["plain"].status_code == 200, answers["plain"].text
+    assert answers["plain"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    assert answers["stream_status"] == 200 and answers["stream"][-1] == "[DONE]"
+    assert answers["stream"][-2]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert answers["openai"].status_code == 200, answers["openai"].text
+    assert answers["openai"].json()["choices"][0]["finish_reason"] == "abort"
+    info = wait_idle(base_url)
+    assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"], info
+
+
 # ----------------------------------------------------------------------------- a server without tokenizer
 
 
