@@ -290,13 +290,14 @@ def seed_to_key_data(seed: int) -> np.ndarray:
 
 
 def suppressed_ids_of(row: SamplingRow) -> list[int]:
-    """Ids that would end the request while min_new_tokens is not reached yet.
+    """EOS and stop_token_ids, banned while min_new_tokens is not reached yet.
 
-    With ignore_eos neither EOS nor stop_token_ids end a request (the reference's
-    check_finished), so nothing needs banning.
+    Also with ignore_eos, where they would not end the request: the reference's
+    min-new-tokens penalizer bans them whatever ignore_eos says, and the sampled
+    distribution should be the same.
     """
     params = row.params
-    if params.ignore_eos or row.output_index >= params.min_new_tokens:
+    if row.output_index >= params.min_new_tokens:
         return []
     return list(dict.fromkeys([*row.eos_ids, *params.stop_token_ids]))
 

@@ -183,7 +183,7 @@ def test_make_sampling_batch_pads_and_bans_until_min_new_tokens() -> None:
     assert batch.suppressed_ids.shape == (8, 8)  # 6 ids in row 3 -> next power of two
     assert batch.suppressed_ids[0].tolist()[:3] == [2, 7, -1]  # EOS and stop ids, deduplicated
     assert (batch.suppressed_ids[1] == -1).all()  # min_new_tokens reached
-    assert (batch.suppressed_ids[2] == -1).all()  # ignore_eos: nothing would end the request
+    assert batch.suppressed_ids[2].tolist()[:3] == [2, 8, -1]  # banned with ignore_eos too, as the reference
     assert batch.suppressed_ids[3].tolist()[:6] == [2, 10, 11, 12, 13, 14]
     assert batch.top_k.tolist()[:4] == [0, 0, 0, 20]
     assert batch.temperature[4:].tolist() == [0.0] * 4  # padding rows are greedy
