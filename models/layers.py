@@ -123,6 +123,45 @@ class RopeConfig:
             )
         return rope
 
+    @classmethod
+    def from_freq_factors(cls, theta: float, head_dim: int, factors: np.ndarray) -> RopeConfig:
+        """The llama3 settings whose frequencies are exactly `default / factors`.
+
+        llama.cpp keeps llama3 rope scaling as such a per-frequency divisor table
+        (`rope_freqs.weight`) and names no scaling type. Tried: Llama 3.x's own settings
+        (low/high frequency factors 1 and 4 over 8192 positions), then the settings fitted
+        to the table's smoothed band (its smoothing is affine in 1 / wavelength; the
+        position count only scales the other two, so 8192 serves). ValueError otherwise.
+        """
+        factors = np.asarray(factors, np.float64).reshape(-1)
+        plain = cls(theta=theta)
+        base = plain.inv_freq(head_dim).astype(np.float64)
+        if factors.shape != base.shape:
+            raise ValueError(f"{factors.size} rope frequency factors for {base.size} frequencies")
+        if np.allclose(factors, 1.0, rtol=1e-6):
+            return plain
+        factor = float(factors.max())
+        old_len = 8192
+        candidates = [(1.0, 4.0)]
+        band = (factors > 1.0 + 1e-6) & (factors < factor * (1.0 - 1e-6))
+        if band.sum() >= 2:
+            smooth = (1.0 / factors[band] - 1.0 / factor) / (1.0 - 1.0 / factor)
+            slope, intercept = np.polyfit(base[band] / (2 * math.pi), smooth, 1)  # s = slope / wavelen + b
+            low = -intercept * old_len / slope
+            candidates.append((low, low + old_len / slope))
+        for low, high in candidates:
+            rope = cls(
+                theta=theta,
+                rope_type="llama3",
+                factor=factor,
+                low_freq_factor=float(low),
+                high_freq_factor=float(high),
+                original_max_position_embeddings=old_len,
+            )
+            if np.allclose(base / rope.inv_freq(head_dim), factors, rtol=1e-4):
+                return rope
+        raise ValueError("the rope frequency factors are not llama3 scaling")
+
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """float32[head_dim / 2] inverse frequencies, computed as transformers does (in float32)."""
         exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)

@@ -295,8 +295,9 @@ _LLAMA_TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
-# Tensors llama.cpp writes that HF Llama recomputes itself (the llama3 rope frequency table).
-_GGUF_IGNORED = {"rope_freqs.weight"}
+# llama.cpp's llama3 rope table: read into the config (`gguf_config_dict`), not a weight.
+_GGUF_ROPE_FACTORS = "rope_freqs.weight"
+_GGUF_IGNORED = {_GGUF_ROPE_FACTORS}
 
 
 def gguf_name_to_hf(name: str) -> str:
@@ -406,7 +407,32 @@ def gguf_config_dict(path: str | os.PathLike) -> dict[str, Any]:
         raise WeightError(f"{p}: GGUF rope scaling {key('rope.scaling.type')!r} is not supported")
     if key("rope.dimension_count", head_dim) != head_dim:
         raise WeightError(f"{p}: partial rotary embeddings are not supported")
+    factors = next((t for t in reader.tensors if t.name == _GGUF_ROPE_FACTORS), None)
+    if factors is not None:
+        cfg["rope_parameters"] = _gguf_llama3_rope(p, cfg["rope_parameters"]["rope_theta"], head_dim, factors)
     return cfg
+
+
+def _gguf_llama3_rope(path: Path, theta: float, head_dim: int, tensor: Any) -> dict[str, Any]:
+    """HF `rope_parameters` for llama.cpp's rope frequency table (how it stores llama3 scaling)."""
+    import gguf
+
+    from models.layers import RopeConfig  # models import this module: resolve at call time
+
+    table = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+    try:
+        rope = RopeConfig.from_freq_factors(theta, head_dim, table)
+    except ValueError as e:
+        raise WeightError(f"{path}: {e}") from e
+    params = {"rope_type": rope.rope_type, "rope_theta": theta}
+    if rope.rope_type == "llama3":
+        params.update(
+            factor=rope.factor,
+            low_freq_factor=rope.low_freq_factor,
+            high_freq_factor=rope.high_freq_factor,
+            original_max_position_embeddings=rope.original_max_position_embeddings,
+        )
+    return params
 
 
 def gguf_tokenizer(path: str | os.PathLike):

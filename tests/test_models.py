@@ -394,6 +394,113 @@ def test_rope_scaling_matches_transformers(rope_parameters: dict[str, Any]) -> N
     np.testing.assert_allclose(ours, _hf_inv_freq(dict(rope_parameters), 64), rtol=1e-6)
 
 
+def _llama_cpp_rope_table(rope_parameters: dict[str, Any], head_dim: int) -> np.ndarray:
+    """The `rope_freqs.weight` llama.cpp's converter writes for llama3 scaling: default / scaled."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    plain = 1.0 / (np.float32(rope_parameters["rope_theta"]) ** exponents)
+    return (plain / _hf_inv_freq(dict(rope_parameters), head_dim)).astype(np.float32)
+
+
+def _llama3(factor: float, low: float, high: float, old_len: int) -> dict[str, Any]:
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old_len,
+    }
+
+
+@pytest.mark.parametrize(
+    ("rope_parameters", "head_dim"),
+    [
+        (_llama3(8.0, 1.0, 4.0, 8192), 64),
+        (_llama3(32.0, 1.0, 4.0, 8192), 128),
+        (_llama3(8.0, 2.0, 6.0, 64), 64),
+    ],
+)
+def test_llama_cpp_rope_table_gives_llama3_back(rope_parameters: dict[str, Any], head_dim: int) -> None:
+    table = _llama_cpp_rope_table(rope_parameters, head_dim)
+    rope = RopeConfig.from_freq_factors(rope_parameters["rope_theta"], head_dim, table)
+    assert rope.rope_type == "llama3"
+    np.testing.assert_allclose(rope.inv_freq(head_dim), _hf_inv_freq(rope_parameters, head_dim), rtol=1e-5)
+    assert RopeConfig.from_freq_factors(1e4, head_dim, np.ones(head_dim // 2)) == RopeConfig(theta=1e4)
+    with pytest.raises(ValueError, match="not llama3 scaling"):
+        RopeConfig.from_freq_factors(1e4, head_dim, np.linspace(1.0, 8.0, head_dim // 2) ** 1.5)
+
+
+def test_llama3_gguf_matches_hf(tmp_path: Path) -> None:
+    """A Llama GGUF keeps llama3 rope scaling only as llama.cpp's frequency table: logits as HF's."""
+    import gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads, kv_heads, layers = 2, 1, 2
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        rope_parameters=_llama3(8.0, 1.0, 4.0, 64),
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    tensors = {name: t.float().numpy() for name, t in hf.state_dict().items()}
+
+    def llama_cpp_rows(weight: np.ndarray, n: int) -> np.ndarray:  # the converter's Q/K permutation
+        return np.ascontiguousarray(
+            weight.reshape(n, 2, -1, weight.shape[1]).swapaxes(1, 2).reshape(weight.shape)
+        )
+
+    path = tmp_path / "llama3.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(1024)
+    writer.add_embedding_length(128)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(192)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(500000.0)
+    writer.add_vocab_size(256)
+    writer.add_tensor("rope_freqs.weight", _llama_cpp_rope_table(_llama3(8.0, 1.0, 4.0, 64), 64))
+    writer.add_tensor("token_embd.weight", tensors["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", tensors["model.norm.weight"])
+    writer.add_tensor("output.weight", tensors["lm_head.weight"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for layer in range(layers):
+        for hf_name, gguf_name in names.items():
+            weight = tensors[f"model.layers.{layer}.{hf_name}.weight"]
+            if gguf_name in ("attn_q", "attn_k"):
+                weight = llama_cpp_rows(weight, heads if gguf_name == "attn_q" else kv_heads)
+            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    prompt = np.random.default_rng(0).integers(0, 256, TOKEN_BUCKET).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0].numpy()
+    run = PagedRunner(loader.load_model(str(path)).model)
+    err = max_rel_err(run.logits(run.prefill(prompt).hidden), want)
+    assert err < PARITY_TOL, f"logits error {err:.3g}"
+
+
 def test_rope_reads_old_style_config() -> None:
     rope = RopeConfig.from_hf({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (rope.rope_type, rope.theta, rope.factor) == ("linear", 5e5, 2.0)
