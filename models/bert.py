@@ -86,7 +86,10 @@ class BertEmbeddings(nnx.Module):
         self.norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        # Batches pad to bucket widths that may pass the position table (e.g. 64 over 40
+        # positions); padding positions take its last row instead of an out-of-range NaN.
+        last = self.position_embeddings.num_embeddings - 1
+        positions = jnp.minimum(jnp.arange(input_ids.shape[1]), last)[None, :]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         return self.norm(x + self.position_embeddings(positions))
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models.pooling import load_pooling
+from models.pooling import Pooling, load_pooling
 from runtime.batch import next_power_of_two
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
 
@@ -34,7 +34,7 @@ class EncoderRunner:
         self.graphdef, self.params = nnx.split(model)
         self.pooling = load_pooling(model_path)
         self.context_length = context_length
-        self._encode = jax.jit(self._encode_fn)
+        self._encode = jax.jit(self._encode_fn, static_argnames=("pooling",))  # swaps may change it
         self._shapes: set[tuple[int, int]] = set()
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
@@ -42,10 +42,12 @@ class EncoderRunner:
         self._thread = threading.Thread(target=self._loop, name="sglax-encoder", daemon=True)
         self._thread.start()
 
-    def _encode_fn(self, params: Any, input_ids: jax.Array, mask: jax.Array) -> jax.Array:
+    def _encode_fn(
+        self, params: Any, input_ids: jax.Array, mask: jax.Array, *, pooling: Pooling
+    ) -> jax.Array:
         model = nnx.merge(self.graphdef, params)
         hidden = model(input_ids, mask, None)
-        return self.pooling.pool(hidden, mask)
+        return pooling.pool(hidden, mask)
 
     def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
         self._inbox.put((request, callback, time.monotonic()))
@@ -90,7 +92,7 @@ class EncoderRunner:
             input_ids[i, : len(request.input_ids)] = request.input_ids
             mask[i, : len(request.input_ids)] = 1
         self._shapes.add((rows, width))
-        vectors = np.asarray(self._encode(self.params, input_ids, mask))
+        vectors = np.asarray(self._encode(self.params, input_ids, mask, pooling=self.pooling))
         for i, (request, callback, arrival) in enumerate(batch):
             self._served += 1
             callback(
@@ -108,8 +110,9 @@ class EncoderRunner:
                 )
             )
 
-    def swap_params(self, new_params: Any) -> None:
-        self.params = new_params
+    def swap_params(self, new_params: Any, pooling: Pooling) -> None:
+        """New weights and the new folder's pooling (its modules.json may differ)."""
+        self.params, self.pooling = new_params, pooling
 
     def stats(self) -> dict[str, Any]:
         waiting = self._inbox.qsize()

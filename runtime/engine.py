@@ -24,6 +24,7 @@ from flax import nnx
 
 from models.layers import KernelBackends
 from models.loader import load_model, load_params_for
+from models.pooling import Pooling, load_pooling
 from runtime.expert_stats import write_expert_distribution
 from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
@@ -434,6 +435,7 @@ class Engine:
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
             pure = load_params_for(self.model, model_path, load_format or "auto")
+            pooling = load_pooling(model_path) if self.encoder is not None else None
         except Exception as exc:  # any failure leaves the serving weights untouched
             return False, f"Failed to update weights: {exc}", 0
         old = self.runner.params if self.scheduler is not None else self.encoder.params
@@ -443,15 +445,15 @@ class Engine:
         new = jax.tree.map(
             lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
         )
-        paused = self._swap(new)
+        paused = self._swap(new, pooling)
         self.model_info.model_path = model_path
         self.server_args.model_path = model_path
         return True, "Succeeded to update model weights.", paused
 
-    def _swap(self, new_params: Any) -> int:
+    def _swap(self, new_params: Any, pooling: Pooling | None) -> int:
         """Hold queued requests, let running ones finish, swap, flush the prefix cache, resume."""
         if self.scheduler is None:
-            self.encoder.swap_params(new_params)
+            self.encoder.swap_params(new_params, pooling)
             return 0
         scheduler = self.scheduler
         paused = scheduler.call(lambda: scheduler.hold_admission(True))

@@ -283,6 +283,49 @@ def test_minilm_embeddings_match_sentence_transformers() -> None:
     assert cosine.min() > 0.9999, cosine
 
 
+def test_bert_engine_past_its_position_table_and_pooling_swap(tmp_path: Path) -> None:
+    """An input whose padded width (64) passes BERT's 40 positions still matches HF; a weight swap
+    to a folder configured for CLS pooling pools the new way."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from runtime.engine import Engine
+
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=40,
+    )
+    torch.manual_seed(0)
+    hf = BertModel(config, add_pooling_layer=False).eval()
+    mean_dir, cls_dir = tmp_path / "mean", tmp_path / "cls"
+    hf.save_pretrained(mean_dir)
+    hf.save_pretrained(cls_dir)
+    (cls_dir / "1_Pooling").mkdir()
+    (cls_dir / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (cls_dir / "modules.json").write_text(json.dumps(modules))
+    ids = np.random.default_rng(0).integers(1, 120, 33).tolist()
+    with torch.no_grad():
+        hidden = hf(torch.tensor([ids])).last_hidden_state[0].numpy()
+    engine = Engine(model_path=str(mean_dir), is_embedding=True, skip_tokenizer_init=True, random_seed=0)
+    try:
+        mean = engine.encode(input_ids=ids)["embedding"]
+        assert max_rel_err(mean, hidden.mean(0)) < PARITY_TOL
+        ok, message, _ = engine.update_weights_from_disk(str(cls_dir))
+        assert ok, message
+        cls = engine.encode(input_ids=ids)["embedding"]
+        assert max_rel_err(cls, hidden[0]) < PARITY_TOL
+    finally:
+        engine.shutdown()
+
+
 def test_pooling_modes() -> None:
     hidden = jnp.arange(2 * 3 * 2, dtype=jnp.float32).reshape(2, 3, 2)
     mask = jnp.array([[1, 1, 0], [1, 1, 1]])
