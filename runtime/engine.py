@@ -82,6 +82,21 @@ def _eos_ids(config: Any, tokenizer: Any, model_path: str) -> frozenset[int]:
     return frozenset(ids)
 
 
+def chat_template_text(value: str) -> str:
+    """`--chat-template`: a Jinja file, or the template itself. SGLang's named templates
+    (`chatml`, `llama-2`, ...) are not available here: a name is refused rather than used as
+    a template that would drop every message."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(
+        f"--chat-template {value!r} is neither a file nor a Jinja template; named templates are "
+        "not available in this server: pass a .jinja file (or leave it out to use the tokenizer's)."
+    )
+
+
 class Engine:
     """Owns the model and the scheduler thread; thread-safe entry points for the server."""
 
@@ -123,10 +138,7 @@ class Engine:
 
         tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path)
         if self.server_args.chat_template:
-            template = Path(self.server_args.chat_template)
-            tokenizer.chat_template = (
-                template.read_text() if template.is_file() else self.server_args.chat_template
-            )
+            tokenizer.chat_template = chat_template_text(self.server_args.chat_template)
         return tokenizer
 
     def _model_info(self, architecture: str) -> ModelInfo:
@@ -140,8 +152,13 @@ class Engine:
             kind = "embed"
         else:
             kind = None
-        limit = getattr(config, "max_position_embeddings", None) or 2048
-        context = args.context_length or limit
+        positions = getattr(config, "max_position_embeddings", None)
+        if args.context_length and positions and args.context_length > positions:
+            raise ValueError(
+                f"--context-length {args.context_length} is longer than the model's "
+                f"{positions} positions (max_position_embeddings)."
+            )
+        context = args.context_length or positions or 2048
         return ModelInfo(
             model_path=args.model_path,
             tokenizer_path=None if args.skip_tokenizer_init else args.tokenizer_path,
@@ -228,11 +245,18 @@ class Engine:
             ]
             self._run_blocking(requests)
         longest = min(WARMUP_MAX_PROMPT, self.model_info.context_length - params.max_new_tokens)
-        for length in (n for n in buckets.prefill_tokens if 16 < n <= longest):
-            prompt = [1 + i % 100 for i in range(length)]
-            self._run_blocking(
-                [EngineRequest(rid=f"warmup-p{length}", input_ids=prompt, sampling_params=params)]
-            )
+        smaller = 16
+        for bucket in buckets.prefill_tokens:
+            if smaller >= longest:
+                break
+            if bucket > smaller:  # a prompt that pads to this bucket, within the context
+                length = min(bucket, longest)
+                prompt = [1 + i % 100 for i in range(length)]
+                self.flush_cache()  # the prompts share their start: no prefix hit may shorten one
+                self._run_blocking(
+                    [EngineRequest(rid=f"warmup-p{length}", input_ids=prompt, sampling_params=params)]
+                )
+            smaller = bucket
         self.flush_cache()
         logger.info(
             "Warm-up compiled %d programs in %.1f s", self.num_compiled_programs, time.monotonic() - started
@@ -354,6 +378,13 @@ class Engine:
     def abort(self, rid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.abort(rid)
+
+    def abort_all(self) -> None:
+        """Abort every request in flight; each one's callback gets its final, aborted output."""
+        with self._rid_lock:
+            rids = list(self._inflight)
+        for rid in rids:
+            self.abort(rid)
 
     # -- control ------------------------------------------------------------------------------------
 

@@ -39,7 +39,10 @@ class StepProfiler:
         if num_steps is not None and num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
         directory = output_dir or default_profile_dir()
-        Path(directory).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file in the way, no permission: the client's path, a 400
+            raise ValueError(f"Cannot write a trace to {directory}: {exc.strerror or exc}.") from exc
         jax.profiler.start_trace(directory, create_perfetto_trace=True)
         self.output_dir, self.steps_left = directory, num_steps
         logger.info("Profiling started: trace goes to %s", directory)

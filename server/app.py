@@ -496,8 +496,7 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
         body = protocol.validate_model(protocol.AbortRequest, protocol.parse_json_body(await request.body()))
         # Each request's HTTP handler learns of the abort from the engine's final output.
         if body.abort_all:
-            for rid in list(state.inflight):
-                state.engine.abort(rid)
+            state.engine.abort_all()
         elif body.rid:
             state.engine.abort(body.rid)
         else:

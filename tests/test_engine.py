@@ -363,6 +363,35 @@ def test_offline_generate_expands_n(tiny, tiny_ref):
         tiny.generate(input_ids=prompts[0], sampling_params=SamplingParams(n=0))
 
 
+def test_launch_settings_that_would_serve_wrongly_are_refused(tiny_llama_path, tmp_path):
+    """A context past the model's positions, and a chat template given by a name this server
+    does not know (it would become the template text and drop every message)."""
+    from runtime.engine import chat_template_text
+
+    with pytest.raises(ValueError, match="longer than the model's"):
+        _engine(tiny_llama_path, context_length=10**6)
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        chat_template_text("chatml")
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    assert chat_template_text(inline) == inline
+    (tmp_path / "t.jinja").write_text(inline)
+    assert chat_template_text(str(tmp_path / "t.jinja")) == inline
+
+
+def test_warmup_compiles_the_prefill_a_first_long_prompt_needs(tiny_llama_path):
+    """The warm-up's prompts must not reuse each other's prefix, or their steps compile short
+    chunks and a first long prompt compiles its prefill while the client waits."""
+    engine = _engine(tiny_llama_path, chunked_prefill_size=512, warmup=True)
+    try:
+        compiled = engine.runner.num_step_programs
+        length = min(300, engine.model_info.context_length - 8)
+        prompt = np.random.default_rng(5).integers(5, 200, length).tolist()
+        engine.generate(input_ids=prompt, sampling_params=_greedy(2))
+        assert engine.runner.num_step_programs == compiled
+    finally:
+        engine.shutdown()
+
+
 def test_zero_new_tokens_reads_the_prompt_only(tiny, tiny_ref):
     """max_new_tokens 0: no token sampled, input logprobs as HF's, also for a cached prompt."""
     prompt = prompts_of(tiny_ref)[1]

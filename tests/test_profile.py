@@ -171,5 +171,9 @@ def test_profile_bad_num_steps(server: ServerProcess, tmp_path: Path) -> None:
     assert r.status_code == 400 and "num_steps" in r.json()["error"]["message"], r.text
     r = start(server, {"output_dir": str(tmp_path), "num_steps": "many"})
     assert r.status_code in (400, 422) and "num_steps" in r.text, r.text
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = start(server, {"output_dir": str(blocker)})
+    assert r.status_code == 400 and "Cannot write a trace" in r.json()["error"]["message"], r.text
     # Nothing started.
     assert server.post("/stop_profile").status_code == 400

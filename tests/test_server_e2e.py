@@ -519,3 +519,32 @@ def test_sigterm_drains_running_requests(bare_server: tuple[str, Any, Path]) -> 
     assert len(last["output_ids"]) == 12
     assert process.wait(timeout=120) == 0
     assert "Engine stopped." in log_path.read_text()
+
+
+def test_sigterm_aborts_what_outlives_the_drain(model_path: Path, tmp_path: Path) -> None:
+    """Past SGLAX_DRAIN_TIMEOUT a running stream is aborted: its client still gets a final event."""
+    port = find_free_port("127.0.0.1")
+    argv = [sys.executable, "-m", "server.launch_server", "--model-path", str(model_path)]
+    argv += ["--port", str(port), "--max-total-tokens", "4096", "--no-warmup"]
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        env = {**os.environ, "SGLAX_DRAIN_TIMEOUT": "1"}
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=STARTUP_TIMEOUT, process=process)
+        body = {"text": "Count:", "sampling_params": greedy(3000, ignore_eos=True), "stream": True}
+        with requests.post(url + "/generate", json=body, stream=True, timeout=300) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line)
+            os.kill(process.pid, signal.SIGTERM)
+            events = [line for line in lines if line]
+        assert events[-1] == b"data: [DONE]"
+        last = json.loads(events[-2][len(b"data: ") :])
+        assert last["meta_info"]["finish_reason"]["type"] == "abort", last["meta_info"]
+        assert process.wait(timeout=120) == 0
+        assert "Traceback" not in log_path.read_text()
+    finally:
+        terminate_process(process)
