@@ -125,6 +125,7 @@ class EncoderRunner:
             "num_cached_pages": 0,
             "num_total_pages": 0,
             "cache_hit_rate": 0.0,
+            "avg_request_queue_latency": 0.0,
             "gen_throughput": 0.0,
             "last_gen_throughput": 0.0,
             "num_served": self._served,

@@ -52,6 +52,7 @@ class _Plan:
         self.num_new_tokens = 0
         self.num_cached_tokens = 0
         self.num_new_seqs = 0
+        self.queue_wait = 0.0  # seconds the newly admitted requests waited, summed
         self.num_decode = 0
 
 
@@ -102,8 +103,9 @@ class Scheduler:
         self.last_gen_throughput = 0.0
         self._gen_tokens_since_log = 0
         self._last_log = time.monotonic()
-        self.total_prompt_tokens = 0
-        self.total_cached_tokens = 0
+        # The last prefill batch's figures, as the reference's metrics report them.
+        self.last_cache_hit_rate = 0.0
+        self.last_queue_latency = 0.0
         self.error: BaseException | None = None
 
     # -- thread plumbing -------------------------------------------------------------------------
@@ -240,6 +242,10 @@ class Scheduler:
                 self._retract(max(stuck, key=lambda r: r.admitted_at or 0.0))
             return plan, None
         batch = self._build_batch(plan, decodes, prefills)
+        if plan.num_new_seqs:
+            seen = plan.num_cached_tokens + plan.num_new_tokens
+            self.last_cache_hit_rate = plan.num_cached_tokens / max(seen, 1)
+            self.last_queue_latency = plan.queue_wait / plan.num_new_seqs
         if prefills:
             self._log_prefill(plan)
         return plan, batch
@@ -348,9 +354,8 @@ class Scheduler:
         req.pages.extend(pages)
         if req.admitted_at is None:
             req.cached_tokens = match.num_tokens
-            self.total_prompt_tokens += req.prompt_len
-            self.total_cached_tokens += match.num_tokens
         req.admitted_at = time.monotonic()
+        plan.queue_wait += req.admitted_at - req.arrival
         req.penalty_slot = self.free_slots.pop()
         params = req.request.sampling_params
         if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
@@ -686,6 +691,7 @@ class Scheduler:
             return False
         self._flush_pending()
         self.radix.flush()
+        self.last_cache_hit_rate = self.last_queue_latency = 0.0  # the warm-up's batches ended in one
         return True
 
     def is_idle(self) -> bool:
@@ -711,7 +717,8 @@ class Scheduler:
             "num_free_pages": self.allocator.num_free,
             "num_cached_pages": self.radix.total_cached_pages(),
             "num_total_pages": total,
-            "cache_hit_rate": self.total_cached_tokens / max(self.total_prompt_tokens, 1),
+            "cache_hit_rate": self.last_cache_hit_rate,
+            "avg_request_queue_latency": self.last_queue_latency,
             "gen_throughput": self.last_gen_throughput,
             "last_gen_throughput": self.last_gen_throughput,
         }

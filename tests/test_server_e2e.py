@@ -266,6 +266,22 @@ def test_openai_client(base_url: str) -> None:
 
 
 def test_metrics(base_url: str) -> None:
+    def gauge(name: str) -> float:
+        text = requests.get(base_url + "/metrics").text
+        values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + "{")]
+        assert len(values) == 1, (name, values)
+        return float(values[0])
+
+    wait_idle(base_url)
+    assert requests.post(base_url + "/flush_cache").status_code == 200
+    assert gauge("sglang:cache_hit_rate") == 0.0  # nothing from earlier batches (or the warm-up)
+    prompt = "Tell me about the history of the city of Lyon, " * 8
+    generate(base_url, text=prompt, sampling_params=greedy(1))
+    body = {"text": prompt, "sampling_params": greedy(2), "stream": True}
+    with requests.post(base_url + "/generate", json=body, stream=True, timeout=300) as r:
+        assert sse(r)[-1] == "[DONE]"  # streamed: its TTFT is recorded
+    assert gauge("sglang:cache_hit_rate") > 0.5  # the second prompt's batch found it cached
+    assert gauge("sglang:avg_request_queue_latency") >= 0.0
     text = requests.get(base_url + "/metrics").text
     for name in (
         "sglang:prompt_tokens_total",
