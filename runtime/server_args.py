@@ -23,7 +23,7 @@ from runtime.weights import LOAD_FORMATS
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the reference's spellings too
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -205,10 +205,13 @@ class ServerArgs:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+            if value > 1:  # refused, not ignored: a launch line asking for N devices must not get one
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value}: this server runs on one device; "
+                    "tensor, data and multi-node parallelism are not implemented yet."
+                )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}.")
-        if self.nnodes > 1 and not self.dist_init_addr:
-            raise ValueError("--dist-init-addr is required when --nnodes is more than 1.")
         if self.skip_tokenizer_init and self.chat_template:
             raise ValueError("--chat-template needs a tokenizer: drop --skip-tokenizer-init.")
 
@@ -261,7 +264,7 @@ class ServerArgs:
         http.add_argument(
             "--enable-metrics", action="store_true", help="Serve Prometheus metrics at /metrics."
         )
-        http.add_argument("--log-level", default=default("log_level"), choices=LOG_LEVELS)
+        http.add_argument("--log-level", default=default("log_level"), choices=LOG_LEVELS, type=str.lower)
         http.add_argument("--log-requests", action="store_true", help="Log every request and its output.")
         http.add_argument(
             "--enable-cache-report",

@@ -37,9 +37,9 @@ def test_reference_flags_parse() -> None:
     args = parse_server_args(
         "--model-path /m --tokenizer-path /t --host 0.0.0.0 --port 1234 --is-embedding "
         "--context-length 512 --mem-fraction-static 0.5 --max-running-requests 8 --max-total-tokens 4096 "
-        "--chunked-prefill-size 256 --schedule-policy lpm --disable-radix-cache --tp-size 2 --dp-size 1 "
-        "--dtype bfloat16 --random-seed 7 --page-size 32 --api-key k --served-model-name m "
-        "--enable-metrics --log-level warning --stream-interval 4 --chat-template t.jinja --log-requests "
+        "--chunked-prefill-size 256 --schedule-policy lpm --disable-radix-cache --tp-size 1 --dp-size 1 "
+        "--dtype half --random-seed 7 --page-size 32 --api-key k --served-model-name m "
+        "--enable-metrics --log-level WARNING --stream-interval 4 --chat-template t.jinja --log-requests "
         "--allow-auto-truncate --load-format gguf --attention-backend reference --moe-backend pallas "
         "--no-warmup".split()
     )
@@ -49,7 +49,7 @@ def test_reference_flags_parse() -> None:
     assert args.allow_auto_truncate
     assert args.context_length == 512 and args.mem_fraction_static == 0.5
     assert (args.max_running_requests, args.max_total_tokens, args.chunked_prefill_size) == (8, 4096, 256)
-    assert (args.schedule_policy, args.tp_size, args.dtype, args.random_seed) == ("lpm", 2, "bfloat16", 7)
+    assert (args.schedule_policy, args.tp_size, args.dtype, args.random_seed) == ("lpm", 1, "half", 7)
     assert (args.page_size, args.api_key, args.served_model_name) == (32, "k", "m")
     assert (args.log_level, args.stream_interval, args.chat_template) == ("warning", 4, "t.jinja")
     assert (args.load_format, args.attention_backend, args.moe_backend) == ("gguf", "reference", "pallas")
@@ -106,8 +106,9 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"dtype": "int8"}, "--dtype must be one of"),
         ({"load_format": "pt"}, "--load-format must be one of"),
         ({"context_length": 1}, "--context-length must be at least 2"),
-        ({"nnodes": 2}, "--dist-init-addr is required"),
-        ({"node_rank": 3, "nnodes": 2, "dist_init_addr": "h:1"}, "--node-rank must be in"),
+        ({"tp_size": 2}, "--tp-size 2: this server runs on one device"),
+        ({"nnodes": 2, "dist_init_addr": "h:1"}, "--nnodes 2: this server runs on one device"),
+        ({"node_rank": 1}, "--node-rank must be in"),
         ({"skip_tokenizer_init": True, "chat_template": "x"}, "--chat-template needs a tokenizer"),
     ],
 )
