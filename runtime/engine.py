@@ -127,6 +127,7 @@ class Engine:
 
             self.encoder = EncoderRunner(self.model, args.model_path, self.model_info.context_length)
         else:
+            self._warn_if_pooling_differs()
             self._build_scheduler()
         if self.server_args.warmup:
             self.warmup()
@@ -169,6 +170,24 @@ class Engine:
             served_model_name=args.served_model_name or args.model_path,
             architecture=architecture,
         )
+
+    def _warn_if_pooling_differs(self) -> None:
+        """A causal embedding model is pooled at its last token, normalised, as the reference
+        does; say so when the folder's sentence-transformers config asks for something else."""
+        if self.model_info.embedding_kind != "embed":
+            return
+        served = Pooling(mode="lasttoken", normalize=True)
+        try:
+            wanted = load_pooling(self.server_args.model_path, default=served)
+        except ValueError as exc:
+            wanted = exc
+        if wanted != served:
+            logger.warning(
+                "%s asks for pooling %s; causal embedding models are served with last-token "
+                "pooling, normalised (as the reference serves them).",
+                self.server_args.model_path,
+                wanted,
+            )
 
     def _build_scheduler(self) -> None:
         args = self.server_args
@@ -358,6 +377,8 @@ class Engine:
                 )
             )
             return
+        if req.kind == "classify":
+            req = self._score_last_non_pad(req)
         params = req.sampling_params
         # A request must fit the KV pool alone, or retraction could never let it finish.
         limit = min(self.model_info.context_length, self.pool.max_total_tokens) - len(req.input_ids)
@@ -374,6 +395,17 @@ class Engine:
                 eos_ids=self.scheduler.eos_ids,
             )
         )
+
+    def _score_last_non_pad(self, req: EngineRequest) -> EngineRequest:
+        """HF's sequence classifiers score the last token that is not the pad token (a prompt may
+        end in pads where pad == EOS); the model is causal, so dropping the trailing pads gives
+        that token's hidden state at the end."""
+        pad = getattr(self.config, "pad_token_id", None)
+        ids = req.input_ids
+        if pad is None or ids[-1] != pad:
+            return req
+        kept = next((i + 1 for i in range(len(ids) - 1, -1, -1) if ids[i] != pad), 1)
+        return dataclasses.replace(req, input_ids=ids[:kept])
 
     def abort(self, rid: str) -> None:
         if self.scheduler is not None:

@@ -392,6 +392,25 @@ def test_warmup_compiles_the_prefill_a_first_long_prompt_needs(tiny_llama_path):
         engine.shutdown()
 
 
+def test_reward_scores_the_last_token_that_is_not_padding(tiny_llama_reward_path):
+    """A prompt ending in the pad token (pad == EOS in many chat models) is scored at its last
+    other token, as HF's sequence classifiers do."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama_reward_path)).eval()
+    pad = hf.config.pad_token_id
+    prompt = [3, 17, 44, 90, 12, pad, pad]
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0].numpy()
+    engine = _engine(tiny_llama_reward_path, is_embedding=True)
+    try:
+        got = engine.encode(input_ids=prompt)["embedding"]
+    finally:
+        engine.shutdown()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_zero_new_tokens_reads_the_prompt_only(tiny, tiny_ref):
     """max_new_tokens 0: no token sampled, input logprobs as HF's, also for a cached prompt."""
     prompt = prompts_of(tiny_ref)[1]
