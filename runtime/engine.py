@@ -536,6 +536,9 @@ class Engine:
 
     def shutdown(self) -> None:
         if self.scheduler is not None:
+            profiler = self.scheduler.profiler
+            if profiler.active and self.scheduler.error is None:  # write a trace in progress out
+                self.scheduler.call(lambda: profiler.stop() if profiler.active else None)
             self.scheduler.shutdown()
         if self.encoder is not None:
             self.encoder.shutdown()

@@ -411,6 +411,16 @@ def test_reward_scores_the_last_token_that_is_not_padding(tiny_llama_reward_path
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_shutdown_writes_a_trace_in_progress(tiny_llama_path, tmp_path):
+    engine = _engine(tiny_llama_path)
+    try:
+        engine.start_profile(str(tmp_path))
+        engine.generate(input_ids=[5, 6, 7], sampling_params=_greedy(2))
+    finally:
+        engine.shutdown()
+    assert list(tmp_path.rglob("*.trace.json.gz")), list(tmp_path.rglob("*"))
+
+
 def test_zero_new_tokens_reads_the_prompt_only(tiny, tiny_ref):
     """max_new_tokens 0: no token sampled, input logprobs as HF's, also for a cached prompt."""
     prompt = prompts_of(tiny_ref)[1]
