@@ -3,7 +3,7 @@
 Readiness is announced (`The server is fired up and ready to roll!`, the line
 SGLang's tooling waits for) only after one real request has gone through the
 whole HTTP stack, so the first client does not pay for compilation. SIGTERM or
-Ctrl-C drains: the listening socket closes, new requests get 503, running
+Ctrl-C drains: the listening socket closes (new connections are refused), running
 requests may finish for up to SGLAX_DRAIN_TIMEOUT seconds, then the rest are
 aborted and the engine stops.
 """
