@@ -685,6 +685,7 @@ class _TextDeltas:
     def __init__(self, count: int) -> None:
         self.text_len = [0] * count
         self.logprob_len = [0] * count
+        self.logprob_text_len = [0] * count  # the text of the logprob tokens sent: their offsets
         self.started = [False] * count
 
     def text(self, index: int, text: str) -> str:
@@ -757,8 +758,8 @@ def _apply_chat_template(state: ServerState, body: protocol.ChatCompletionReques
         raise ProtocolError("The tokenizer has no chat template: launch the server with --chat-template.")
     messages = body.template_messages()
     kwargs: dict[str, Any] = dict(body.chat_template_kwargs or {})
-    if body.tools:
-        kwargs["tools"] = body.tools
+    if body.tools and body.tool_choice != "none":
+        kwargs["tools"] = body.tools  # the template shows them; calls come back as plain text
     continue_final = body.continue_final_message and messages[-1]["role"] == "assistant"
     try:
         prompt = tokenizer.apply_chat_template(
@@ -1007,17 +1008,21 @@ def _stream_completions(
 
     def choices_for(index: int, output: RequestOutput) -> list[protocol.CompletionChoice]:
         prefix = ""
-        if not deltas.started[index]:
+        first = not deltas.started[index]
+        if first:
             deltas.started[index] = True
             prefix = echoes[index // body.n]
-        offset = deltas.text_len[index]
         text = prefix + deltas.text(index, output.text or "")
         logprobs = None
         if body.logprobs is not None:
             entries = list(output.output_token_logprobs or [])
             start, end = deltas.logprobs(index, len(entries))
-            top = list(output.output_top_logprobs or [])[start:end]
-            logprobs = _completion_logprobs(state, entries[start:end], top, offset)
+            entries, top = entries[start:end], list(output.output_top_logprobs or [])[start:end]
+            if first and body.echo:  # the echoed prompt's logprobs lead, as in the whole response
+                entries = list(output.input_token_logprobs or []) + entries
+                top = list(output.input_top_logprobs or []) + top
+            logprobs = _completion_logprobs(state, entries, top, deltas.logprob_text_len[index])
+            deltas.logprob_text_len[index] += sum(len(token) for token in logprobs.tokens)
         if not output.finished and not text and (logprobs is None or not logprobs.tokens):
             return []
         finish = output.finish_reason if output.finished else None

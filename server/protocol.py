@@ -502,8 +502,8 @@ class CompletionRequest(_OpenAISampling):
             raise ProtocolError("suffix is not supported by this server.", param="suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise ProtocolError("best_of is not supported by this server.", param="best_of")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ProtocolError(f"logprobs must be at least 0, got {self.logprobs}.", param="logprobs")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ProtocolError(f"logprobs must be in [0, 20], got {self.logprobs}.", param="logprobs")
         check_token_budget("max_tokens", self.max_tokens)
 
 
@@ -543,22 +543,26 @@ class ChatCompletionRequest(_OpenAISampling):
             raise ProtocolError(
                 f"top_logprobs must be in [0, 20], got {self.top_logprobs}.", param="top_logprobs"
             )
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError("top_logprobs needs logprobs: true.", param="top_logprobs")
+        if self.tool_choice not in (None, "auto", "none"):
+            # No tool-call parser here: a forced or named call cannot be guaranteed or returned.
+            raise ProtocolError(
+                f"tool_choice {self.tool_choice!r} is not supported by this server (auto or none: "
+                "tool calls come back as text).",
+                param="tool_choice",
+            )
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ProtocolError(
+                f"response_format {self.response_format.type} is not supported by this server "
+                "(no constrained decoding).",
+                param="response_format",
+            )
         check_token_budget("max_tokens", self.max_tokens)
         check_token_budget("max_completion_tokens", self.max_completion_tokens)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
-        params = super().sampling_dict(max_new_tokens)
-        if self.response_format is not None and self.response_format.type != "text":
-            if self.response_format.type == "json_object":
-                params["json_schema"] = '{"type": "object"}'
-            else:
-                spec = self.response_format.json_schema or {}
-                schema = spec.get("schema", spec.get("schema_", {}))
-                params["json_schema"] = orjson.dumps(schema).decode()
-        return params
 
     def template_messages(self) -> list[dict[str, Any]]:
         """Messages as the chat template expects them: text parts joined, images refused."""

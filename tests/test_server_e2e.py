@@ -265,6 +265,31 @@ def test_openai_client(base_url: str) -> None:
     assert completion.choices[0].text and completion.usage.completion_tokens <= 8
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"prompt": "Hello there", "max_tokens": 3, "echo": True, "logprobs": 1},
+        {"prompt": "Hello there", "max_tokens": 0, "echo": True, "logprobs": 1},
+        {"prompt": "1, 2, 3, 4,", "max_tokens": 12, "logprobs": 1, "stop": " 8, 1"},
+    ],
+)
+def test_streamed_completion_logprobs_add_up_to_the_whole(base_url: str, kwargs: dict[str, Any]) -> None:
+    """Streamed chunks carry the echoed prompt's logprobs and offsets counted over the logprob
+    tokens sent (text held back for a stop string must not shift them)."""
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none")
+    whole = client.completions.create(model="m", temperature=0, **kwargs).choices[0]
+    chunks = [
+        c.choices[0] for c in client.completions.create(model="m", temperature=0, stream=True, **kwargs)
+    ]
+    pieces = [c.logprobs for c in chunks if c.logprobs]
+    assert sum((p.tokens for p in pieces), []) == whole.logprobs.tokens
+    assert sum((p.text_offset for p in pieces), []) == whole.logprobs.text_offset
+    assert sum((p.token_logprobs for p in pieces), []) == pytest.approx(
+        whole.logprobs.token_logprobs, abs=1e-4
+    )
+    assert "".join(c.text for c in chunks) == whole.text
+
+
 def test_metrics(base_url: str) -> None:
     def gauge(name: str) -> float:
         text = requests.get(base_url + "/metrics").text

@@ -3,6 +3,7 @@ engine outputs -> the /generate and /encode JSON (runtime/response.py)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -198,7 +199,7 @@ def test_openai_sampling_mapping() -> None:
             "stop": ["x"],
             "seed": 3,
             "top_k": 4,
-            "response_format": {"type": "json_object"},
+            "response_format": {"type": "text"},
             "unknown_openai_field": True,
         },
     )
@@ -209,7 +210,6 @@ def test_openai_sampling_mapping() -> None:
         "stop": ["x"],
         "sampling_seed": 3,
         "max_new_tokens": 5,
-        "json_schema": '{"type": "object"}',
     }
     assert body.template_messages() == [{"role": "user", "content": "hi"}]
     image = protocol.validate_model(
@@ -218,6 +218,27 @@ def test_openai_sampling_mapping() -> None:
     )
     with pytest.raises(ProtocolError, match="only text parts"):
         image.template_messages()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format json_object is not supported"),
+        ({"tool_choice": "required", "tools": [{"type": "function"}]}, "tool_choice 'required' is not"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice {"),
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs: true."),
+    ],
+)
+def test_openai_chat_fields_this_server_cannot_honour(extra: dict, message: str) -> None:
+    body = protocol.validate_model(
+        protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **extra}
+    )
+    with pytest.raises(ProtocolError, match=re.escape(message)):
+        body.check_supported()
+    for fine in ({"tool_choice": "auto"}, {"tool_choice": "none"}, {"logprobs": True, "top_logprobs": 2}):
+        protocol.validate_model(
+            protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **fine}
+        ).check_supported()
 
 
 def test_openai_unsupported_fields() -> None:
