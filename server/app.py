@@ -985,8 +985,12 @@ async def _stream_openai(
                 continue
             if output.finished:
                 finals[index] = output
+            options = body.stream_options
+            running = _usage(state, [output], 1) if options and options.continuous_usage_stats else None
             for choice in choices_for(index, output):
-                message = response_cls(id=stream_id, created=created, model=name, choices=[choice])
+                message = response_cls(
+                    id=stream_id, created=created, model=name, choices=[choice], usage=running
+                )
                 yield b"data: " + message.model_dump_json().encode() + b"\n\n"
         if body.stream_options is not None and body.stream_options.include_usage:
             usage = _usage(state, finals, body.n)

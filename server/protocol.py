@@ -452,6 +452,8 @@ class _OpenAISampling(BaseModel):
         reject_unsupported(self.__dict__, ("lora_path", "session_params"))
         if self.n < 1:
             raise ProtocolError(f"n must be at least 1, got {self.n}.", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError("stream_options can only be set when stream is true.", param="stream_options")
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         """The native sampling_params equivalent; unset fields keep the native defaults."""

@@ -650,6 +650,17 @@ def test_openai_stream_chunks_share_one_id(live: LiveServer) -> None:
         )
     )
     assert len({chunk.id for chunk in chunks}) == 1 and len(chunks) > 3
+    running = list(
+        client.completions.create(
+            model="m", prompt="ab", max_tokens=3, stream=True, stream_options={"continuous_usage_stats": True}
+        )
+    )
+    counts = [chunk.usage.completion_tokens for chunk in running]
+    assert counts == sorted(counts) and counts[-1] == 3 and running[0].usage.prompt_tokens == 2
+    r = requests.post(
+        live.url + "/v1/completions", json={"prompt": "a", "stream_options": {"include_usage": True}}
+    )
+    assert r.status_code == 400 and r.json()["param"] == "stream_options", r.text
 
 
 # ----------------------------------------------------------------------------- other configurations
