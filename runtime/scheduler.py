@@ -551,7 +551,8 @@ class Scheduler:
 
     def _check_finish(self, req: Req, token: int) -> None:
         """The reference's order: the length limit first; then, unless ignore_eos, EOS and
-        stop_token_ids; then stop strings."""
+        stop_token_ids; then stop strings. Neither kind of stop ends a request before
+        min_new_tokens."""
         params = req.request.sampling_params
         reason: dict | None = None
         if len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length:
@@ -563,7 +564,9 @@ class Scheduler:
         if wants_text and (reason is None or reason["type"] == "length"):
             self._detokenize(req)
             if reason is None and params.stop:
-                found = find_stop_string(req.text, params.stop, req.stop_scan_from)
+                found = None
+                if len(req.output_ids) > params.min_new_tokens:  # no stop before the minimum, as for tokens
+                    found = find_stop_string(req.text, params.stop, req.stop_scan_from)
                 if found is not None:
                     position, stop = found
                     req.text = (

@@ -464,6 +464,9 @@ def test_stop_strings_and_stop_tokens_are_trimmed(smollm2_path):
         assert cut["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
         kept = engine.generate(prompt=chat, sampling_params=_greedy(20, stop=stop, no_stop_trim=True))
         assert kept["text"].endswith(stop)
+        # min_new_tokens holds stop strings back as it does stop tokens: no early match ends it.
+        held = engine.generate(prompt=chat, sampling_params=_greedy(20, stop=stop, min_new_tokens=15))
+        assert held["meta_info"]["completion_tokens"] > 15 and held["text"].startswith(full["text"][:30])
         streamed = list(engine.generate(prompt=chat, sampling_params=_greedy(20), stream=True))
         assert streamed[-1]["text"] == full["text"]
         assert all("\ufffd" not in event["text"] for event in streamed)
