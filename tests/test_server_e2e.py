@@ -546,16 +546,23 @@ def test_bare_server_api_key(bare_server: tuple[str, Any, Path]) -> None:
     assert r.status_code == 400 and "input_ids" in r.json()["error"]["message"]
 
 
-def test_sigterm_drains_running_requests(bare_server: tuple[str, Any, Path]) -> None:
-    url, process, log_path = bare_server
-    body = {"input_ids": [1, 2, 3, 4], "sampling_params": greedy(12, ignore_eos=True), "stream": True}
-    with requests.post(url + "/generate", json=body, headers=AUTH, stream=True, timeout=300) as r:
+def sigterm_mid_stream(
+    url: str, process: subprocess.Popen, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Send SIGTERM once a stream's first event arrived; the stream's last event before [DONE]."""
+    with requests.post(url + "/generate", json=body, headers=headers, stream=True, timeout=300) as r:
         lines = r.iter_lines()
         next(line for line in lines if line)
         os.kill(process.pid, signal.SIGTERM)
         events = [line for line in lines if line]
     assert events[-1] == b"data: [DONE]"
-    last = json.loads(events[-2][len(b"data: ") :])
+    return json.loads(events[-2][len(b"data: ") :])
+
+
+def test_sigterm_drains_running_requests(bare_server: tuple[str, Any, Path]) -> None:
+    url, process, log_path = bare_server
+    body = {"input_ids": [1, 2, 3, 4], "sampling_params": greedy(12, ignore_eos=True), "stream": True}
+    last = sigterm_mid_stream(url, process, body, AUTH)
     assert last["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
     assert len(last["output_ids"]) == 12
     assert process.wait(timeout=120) == 0
@@ -577,13 +584,7 @@ def test_sigterm_aborts_what_outlives_the_drain(model_path: Path, tmp_path: Path
     try:
         wait_for_server(url, timeout=STARTUP_TIMEOUT, process=process)
         body = {"text": "Count:", "sampling_params": greedy(3000, ignore_eos=True), "stream": True}
-        with requests.post(url + "/generate", json=body, stream=True, timeout=300) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line)
-            os.kill(process.pid, signal.SIGTERM)
-            events = [line for line in lines if line]
-        assert events[-1] == b"data: [DONE]"
-        last = json.loads(events[-2][len(b"data: ") :])
+        last = sigterm_mid_stream(url, process, body)
         assert last["meta_info"]["finish_reason"]["type"] == "abort", last["meta_info"]
         assert process.wait(timeout=120) == 0
         assert "Traceback" not in log_path.read_text()
