@@ -16,7 +16,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from runtime.io_struct import EngineRequest, RequestKind
 from runtime.sampling import SamplingParams
@@ -516,6 +525,13 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _user_says_something(self) -> ChatMessage:
+        """Only an assistant (tool calls) or tool message may come without content, as in the API."""
+        if self.content is None and self.role in ("user", "system"):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
 
 class ResponseFormat(BaseModel):

@@ -220,6 +220,16 @@ def test_openai_sampling_mapping() -> None:
         image.template_messages()
 
 
+def test_openai_user_messages_need_content() -> None:
+    for messages in ([{"role": "user"}], [{"role": "user", "content": None}]):
+        with pytest.raises(ProtocolError, match="a user message needs content"):
+            protocol.validate_model(protocol.ChatCompletionRequest, {"messages": messages})
+    protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {"messages": [{"role": "assistant"}, {"role": "user", "content": "x"}]},
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
