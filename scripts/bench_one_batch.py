@@ -16,6 +16,7 @@ scheduler does; and synced: each step waited for), tokens/s, the bandwidth
 floor (weights read once plus the KV read, over the measured two-thread
 bandwidth) and how far above it the step is, and the achieved GFLOP/s (useful
 FLOPs: real tokens, attention over the visible keys) against the matmul rate.
+On a GPU the roofline is the device's copy bandwidth and bf16 matmul rate.
 
     python scripts/bench_one_batch.py                      # SmolLM2, default cases
     python scripts/bench_one_batch.py --decode-batches 1 32 --prefill-cases 1x512 --iters 10
@@ -93,12 +94,29 @@ def measure_machine(hidden: int, vocab: int, skinny_rows: list[int], repeats: in
     a = jnp.ones((n, n), jnp.float32)
     matmul_s = best_time(lambda: dot(a, a).block_until_ready(), repeats)
     return {
+        "bandwidth_source": "numpy read (2 threads)",
+        "bandwidth_gb_s": host.nbytes / two_threads / 1e9,
         "numpy_read_1thread_gb_s": host.nbytes / one_thread / 1e9,
-        "numpy_read_2threads_gb_s": host.nbytes / two_threads / 1e9,
         "jax_sum_gb_s": host.nbytes / jax_sum_s / 1e9,
-        "matmul_2048_gflop_s": 2 * n**3 / matmul_s / 1e9,
+        "matmul_source": "float32 matmul 2048^3",
+        "matmul_gflop_s": 2 * n**3 / matmul_s / 1e9,
         "lm_head_dot": {f"{rows}x{hidden}x{vocab}": value for rows, value in skinny.items()},
         "load": load_note(),
+    }
+
+
+def measure_accelerator(repeats: int) -> dict[str, Any]:
+    """On a GPU the roofline is the device's: its copy bandwidth and bf16 matmul rate, as bench_kernels."""
+    import jax
+    from bench_kernels import measure_ceilings
+
+    ceilings = measure_ceilings(on_gpu=True, iterations=repeats)
+    return {
+        "device": jax.devices()[0].device_kind,
+        "bandwidth_source": "device copy (bytes read + written)",
+        "bandwidth_gb_s": ceilings.bandwidth / 1e9,
+        "matmul_source": f"{ceilings.matmul_dtype} matmul 8192^3",
+        "matmul_gflop_s": ceilings.flops / 1e9,
     }
 
 
@@ -119,9 +137,10 @@ class ModelCost:
     tied: bool
     weight_bytes: int  # every parameter
     embed_bytes: int  # the input embedding table
+    itemsize: int  # bytes per weight and KV element
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], weight_bytes: int) -> ModelCost:
+    def from_config(cls, config: dict[str, Any], weight_bytes: int, itemsize: int) -> ModelCost:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         vocab = int(config["vocab_size"])
@@ -135,7 +154,8 @@ class ModelCost:
             vocab=vocab,
             tied=bool(config.get("tie_word_embeddings", False)),
             weight_bytes=weight_bytes,
-            embed_bytes=vocab * hidden * 4,
+            embed_bytes=vocab * hidden * itemsize,
+            itemsize=itemsize,
         )
 
     @property
@@ -145,7 +165,7 @@ class ModelCost:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * 4
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.itemsize
 
     def linear_flops(self, tokens: int) -> float:
         """Projections and MLP of every layer."""
@@ -318,6 +338,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--load-format", default="auto", help="dummy: random weights (scripts/write_model_config.py)."
     )
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--attention-backend", default="auto", help="auto, pallas or reference (as the server flag)."
+    )
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--decode-context", type=int, default=256, help="KV depth of each decode row.")
     parser.add_argument("--prefill-cases", nargs="*", default=["1x64", "1x128", "1x256", "1x512", "4x128"])
@@ -340,20 +363,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = model_config(args.model_path)
     cases = parse_cases(args)
     decode_rows = sorted({1, *(c.decode for c in cases if c.decode)})
+    import jax
+    from flax import nnx
+
     print(f"machine ({load_note()}) ...", flush=True)
     if args.skip_machine:
         if args.bandwidth is None or args.matmul_rate is None:
             parser.error("--skip-machine needs --bandwidth and --matmul-rate")
-        machine = {"numpy_read_2threads_gb_s": args.bandwidth, "matmul_2048_gflop_s": args.matmul_rate}
+        machine = {"bandwidth_gb_s": args.bandwidth, "matmul_gflop_s": args.matmul_rate}
+    elif jax.default_backend() == "gpu":
+        machine = measure_accelerator(args.repeats)
     else:
         machine = measure_machine(
             int(config["hidden_size"]), int(config["vocab_size"]), decode_rows, args.repeats
         )
-    bandwidth = machine["numpy_read_2threads_gb_s"] * 1e9
-    matmul_rate = machine["matmul_2048_gflop_s"] * 1e9
-
-    import jax
-    from flax import nnx
+    bandwidth = machine["bandwidth_gb_s"] * 1e9
+    matmul_rate = machine["matmul_gflop_s"] * 1e9
 
     from runtime.engine import Engine
     from runtime.server_args import ServerArgs
@@ -371,6 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             load_format=args.load_format,
             dtype=args.dtype,
             skip_tokenizer_init=args.load_format == "dummy",  # a config-only folder has no tokenizer
+            attention_backend=args.attention_backend,
         )
     )
     rows = []
@@ -378,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         runner, buckets = engine.runner, engine.scheduler.buckets
         params = jax.tree_util.tree_leaves(nnx.state(engine.model, nnx.Param))
-        cost = ModelCost.from_config(config, sum(int(p.nbytes) for p in params))
+        cost = ModelCost.from_config(config, sum(int(p.nbytes) for p in params), params[0].dtype.itemsize)
         rng = np.random.default_rng(0)
         for case in cases:
             batch = build_batch(case, runner, buckets, page_size, rng)
@@ -419,16 +445,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         engine.shutdown()
 
     print(f"\n{Path(args.model_path).name}: {cost.weight_bytes / 1e6:.0f} MB of weights, {load_note()}")
-    print(
-        f"machine: numpy read {machine['numpy_read_2threads_gb_s']:.1f} GB/s (2 threads)"
-        + (
-            f", {machine['numpy_read_1thread_gb_s']:.1f} GB/s (1 thread), jax sum "
-            f"{machine['jax_sum_gb_s']:.1f} GB/s"
-            if "jax_sum_gb_s" in machine
-            else ""
-        )
-        + f"; matmul 2048^3 {machine['matmul_2048_gflop_s']:.0f} GFLOP/s"
-    )
+    print(f"machine: {machine['bandwidth_source']} {machine['bandwidth_gb_s']:.1f} GB/s", end="")
+    if "jax_sum_gb_s" in machine:
+        one_thread, jax_sum = machine["numpy_read_1thread_gb_s"], machine["jax_sum_gb_s"]
+        print(f", {one_thread:.1f} GB/s (1 thread), jax sum {jax_sum:.1f} GB/s", end="")
+    print(f"; {machine['matmul_source']} {machine['matmul_gflop_s']:.0f} GFLOP/s")
     for shape, value in machine.get("lm_head_dot", {}).items():
         rate = f"{value['gb_s']:.1f} GB/s, {value['gflop_s']:.0f} GFLOP/s"
         print(f"  LM head dot {shape}: {value['ms']:.2f} ms, {rate}")

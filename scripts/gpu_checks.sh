@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The checks and benchmarks a session with a GPU (H100 / H200) runs, in priority order.
+#
+#   scripts/gpu_checks.sh RESULTS_DIR [STEP ...]     # default: every step
+#
+# A GPU is lent to few sessions and for minutes, so every step has its own time
+# limit and writes its own log into RESULTS_DIR (a step that runs out of time
+# costs only itself), and the folder is packed into RESULTS_DIR.tgz after each
+# step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
+# own limit. The machine has
+# no network: the model is the published Qwen2.5-0.5B shape with random weights.
+set -u
+results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
+shift
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_pallas serving_pallas_b1
+    serving_pallas_b64 one_batch_reference serving_reference_b64 one_batch_slice_fusion serving_reference_b1)
+mkdir -p "$results"
+archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PY=${PYTHON:-python3} MODEL=${MODEL:-/tmp/qwen2.5-0.5b-shape} results
+export SERVER_ARGS="--load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-total-tokens 262144"
+ONE_BATCH=(scripts/bench_one_batch.py --model-path "$MODEL" --load-format dummy --dtype bfloat16 --iters 20)
+
+[ -d "$MODEL" ] || $PY scripts/write_model_config.py --out "$MODEL" >/dev/null
+
+env_report() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c 'import jax, flax, transformers; print("jax", jax.__version__, jax.devices(), "flax", flax.__version__,
+"transformers", transformers.__version__)'
+}
+
+serving() {  # backend, concurrency
+    $PY scripts/bench_serving.py --launch "$MODEL" --server-args "$SERVER_ARGS --attention-backend $1" \
+        --num-prompts "$2" --input-len-range 128 128 --output-len-range 256 256 --warmup-pass \
+        --disable-tqdm --server-log "$results/server_$1_b$2.log" --output-file "$results/serving_$1_b$2.json"
+}
+export -f env_report serving
+
+run_step() {
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "=== $name (limit ${limit} s)"
+    timeout -k 5 "$limit" "$@" >"$results/$name.txt" 2>&1
+    rc=$?
+    pkill -f server.launch_server && sleep 2  # a launched server runs in its own session: timeout misses it
+    tail -n 25 "$results/$name.txt"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    tar czf "$archive" -C "$(dirname "$results")" "$(basename "$results")"
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+    env) run_step env 60 bash -c env_report ;;
+    # Natively compiled kernels against their references (the interpreter-only tests skip themselves).
+    kernel_tests) run_step kernel_tests 180 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        $PY -m pytest -q -m kernels tests/kernels -n 4 -p no:cacheprovider --timeout 120 ;;
+    bench_kernels) run_step bench_kernels 150 $PY scripts/bench_kernels.py ;;
+    one_batch_pallas) run_step one_batch_pallas 180 $PY "${ONE_BATCH[@]}" --attention-backend pallas \
+        --decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256 \
+        --output-file "$results/one_batch_pallas.json" ;;
+    one_batch_reference) run_step one_batch_reference 120 $PY "${ONE_BATCH[@]}" --attention-backend reference \
+        --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases --output-file "$results/one_batch_reference.json" ;;
+    # XLA can hand a scanned layer's weight slice straight to cuBLAS instead of copying it first.
+    one_batch_slice_fusion) run_step one_batch_slice_fusion 90 env \
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" $PY "${ONE_BATCH[@]}" \
+        --attention-backend pallas --decode-batches 1 64 --prefill-cases --mixed-cases \
+        --output-file "$results/one_batch_slice_fusion.json" ;;
+    serving_pallas_b1) run_step serving_pallas_b1 150 bash -c 'serving pallas 1' ;;
+    serving_pallas_b64) run_step serving_pallas_b64 150 bash -c 'serving pallas 64' ;;
+    serving_reference_b1) run_step serving_reference_b1 150 bash -c 'serving reference 1' ;;
+    serving_reference_b64) run_step serving_reference_b64 150 bash -c 'serving reference 64' ;;
+    *) echo "unknown step $step" >&2 ;;
+    esac
+done
