@@ -672,7 +672,12 @@ def ragged_paged_attention(
 
     backend: "auto" (pick), "pallas" (the kernel; falls back to the reference
     with a one-line warning where it cannot run), "reference" (XLA).
+    "auto" gives decode-only steps to the reference: on an H200 the kernel
+    was 1.2-4x slower there and 1.4-3x faster on prefill and mixed steps
+    (docs/benchmarks.md, GPU section).
     """
+    if backend == "auto" and meta.max_prefill_q_len == 0:
+        backend = "reference"
     chosen = resolve_backend(backend, "ragged_paged_attention", kernel_unsupported_reason(q, k_pool))
     if chosen == "pallas":
         return ragged_paged_attention_mgpu(q, k_pool, v_pool, layer, meta, sm_scale)

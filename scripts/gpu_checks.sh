@@ -13,7 +13,7 @@ set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_pallas serving_pallas_b1
+[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto one_batch_pallas serving_pallas_b1
     serving_pallas_b64 one_batch_reference serving_reference_b64 one_batch_slice_fusion serving_reference_b1)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
@@ -56,6 +56,9 @@ for step in "${steps[@]}"; do
     kernel_tests) run_step kernel_tests 180 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
         $PY -m pytest -q -m kernels tests/kernels -n 4 -p no:cacheprovider --timeout 120 ;;
     bench_kernels) run_step bench_kernels 150 $PY scripts/bench_kernels.py ;;
+    one_batch_auto) run_step one_batch_auto 180 $PY "${ONE_BATCH[@]}" --attention-backend auto \
+        --decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256 \
+        --output-file "$results/one_batch_auto.json" ;;
     one_batch_pallas) run_step one_batch_pallas 180 $PY "${ONE_BATCH[@]}" --attention-backend pallas \
         --decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256 \
         --output-file "$results/one_batch_pallas.json" ;;

@@ -488,3 +488,22 @@ def test_stop_strings_and_stop_tokens_are_trimmed(smollm2_path):
             assert kept["text"] == engine.tokenizer.decode(ids[:4]), (stream, kept["text"])
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype", "expected"),
+    [("gpu", "float32", "highest"), ("gpu", "bfloat16", None), ("cpu", "float32", None)],
+)
+def test_float32_on_gpu_multiplies_in_float32(monkeypatch, backend, dtype, expected):
+    """XLA's GPU default is TF32 for float32 products; float32 serving asks for the real thing."""
+    import jax
+
+    from runtime import engine
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    before = jax.config.jax_default_matmul_precision
+    try:
+        engine._keep_float32_exact(dtype)
+        assert jax.config.jax_default_matmul_precision == (expected or before)
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)

@@ -7,6 +7,7 @@ with JAX >= 0.11, "auto" must pick the kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -84,6 +85,34 @@ def test_auto_is_silent(caplog):
     with caplog.at_level(logging.WARNING, logger="kernels_pallas"):
         rpa.ragged_paged_attention(*small_attention_inputs(), 0.125)
     assert not caplog.records
+
+
+@pytest.mark.skipif(not _backend.MOSAIC_GPU_AVAILABLE, reason=_backend.UNAVAILABLE_REASON)
+def test_auto_gives_decode_only_steps_to_the_reference(monkeypatch):
+    """Decode-only steps measured faster in XLA on an H200; "pallas" still forces the kernel there."""
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[4].max_prefill_q_len)
+        return rpa.ragged_paged_attention_reference(*args, **kwargs)
+
+    monkeypatch.setattr(_backend, "on_gpu", lambda: True)
+    monkeypatch.setattr(rpa, "ragged_paged_attention_mgpu", kernel)
+    q, k_pool, v_pool, layer, meta = small_attention_inputs()
+    decode = dataclasses.replace(
+        meta,
+        cu_q_lens=jnp.asarray([0, 1, 2], jnp.int32),
+        write_slots=jnp.zeros((2,), jnp.int32),
+        num_tokens=jnp.int32(2),
+        num_decode_seqs=2,
+        max_prefill_q_len=0,
+    )
+    rpa.ragged_paged_attention(q[:2], k_pool, v_pool, layer, decode, 0.125)
+    assert calls == []
+    rpa.ragged_paged_attention(q, k_pool, v_pool, layer, meta, 0.125)
+    assert calls == [4]
+    rpa.ragged_paged_attention(q[:2], k_pool, v_pool, layer, decode, 0.125, backend="pallas")
+    assert calls == [4, 0]
 
 
 @pytest.mark.skipif(not kernels_usable, reason="needs a GPU and JAX >= 0.11")
