@@ -54,6 +54,28 @@ def as_operands(x: jax.Array, dtype: Any) -> list[jax.Array]:
     return parts
 
 
+def as_operands_outside_kernel(x: jax.Array, dtype: Any) -> list[jax.Array]:
+    """`as_operands` for XLA code around a kernel: the parts cut from the float32 bits themselves.
+
+    `as_operands` finds each part's remainder as `rest - f32(bf16(rest))`; XLA's
+    GPU pipeline (excess precision allowed, its default) folds that round trip
+    to `rest - rest`, which zeroes the mid and lo parts: a native H200 run of
+    the float32 attention kernel, whose Q is split here, was off by ~1.5e-3 of
+    the output's scale, one bfloat16 product's error. Masking the low 16 bits
+    instead gives parts that are truncations, exact in bfloat16, with no
+    conversion to fold; hi + mid + lo still equals the float32 value.
+    """
+    if not is_split(dtype):
+        return [x.astype(dtype)]
+    parts, rest = [], x.astype(jnp.float32)
+    for _ in range(SPLIT_PARTS):
+        bits = jax.lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000)
+        head = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        parts.append(head.astype(jnp.bfloat16))
+        rest = rest - head
+    return parts
+
+
 def swizzled(dtype: Any) -> tuple:
     """SMEM transforms for 128-byte swizzled rows of `dtype` (what TMA and wgmma read fastest)."""
     return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128))

@@ -28,6 +28,7 @@ from kernels_pallas._backend import pl, plgpu, resolve_backend, sm_count
 from kernels_pallas.float32_parts import (
     SPLIT_PARTS,
     as_operands,
+    as_operands_outside_kernel,
     num_parts,
     operand_dtype,
     product_terms,
@@ -233,7 +234,7 @@ def ragged_paged_attention_reference(
 # full across item boundaries, and runs an online softmax in f32. Q tiles are
 # gathered into a padded `[items, 64, head_dim]` buffer by XLA and the output
 # comes back the same way; both are small next to the KV they read. Float32
-# inputs run as bfloat16 parts (float32_parts.py): Q split by XLA, each KV
+# inputs run as bfloat16 parts (float32_parts.py): Q split by XLA (from its bits), each KV
 # block and P split by the consumer into SMEM, six wgmmas per product.
 
 # Columns of the int32 work table read by the kernel.
@@ -611,7 +612,7 @@ def ragged_paged_attention_mgpu(
     group = num_heads // kv_heads
     plan = _plan_work(meta, num_tokens, num_heads, kv_heads, block_kv)
     q_tiles = q.at[plan.q_rows[..., 0], plan.q_rows[..., 1]].get(mode="fill", fill_value=0)
-    q_tiles = jnp.stack(as_operands(q_tiles, q.dtype), axis=1)  # [items, parts, rows, head_dim]
+    q_tiles = jnp.stack(as_operands_outside_kernel(q_tiles, q.dtype), axis=1)  # [items, parts, rows, D]
     num_items, parts = q_tiles.shape[:2]
     parts_dtype = operand_dtype(q.dtype)
     copies_per_block = block_kv // min(k_pool.shape[2], block_kv)

@@ -370,7 +370,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.skip_machine:
         if args.bandwidth is None or args.matmul_rate is None:
             parser.error("--skip-machine needs --bandwidth and --matmul-rate")
-        machine = {"bandwidth_gb_s": args.bandwidth, "matmul_gflop_s": args.matmul_rate}
+        machine = {
+            "bandwidth_source": "given (--bandwidth)",
+            "bandwidth_gb_s": args.bandwidth,
+            "matmul_source": "given (--matmul-rate)",
+            "matmul_gflop_s": args.matmul_rate,
+        }
     elif jax.default_backend() == "gpu":
         machine = measure_accelerator(args.repeats)
     else:
