@@ -8,6 +8,7 @@ record plain (no device arrays, no requests) lets each side be tested alone.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -17,6 +18,8 @@ from runtime.sampling import SamplingBatch
 MIN_PAGE_TABLE_WIDTH = 8
 # With a prefill chunk in the batch the decode rows pad to at least this many (the chunk dwarfs them).
 MIN_MIXED_DECODE_ROWS = 8
+# A step may run on a compiled program this much larger (tokens, page-table width) while its own compiles.
+MAX_BORROW_FACTOR = 2
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -101,6 +104,56 @@ class Buckets:
         return (decode_only + with_prefill) * len(self.page_table_width)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The padded sizes a step program is specialised on."""
+
+    decode: int  # decode rows
+    prefill_seqs: int
+    prefill_tokens: int
+    max_q: int  # the longest prefill chunk, padded (0: a decode-only step)
+    width: int  # page-table columns
+
+    @property
+    def tokens(self) -> int:
+        return self.decode + self.prefill_tokens
+
+    @property
+    def key(self) -> tuple[int, int, int, int, int]:
+        """(tokens, seqs, page-table width, decode rows, max q), as the logs print it."""
+        return (self.tokens, self.decode + self.prefill_seqs, self.width, self.decode, self.max_q)
+
+    def holds(self, other: StepShape) -> bool:
+        """Whether a step of shape `other` fits this shape's program: every size at least as large.
+
+        The extra decode rows, sequences and tokens are padding, as bucket padding is.
+        """
+        return (
+            self.decode >= other.decode
+            and self.prefill_seqs >= other.prefill_seqs
+            and self.prefill_tokens >= other.prefill_tokens
+            and self.max_q >= other.max_q
+            and self.width >= other.width
+        )
+
+
+def borrowable_shape(need: StepShape, compiled: Iterable[StepShape]) -> StepShape | None:
+    """The cheapest compiled shape that holds `need` at most MAX_BORROW_FACTOR larger, else None.
+
+    Running a step padded further costs a little (every padded token goes through the
+    matmuls); compiling its own program first stalls every running request for a
+    second or two (0.5-2.5 s a program on the 2-core box and on an H200).
+    """
+    fits = [
+        shape
+        for shape in compiled
+        if shape.holds(need)
+        and shape.tokens <= MAX_BORROW_FACTOR * need.tokens
+        and shape.width <= MAX_BORROW_FACTOR * need.width
+    ]
+    return min(fits, key=lambda s: (s.tokens, s.width, s.prefill_seqs, s.max_q), default=None)
+
+
 @dataclasses.dataclass
 class ScheduledBatch:
     """One step: decode rows first (one token each), then prefill chunks, all padded."""
@@ -123,13 +176,17 @@ class ScheduledBatch:
     def num_padded_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def shape_key(self) -> tuple[int, ...]:
-        """What a compiled program is specialised on."""
-        return (
-            self.num_padded_tokens,
-            int(self.kv_lens.shape[0]),
-            int(self.page_table.shape[1]),
-            self.num_decode_seqs,
-            self.max_prefill_q_len,
-            int(self.sampling.suppressed_ids.shape[1]),
+    def step_shape(self) -> StepShape:
+        """The shape of the step program that runs this batch."""
+        seqs = int(self.kv_lens.shape[0])
+        return StepShape(
+            decode=self.num_decode_seqs,
+            prefill_seqs=seqs - self.num_decode_seqs,
+            prefill_tokens=self.num_padded_tokens - self.num_decode_seqs,
+            max_q=self.max_prefill_q_len,
+            width=int(self.page_table.shape[1]),
         )
+
+    def shape_key(self) -> tuple[int, ...]:
+        """What the compiled programs are specialised on: the step's shape, then the sampler's ids width."""
+        return (*self.step_shape().key, int(self.sampling.suppressed_ids.shape[1]))

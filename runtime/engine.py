@@ -286,6 +286,7 @@ class Engine:
                     [EngineRequest(rid=f"warmup-p{length}", input_ids=prompt, sampling_params=params)]
                 )
             smaller = bucket
+        self.runner.wait_for_background_compiles()
         self.flush_cache()
         logger.info(
             "Warm-up compiled %d programs in %.1f s", self.num_compiled_programs, time.monotonic() - started

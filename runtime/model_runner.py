@@ -5,12 +5,19 @@ argument of every program, so a same-shaped swap recompiles nothing), the KV
 pool and the penalty tables (donated and written in place), the expert
 histogram, and the previous step's sampled tokens, which the next step reads
 directly so the host can dispatch step N+1 before it has read step N.
+
+A step whose shape has no program yet borrows a compiled one that holds it (at
+most MAX_BORROW_FACTOR larger) while its own compiles on a background thread;
+only a step that no program holds compiles inline, stalling the loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
-from runtime.batch import ScheduledBatch
+from runtime.batch import ScheduledBatch, StepShape, borrowable_shape
 from runtime.kv_pool import KVPool
 from runtime.sampling import reset_penalty_rows, sample, update_output_counts
 
@@ -62,6 +69,26 @@ class ModelRunner:
         self.slot_tokens = jnp.zeros((self.penalty_rows,), jnp.int32)
         self._commit_state()
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2, 3))
+        # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
+        state = (
+            self.params,
+            self.pool.k_pool,
+            self.pool.v_pool,
+            self.expert_hist,
+            self.recording,
+            self.slot_tokens,
+        )
+        self._abstract_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+        )
+        self.borrow_programs = True
+        self._shapes_lock = threading.Lock()
+        self._compiled_shapes: set[StepShape] = set()  # in the jit cache or in _background_programs
+        self._background_programs: dict[StepShape, jax.stages.Compiled] = {}
+        self._queued_shapes: set[StepShape] = set()
+        self._compile_queue: queue.Queue[StepShape | None] = queue.Queue()
+        self._compiler = threading.Thread(target=self._compile_loop, name="step-compiler", daemon=True)
+        self._compiler.start()
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
@@ -99,6 +126,72 @@ class ModelRunner:
         slot_tokens = slot_tokens.at[jnp.where(sample_valid, sampling.penalty_slot, 0)].set(out.tokens)
         return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
 
+    # -- which program runs a step ------------------------------------------------------------
+
+    def shape_for(self, need: StepShape) -> StepShape:
+        """The shape to pad a step to: its own when compiled (or when nothing compiled holds it),
+        else the cheapest compiled shape that holds it, while its own compiles in the background."""
+        with self._shapes_lock:
+            if not self.borrow_programs or need in self._compiled_shapes:
+                return need
+            borrowed = borrowable_shape(need, self._compiled_shapes)
+            if borrowed is not None and need not in self._queued_shapes:
+                self._queued_shapes.add(need)
+                self._compile_queue.put(need)
+        if borrowed is not None:
+            logger.info(
+                "Step %s runs on the compiled %s while its own program compiles", need.key, borrowed.key
+            )
+        return borrowed or need
+
+    def _compile_loop(self) -> None:
+        while (shape := self._compile_queue.get()) is not None:
+            started = time.monotonic()
+            try:
+                program = self._forward.lower(*self._abstract_step_args(shape)).compile()
+            except Exception:  # the step then compiles inline, where its error reaches the request
+                logger.exception("Background compile of step program %s failed", shape.key)
+                with self._shapes_lock:
+                    self.borrow_programs = False
+                continue
+            with self._shapes_lock:
+                self._background_programs[shape] = program
+                self._compiled_shapes.add(shape)
+            logger.info(
+                "Compiled step program %s in the background in %.1f s", shape.key, time.monotonic() - started
+            )
+
+    def _abstract_step_args(self, shape: StepShape) -> tuple:
+        """The forward's arguments as shapes alone: lowering needs no values."""
+        seqs = shape.decode + shape.prefill_seqs
+        ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)
+        host = {name: ints(shape.tokens) for name in ("input_ids", "token_source", "positions")}
+        host["sample_rows"] = ints(seqs)
+        meta = AttentionMetadata(
+            cu_q_lens=ints(seqs + 1),
+            kv_lens=ints(seqs),
+            page_table=ints(seqs, shape.width),
+            write_slots=ints(shape.tokens),
+            num_tokens=ints(),
+            num_decode_seqs=shape.decode,
+            max_prefill_q_len=shape.max_q,
+        )
+        return (*self._abstract_state, host, meta)
+
+    def wait_for_background_compiles(self) -> None:
+        """Block until every queued program is compiled (the warm-up ends with this)."""
+        while True:
+            with self._shapes_lock:
+                if not self.borrow_programs or self._queued_shapes <= self._compiled_shapes:
+                    return
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._compile_queue.put(None)
+        self._compiler.join(timeout=60)
+
+    # -- the step -----------------------------------------------------------------------------
+
     def run(self, batch: ScheduledBatch) -> StepOutput:
         """Dispatch one step asynchronously; the returned handles resolve when it ends."""
         host = {
@@ -117,8 +210,10 @@ class ModelRunner:
             max_prefill_q_len=batch.max_prefill_q_len,
         )
         host, meta, sampling, sample_valid = jax.device_put((host, meta, batch.sampling, batch.sample_valid))
+        shape = batch.step_shape()
+        forward = self._background_programs.get(shape, self._forward)
         programs_before = self._forward._cache_size()
-        logits, hidden, k_pool, v_pool, hist = self._forward(
+        logits, hidden, k_pool, v_pool, hist = forward(
             self.params,
             self.pool.k_pool,
             self.pool.v_pool,
@@ -130,9 +225,10 @@ class ModelRunner:
         )
         if self._forward._cache_size() > programs_before:
             logger.info(
-                "New step program for (tokens, seqs, page-table width, decode rows, max q) %s",
-                batch.shape_key()[:5],
+                "New step program for (tokens, seqs, page-table width, decode rows, max q) %s", shape.key
             )
+            with self._shapes_lock:
+                self._compiled_shapes.add(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
         tokens, chosen, logprobs, self.output_counts, self.slot_tokens = self._sample(
             logits, sampling, self.output_counts, self.prompt_mask, self.slot_tokens, sample_valid
@@ -189,8 +285,11 @@ class ModelRunner:
     # -- weights and accounting ------------------------------------------------------------------
 
     def swap_params(self, new_params) -> None:
-        """Same structure, shapes and dtypes as the serving weights, so nothing recompiles."""
-        self.params = new_params
+        """Same structure, shapes and dtypes as the serving weights, so nothing recompiles.
+
+        Placed as the old ones: the programs were compiled for committed weights.
+        """
+        self.params = jax.device_put(new_params, jax.tree.map(lambda x: x.sharding, self.params))
 
     def set_recording(self, on: bool) -> None:
         self.recording = jax.device_put(jnp.asarray(1 if on else 0, jnp.int32), self.recording.sharding)
@@ -205,9 +304,9 @@ class ModelRunner:
     def num_compiled_programs(self) -> int:
         """Programs in the jit caches: what XLA really compiled (or loaded from the disk cache)."""
         jitted = (self._forward, self._sample, self._reset_penalties, self._readout, self._token_logprobs)
-        return sum(fn._cache_size() for fn in jitted)
+        return sum(fn._cache_size() for fn in jitted) + len(self._background_programs)
 
     @property
     def num_step_programs(self) -> int:
-        """Forward programs alone, the ones the bucket bound speaks of."""
-        return self._forward._cache_size()
+        """Forward programs alone, the ones the bucket bound speaks of (inline and background)."""
+        return self._forward._cache_size() + len(self._background_programs)

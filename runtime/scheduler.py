@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from runtime.batch import MIN_MIXED_DECODE_ROWS, Buckets, ScheduledBatch, bucket_for, next_power_of_two
+from runtime.batch import (
+    MIN_MIXED_DECODE_ROWS,
+    Buckets,
+    ScheduledBatch,
+    StepShape,
+    bucket_for,
+    next_power_of_two,
+)
 from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
@@ -117,6 +124,7 @@ class Scheduler:
         self._stop.set()
         self.inbox.put(("wake",))
         self._thread.join(timeout=30)
+        self.runner.close()
 
     def submit(self, req: Req) -> None:
         self.inbox.put(("req", req))
@@ -379,10 +387,11 @@ class Scheduler:
         padded_prefill_tokens = bucket_for(prefill_tokens, self.buckets.prefill_tokens)
         max_q = next_power_of_two(max((take for _, take in prefills), default=0), 16) if prefills else 0
         max_q = min(max_q, padded_prefill_tokens)
-        num_tokens = num_decode + padded_prefill_tokens
-        num_seqs = num_decode + num_prefill
         kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
         width = bucket_for(max(-(-kv // ps) for kv in kv_after), self.buckets.page_table_width)
+        shape = self.runner.shape_for(StepShape(num_decode, num_prefill, padded_prefill_tokens, max_q, width))
+        num_decode, num_prefill, max_q, width = shape.decode, shape.prefill_seqs, shape.max_q, shape.width
+        num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 
         input_ids = np.zeros(num_tokens, np.int32)
         token_source = np.full(num_tokens, -1, np.int32)

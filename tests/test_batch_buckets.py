@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.batch import Buckets, bucket_for, prefill_token_buckets, width_buckets
+from runtime.batch import (
+    Buckets,
+    StepShape,
+    borrowable_shape,
+    bucket_for,
+    prefill_token_buckets,
+    width_buckets,
+)
 
 
 def test_width_buckets_quarter_steps_from_16_pages():
@@ -46,3 +53,28 @@ def test_buckets_build_lists_every_dimension():
     assert buckets.prefill_tokens == [0, *prefill_token_buckets(2048)]
     assert buckets.page_table_width == width_buckets(8, 128)
     assert buckets.max_programs() > len(buckets.page_table_width) * (len(buckets.decode_seqs) - 1)
+
+
+def test_a_shape_holds_every_smaller_or_equal_step():
+    big = StepShape(decode=8, prefill_seqs=2, prefill_tokens=64, max_q=64, width=16)
+    assert big.key == (72, 10, 16, 8, 64)
+    assert big.holds(big)
+    assert big.holds(StepShape(decode=4, prefill_seqs=0, prefill_tokens=0, max_q=0, width=8))
+    assert not big.holds(StepShape(decode=16, prefill_seqs=0, prefill_tokens=0, max_q=0, width=8))
+    assert not big.holds(StepShape(decode=8, prefill_seqs=4, prefill_tokens=64, max_q=16, width=16))
+    assert not big.holds(StepShape(decode=8, prefill_seqs=2, prefill_tokens=64, max_q=128, width=16))
+    assert not big.holds(StepShape(decode=8, prefill_seqs=2, prefill_tokens=64, max_q=64, width=20))
+
+
+def test_borrowing_takes_the_cheapest_holder_at_most_twice_as_large():
+    need = StepShape(decode=4, prefill_seqs=0, prefill_tokens=0, max_q=0, width=12)
+    decode8_w16 = StepShape(decode=8, prefill_seqs=0, prefill_tokens=0, max_q=0, width=16)
+    decode8_w24 = StepShape(decode=8, prefill_seqs=0, prefill_tokens=0, max_q=0, width=24)
+    decode16 = StepShape(decode=16, prefill_seqs=0, prefill_tokens=0, max_q=0, width=12)
+    decode2 = StepShape(decode=2, prefill_seqs=0, prefill_tokens=0, max_q=0, width=32)
+    assert borrowable_shape(need, [decode8_w24, decode8_w16, decode2]) == decode8_w16
+    assert borrowable_shape(need, [decode16, decode2]) is None  # 4x the tokens: compile instead
+    assert borrowable_shape(need, [StepShape(8, 0, 0, 0, 32)]) is None  # width past 2x
+    assert borrowable_shape(need, []) is None
+    mixed = StepShape(decode=8, prefill_seqs=1, prefill_tokens=16, max_q=16, width=12)
+    assert borrowable_shape(StepShape(8, 1, 16, 16, 8), [mixed, decode8_w16]) == mixed

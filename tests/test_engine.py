@@ -507,3 +507,38 @@ def test_float32_on_gpu_multiplies_in_float32(monkeypatch, backend, dtype, expec
         assert jax.config.jax_default_matmul_precision == (expected or before)
     finally:
         jax.config.update("jax_default_matmul_precision", before)
+
+
+def test_a_new_step_shape_borrows_a_compiled_program_while_its_own_compiles(tiny_llama_path, caplog):
+    """No stall on a new shape that a compiled program holds: the step runs padded to it, and
+    its own program compiles on the background thread and serves the next such step."""
+    rng = np.random.default_rng(17)
+    prompts = [rng.integers(100, 40000, size=20).tolist() for _ in range(6)]  # no prefix shared
+    plain = _engine(tiny_llama_path, chunked_prefill_size=64)
+    plain.runner.borrow_programs = False
+    try:
+        expected = _batched_ids(plain, prompts[:2], [6, 6])
+    finally:
+        plain.shutdown()
+    engine = _engine(tiny_llama_path, chunked_prefill_size=64)
+    try:
+        runner = engine.runner
+        _batched_ids(engine, prompts[2:], [6] * 4)  # compiles the shapes of four sequences
+        inline = runner._forward._cache_size()
+        with caplog.at_level("INFO", logger="runtime.model_runner"):
+            assert _batched_ids(engine, prompts[:2], [6, 6]) == expected
+        assert runner._forward._cache_size() == inline, "a step compiled inline"
+        assert any("while its own program compiles" in r.getMessage() for r in caplog.records)
+        runner.wait_for_background_compiles()
+        assert runner._background_programs
+        ran = []
+        run = runner.run
+        runner.run = lambda batch: ran.append(batch.step_shape()) or run(batch)
+        engine.flush_cache()  # the same prompts again, prefilled whole
+        assert _batched_ids(engine, prompts[:2], [6, 6]) == expected
+        assert set(ran) <= set(runner._background_programs) | runner._compiled_shapes
+        assert any(shape in runner._background_programs for shape in ran)
+        assert runner._forward._cache_size() == inline
+        assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
