@@ -140,6 +140,9 @@ class StepShape:
 def borrowable_shape(need: StepShape, compiled: Iterable[StepShape]) -> StepShape | None:
     """The cheapest compiled shape that holds `need` at most MAX_BORROW_FACTOR larger, else None.
 
+    Larger means tokens, decode rows (from MIN_MIXED_DECODE_ROWS) and page-table
+    width; a decode-only step borrows only decode-only programs.
+
     Running a step padded further costs a little (every padded token goes through the
     matmuls); compiling its own program first stalls every running request for a
     second or two (0.5-2.5 s a program on the 2-core box and on an H200).
@@ -148,7 +151,9 @@ def borrowable_shape(need: StepShape, compiled: Iterable[StepShape]) -> StepShap
         shape
         for shape in compiled
         if shape.holds(need)
+        and (shape.max_q == 0) == (need.max_q == 0)  # decode-only steps keep their own attention path
         and shape.tokens <= MAX_BORROW_FACTOR * need.tokens
+        and shape.decode <= MAX_BORROW_FACTOR * max(need.decode, MIN_MIXED_DECODE_ROWS)
         and shape.width <= MAX_BORROW_FACTOR * need.width
     ]
     return min(fits, key=lambda s: (s.tokens, s.width, s.prefill_seqs, s.max_q), default=None)

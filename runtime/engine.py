@@ -225,6 +225,7 @@ class Engine:
             args.max_running_requests,
             self.model_info.vocab_size,
             num_experts=int(getattr(config, "num_experts", 0) or 0),
+            borrow_programs=args.borrow_compiled_programs,
         )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context

@@ -6,18 +6,14 @@ pool and the penalty tables (donated and written in place), the expert
 histogram, and the previous step's sampled tokens, which the next step reads
 directly so the host can dispatch step N+1 before it has read step N.
 
-A step whose shape has no program yet borrows a compiled one that holds it (at
-most MAX_BORROW_FACTOR larger) while its own compiles on a background thread;
-only a step that no program holds compiles inline, stalling the loop.
+A step of a shape with no program yet may run padded to a compiled one while
+its own programs compile aside (runtime/step_programs.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +21,10 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
-from runtime.batch import ScheduledBatch, StepShape, borrowable_shape
+from runtime.batch import ScheduledBatch, StepShape
 from runtime.kv_pool import KVPool
-from runtime.sampling import reset_penalty_rows, sample, update_output_counts
+from runtime.sampling import make_sampling_batch, reset_penalty_rows, sample, update_output_counts
+from runtime.step_programs import StepPrograms
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +49,7 @@ class ModelRunner:
         max_running_requests: int,
         vocab_size: int,
         num_experts: int = 0,
+        borrow_programs: bool = True,
     ) -> None:
         self.graphdef, self.params = nnx.split(model)
         self.pool = pool
@@ -81,18 +79,17 @@ class ModelRunner:
         self._abstract_state = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
         )
-        self.borrow_programs = True
-        self._shapes_lock = threading.Lock()
-        self._compiled_shapes: set[StepShape] = set()  # in the jit cache or in _background_programs
-        self._background_programs: dict[StepShape, jax.stages.Compiled] = {}
-        self._queued_shapes: set[StepShape] = set()
-        self._compile_queue: queue.Queue[StepShape | None] = queue.Queue()
-        self._compiler = threading.Thread(target=self._compile_loop, name="step-compiler", daemon=True)
-        self._compiler.start()
+        self._abstract_sampler_state = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (self.output_counts, self.prompt_mask, self.slot_tokens),
+        )
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
+        self._sampler_shapes: set[tuple[int, int]] = set()  # (rows, suppressed-ids width) in _sample's cache
+        self._background_samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
+        self.step_programs = StepPrograms(self._compile_shape, enabled=borrow_programs)
 
     def _commit_state(self) -> None:
         """Place all device state explicitly: a step's outputs are committed, and a jit cache
@@ -126,43 +123,11 @@ class ModelRunner:
         slot_tokens = slot_tokens.at[jnp.where(sample_valid, sampling.penalty_slot, 0)].set(out.tokens)
         return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
 
-    # -- which program runs a step ------------------------------------------------------------
+    # -- programs compiled aside (runtime/step_programs.py) -----------------------------------
 
-    def shape_for(self, need: StepShape) -> StepShape:
-        """The shape to pad a step to: its own when compiled (or when nothing compiled holds it),
-        else the cheapest compiled shape that holds it, while its own compiles in the background."""
-        with self._shapes_lock:
-            if not self.borrow_programs or need in self._compiled_shapes:
-                return need
-            borrowed = borrowable_shape(need, self._compiled_shapes)
-            if borrowed is not None and need not in self._queued_shapes:
-                self._queued_shapes.add(need)
-                self._compile_queue.put(need)
-        if borrowed is not None:
-            logger.info(
-                "Step %s runs on the compiled %s while its own program compiles", need.key, borrowed.key
-            )
-        return borrowed or need
-
-    def _compile_loop(self) -> None:
-        while (shape := self._compile_queue.get()) is not None:
-            started = time.monotonic()
-            try:
-                program = self._forward.lower(*self._abstract_step_args(shape)).compile()
-            except Exception:  # the step then compiles inline, where its error reaches the request
-                logger.exception("Background compile of step program %s failed", shape.key)
-                with self._shapes_lock:
-                    self.borrow_programs = False
-                continue
-            with self._shapes_lock:
-                self._background_programs[shape] = program
-                self._compiled_shapes.add(shape)
-            logger.info(
-                "Compiled step program %s in the background in %.1f s", shape.key, time.monotonic() - started
-            )
-
-    def _abstract_step_args(self, shape: StepShape) -> tuple:
-        """The forward's arguments as shapes alone: lowering needs no values."""
+    def _compile_shape(self, shape: StepShape) -> jax.stages.Compiled:
+        """The forward for `shape`, and the sampler for its row count if none is compiled yet, from
+        shapes alone: lowering needs no values, so this runs beside the steps."""
         seqs = shape.decode + shape.prefill_seqs
         ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)
         host = {name: ints(shape.tokens) for name in ("input_ids", "token_source", "positions")}
@@ -176,19 +141,30 @@ class ModelRunner:
             num_decode_seqs=shape.decode,
             max_prefill_q_len=shape.max_q,
         )
-        return (*self._abstract_state, host, meta)
+        forward = self._forward.lower(*self._abstract_state, host, meta).compile()
+        sampling = make_sampling_batch([], seqs)  # the usual suppressed-ids width
+        key = (seqs, sampling.suppressed_ids.shape[1])
+        if key not in self._sampler_shapes and key not in self._background_samplers:
+            as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+            logits = forward.out_info[0]
+            output_counts, prompt_mask, slot_tokens = self._abstract_sampler_state
+            self._background_samplers[key] = self._sample.lower(
+                jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+                jax.tree.map(as_shape, sampling),
+                output_counts,
+                prompt_mask,
+                slot_tokens,
+                jax.ShapeDtypeStruct((seqs,), jnp.bool_),
+            ).compile()
+        return forward
 
     def wait_for_background_compiles(self) -> None:
-        """Block until every queued program is compiled (the warm-up ends with this)."""
-        while True:
-            with self._shapes_lock:
-                if not self.borrow_programs or self._queued_shapes <= self._compiled_shapes:
-                    return
-            time.sleep(0.05)
+        """Block until the programs queued so far are compiled (the warm-up ends with this)."""
+        if not self.step_programs.wait():
+            logger.warning("Background compiles still running after the wait; serving anyway")
 
     def close(self) -> None:
-        self._compile_queue.put(None)
-        self._compiler.join(timeout=60)
+        self.step_programs.close()
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -211,7 +187,7 @@ class ModelRunner:
         )
         host, meta, sampling, sample_valid = jax.device_put((host, meta, batch.sampling, batch.sample_valid))
         shape = batch.step_shape()
-        forward = self._background_programs.get(shape, self._forward)
+        forward = self.step_programs.programs(shape) or self._forward
         programs_before = self._forward._cache_size()
         logits, hidden, k_pool, v_pool, hist = forward(
             self.params,
@@ -227,10 +203,14 @@ class ModelRunner:
             logger.info(
                 "New step program for (tokens, seqs, page-table width, decode rows, max q) %s", shape.key
             )
-            with self._shapes_lock:
-                self._compiled_shapes.add(shape)
+            self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        tokens, chosen, logprobs, self.output_counts, self.slot_tokens = self._sample(
+        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]))
+        sampler = self._background_samplers.get(sampler_key)
+        if sampler is None:
+            sampler = self._sample
+            self._sampler_shapes.add(sampler_key)
+        tokens, chosen, logprobs, self.output_counts, self.slot_tokens = sampler(
             logits, sampling, self.output_counts, self.prompt_mask, self.slot_tokens, sample_valid
         )
         return StepOutput(tokens, chosen, logprobs, hidden)
@@ -304,9 +284,10 @@ class ModelRunner:
     def num_compiled_programs(self) -> int:
         """Programs in the jit caches: what XLA really compiled (or loaded from the disk cache)."""
         jitted = (self._forward, self._sample, self._reset_penalties, self._readout, self._token_logprobs)
-        return sum(fn._cache_size() for fn in jitted) + len(self._background_programs)
+        aside = self.step_programs.num_compiled_here + len(self._background_samplers)
+        return sum(fn._cache_size() for fn in jitted) + aside
 
     @property
     def num_step_programs(self) -> int:
         """Forward programs alone, the ones the bucket bound speaks of (inline and background)."""
-        return self._forward._cache_size() + len(self._background_programs)
+        return self._forward._cache_size() + self.step_programs.num_compiled_here

@@ -389,7 +389,9 @@ class Scheduler:
         max_q = min(max_q, padded_prefill_tokens)
         kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
         width = bucket_for(max(-(-kv // ps) for kv in kv_after), self.buckets.page_table_width)
-        shape = self.runner.shape_for(StepShape(num_decode, num_prefill, padded_prefill_tokens, max_q, width))
+        shape = self.runner.step_programs.shape_for(
+            StepShape(num_decode, num_prefill, padded_prefill_tokens, max_q, width)
+        )
         num_decode, num_prefill, max_q, width = shape.decode, shape.prefill_seqs, shape.max_q, shape.width
         num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 

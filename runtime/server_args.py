@@ -143,6 +143,7 @@ class ServerArgs:
     moe_backend: str = "auto"
     warmup: bool = False
     enable_compile_cache: bool = True
+    borrow_compiled_programs: bool = True
     compile_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -321,6 +322,13 @@ class ServerArgs:
             help="JAX's persistent compilation cache (default on).",
         )
         kern.add_argument("--compile-cache-dir", default=None, help="Defaults to $SGLAX_CACHE/jax_compile.")
+        kern.add_argument(
+            "--borrow-compiled-programs",
+            action=argparse.BooleanOptionalAction,
+            default=default("borrow_compiled_programs"),
+            help="A step of a new shape runs padded to a compiled program while its own compiles in the "
+            "background (default on); off: it compiles first, and results never depend on compile timing.",
+        )
 
         ignored = parser.add_argument_group("reference flags accepted and ignored")
         for flag in IGNORED_FLAGS:

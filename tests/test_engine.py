@@ -3,8 +3,11 @@ pressure, leaks, compile counts, sampling and logprobs, against HF references.""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from runtime.io_struct import EngineRequest
 from runtime.sampling import SamplingParams
 from tests.conftest import greedy_agrees, load_reference, prompts_of
 from tests.fixture_spec import SMOLLM2, TINY_LLAMA
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _engine(path, **kwargs) -> Engine:
@@ -514,8 +519,7 @@ def test_a_new_step_shape_borrows_a_compiled_program_while_its_own_compiles(tiny
     its own program compiles on the background thread and serves the next such step."""
     rng = np.random.default_rng(17)
     prompts = [rng.integers(100, 40000, size=20).tolist() for _ in range(6)]  # no prefix shared
-    plain = _engine(tiny_llama_path, chunked_prefill_size=64)
-    plain.runner.borrow_programs = False
+    plain = _engine(tiny_llama_path, chunked_prefill_size=64, borrow_compiled_programs=False)
     try:
         expected = _batched_ids(plain, prompts[:2], [6, 6])
     finally:
@@ -525,20 +529,42 @@ def test_a_new_step_shape_borrows_a_compiled_program_while_its_own_compiles(tiny
         runner = engine.runner
         _batched_ids(engine, prompts[2:], [6] * 4)  # compiles the shapes of four sequences
         inline = runner._forward._cache_size()
-        with caplog.at_level("INFO", logger="runtime.model_runner"):
+        with caplog.at_level("INFO", logger="runtime.step_programs"):
             assert _batched_ids(engine, prompts[:2], [6, 6]) == expected
         assert runner._forward._cache_size() == inline, "a step compiled inline"
-        assert any("while its own program compiles" in r.getMessage() for r in caplog.records)
+        assert any("while its own programs compile" in r.getMessage() for r in caplog.records)
         runner.wait_for_background_compiles()
-        assert runner._background_programs
+        samplers = runner._sample._cache_size()
         ran = []
         run = runner.run
         runner.run = lambda batch: ran.append(batch.step_shape()) or run(batch)
         engine.flush_cache()  # the same prompts again, prefilled whole
         assert _batched_ids(engine, prompts[:2], [6, 6]) == expected
-        assert set(ran) <= set(runner._background_programs) | runner._compiled_shapes
-        assert any(shape in runner._background_programs for shape in ran)
+        assert any(runner.step_programs.programs(shape) is not None for shape in ran)
         assert runner._forward._cache_size() == inline
+        assert runner._sample._cache_size() == samplers, "the sampler compiled inline"
         assert _pool_whole(engine)
     finally:
         engine.shutdown()
+
+
+def test_exiting_during_a_background_compile_is_clean(tiny_llama_path):
+    """The compiler thread is a daemon: killed inside an XLA compile at exit, it aborted the process."""
+    script = f"""
+import time
+import numpy as np
+from runtime.engine import Engine
+engine = Engine(model_path={str(tiny_llama_path)!r}, max_total_tokens=8192, max_running_requests=32,
+                random_seed=0, enable_compile_cache=False, chunked_prefill_size=64)
+rng = np.random.default_rng(17)
+prompts = [rng.integers(100, 40000, size=20).tolist() for _ in range(6)]
+greedy = {{"temperature": 0.0, "max_new_tokens": 1, "ignore_eos": True}}
+engine.generate(input_ids=prompts[2:], sampling_params=greedy)
+engine.generate(input_ids=prompts[:2], sampling_params=greedy)  # borrows; its programs compile aside
+assert engine.runner.step_programs._queued, "nothing was compiling in the background"
+time.sleep(0.3)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,131 @@
+"""Steps of a shape with no program yet: borrow a compiled one that holds them, compile theirs aside.
+
+Which steps meet which shapes depends on how requests arrive, so a serving run
+keeps meeting shapes its warm-up did not compile. Compiling inline stalls every
+running request (0.5-2.5 s a program on the 2-core box and on an H200; an H200
+serving run met two in its measured pass and its TTFT was 4.2 s); a step padded
+to a larger compiled program costs a little more on that step alone. So a step
+whose shape a compiled program holds (`batch.borrowable_shape`) runs padded to
+it, while its own programs compile on this module's thread and serve the next
+step of that shape. A step that nothing compiled holds still compiles inline.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from runtime.batch import StepShape, borrowable_shape
+
+logger = logging.getLogger(__name__)
+
+
+class StepPrograms:
+    """Which compiled shapes exist, and the thread that compiles the missing ones.
+
+    `compile_shape(shape)` lowers and compiles a shape's programs from their
+    shapes alone and returns them; `programs(shape)` hands them back to the
+    runner once they are ready.
+    """
+
+    def __init__(self, compile_shape: Callable[[StepShape], Any], enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._compile_shape = compile_shape
+        self._lock = threading.Lock()
+        self._compiled: set[StepShape] = set()  # inline (the jit cache) or here
+        self._programs: dict[StepShape, Any] = {}
+        self._queued: set[StepShape] = set()
+        self._failed: set[StepShape] = set()
+        self._queue: queue.Queue[StepShape | None] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="step-compiler", daemon=True)
+        self._thread.start()
+        # A daemon thread killed inside an XLA compile at exit aborts the process: finish it first.
+        atexit.register(_close_at_exit, weakref.ref(self))
+
+    def shape_for(self, need: StepShape) -> StepShape:
+        """The shape to pad a step to: its own when compiled or when nothing compiled holds it,
+        else the cheapest compiled shape that holds it, while its own compiles here."""
+        with self._lock:
+            if not self.enabled or self._closed or need in self._compiled or need in self._failed:
+                return need
+            borrowed = borrowable_shape(need, self._compiled)
+            if borrowed is None:
+                return need
+            first = need not in self._queued
+            if first:
+                self._queued.add(need)
+                self._queue.put(need)
+        if first:
+            logger.info(
+                "Step %s runs on the compiled %s while its own programs compile", need.key, borrowed.key
+            )
+        return borrowed
+
+    def note_compiled(self, shape: StepShape) -> None:
+        """A step of `shape` compiled inline."""
+        with self._lock:
+            self._compiled.add(shape)
+
+    def programs(self, shape: StepShape) -> Any:
+        """The programs compiled here for `shape`, or None."""
+        return self._programs.get(shape)
+
+    @property
+    def num_compiled_here(self) -> int:
+        return len(self._programs)
+
+    def _loop(self) -> None:
+        while (shape := self._queue.get()) is not None:
+            started = time.monotonic()
+            try:
+                programs = self._compile_shape(shape)
+            except Exception:  # its steps then compile inline, where the error reaches the requests
+                logger.exception("Background compile of step %s failed; it will compile inline", shape.key)
+                with self._lock:
+                    self._failed.add(shape)
+                continue
+            with self._lock:
+                self._programs[shape] = programs
+                self._compiled.add(shape)
+            logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
+
+    def wait(self, timeout: float = 600.0) -> bool:
+        """Block until every queued shape is compiled (or failed); False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if (
+                    self._closed
+                    or not self._thread.is_alive()
+                    or self._queued <= self._compiled | self._failed
+                ):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        """Drop what is queued, let a compile in flight finish (it cannot be interrupted), stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _close_at_exit(ref: weakref.ReferenceType[StepPrograms]) -> None:
+    programs = ref()
+    if programs is not None:
+        programs.close()

@@ -1,0 +1,95 @@
+"""The background compiler's bookkeeping (runtime/step_programs.py), with a stand-in compile.
+
+The real compile runs in tests/test_engine.py; here a slow or failing function
+shows what the queue, the wait and the shutdown do around it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from runtime.batch import StepShape
+from runtime.step_programs import StepPrograms
+
+HELD = StepShape(decode=8, prefill_seqs=0, prefill_tokens=0, max_q=0, width=16)
+
+
+def decode_shape(rows: int, width: int = 16) -> StepShape:
+    return StepShape(decode=rows, prefill_seqs=0, prefill_tokens=0, max_q=0, width=width)
+
+
+def test_a_held_step_borrows_and_its_program_arrives():
+    compiled = []
+    programs = StepPrograms(lambda shape: compiled.append(shape) or f"program {shape.key}")
+    try:
+        programs.note_compiled(HELD)
+        need = decode_shape(4)
+        assert programs.shape_for(need) == HELD
+        assert programs.shape_for(need) == HELD  # queued once
+        assert programs.wait(timeout=10)
+        assert compiled == [need]
+        assert programs.shape_for(need) == need and programs.programs(need) == "program (4, 4, 16, 4, 0)"
+        assert programs.shape_for(decode_shape(2)) == need  # the cheapest holder
+        assert programs.shape_for(decode_shape(1)) == decode_shape(1)  # 4x its tokens: compiles inline
+    finally:
+        programs.close()
+
+
+def test_a_failed_background_compile_leaves_the_shape_to_compile_inline():
+    def fail(shape: StepShape) -> None:
+        raise RuntimeError("no")
+
+    programs = StepPrograms(fail)
+    try:
+        programs.note_compiled(HELD)
+        need = decode_shape(4)
+        assert programs.shape_for(need) == HELD
+        assert programs.wait(timeout=10)
+        assert programs.shape_for(need) == need and programs.programs(need) is None
+    finally:
+        programs.close()
+
+
+def test_close_drops_the_queue_and_finishes_the_compile_in_flight():
+    started, finished = threading.Event(), []
+
+    def slow(shape: StepShape) -> str:
+        started.set()
+        time.sleep(0.3)
+        finished.append(shape)
+        return "program"
+
+    programs = StepPrograms(slow)
+    programs.note_compiled(decode_shape(64, width=32))
+    for rows in range(33, 64):  # 31 shapes queued, 9 s of compiling
+        programs.shape_for(decode_shape(rows, width=32))
+    assert started.wait(10)
+    began = time.monotonic()
+    programs.close()
+    assert time.monotonic() - began < 2
+    assert len(finished) == 1
+    assert programs.wait(timeout=1)  # closed: nothing left to wait for
+    assert programs.shape_for(decode_shape(40, width=32)) == decode_shape(40, width=32)
+
+
+def test_wait_gives_up_at_its_timeout():
+    release = threading.Event()
+    programs = StepPrograms(lambda shape: release.wait(10))
+    try:
+        programs.note_compiled(HELD)
+        programs.shape_for(decode_shape(4))
+        assert not programs.wait(timeout=0.2)
+        release.set()
+        assert programs.wait(timeout=10)
+    finally:
+        programs.close()
+
+
+def test_disabled_never_borrows():
+    programs = StepPrograms(lambda shape: "program", enabled=False)
+    try:
+        programs.note_compiled(HELD)
+        assert programs.shape_for(decode_shape(4)) == decode_shape(4)
+    finally:
+        programs.close()
