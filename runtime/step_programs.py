@@ -113,16 +113,16 @@ class StepPrograms:
     def close(self) -> None:
         """Drop what is queued, let a compile in flight finish (it cannot be interrupted), stop."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        self._queue.put(None)
-        self._thread.join()
+            first, self._closed = not self._closed, True
+        if first:
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            self._queue.put(None)
+        if threading.current_thread() is not self._thread:  # a second caller (atexit) waits too
+            self._thread.join()
 
 
 def _close_at_exit(ref: weakref.ReferenceType[StepPrograms]) -> None:
