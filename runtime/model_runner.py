@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,21 +69,8 @@ class ModelRunner:
         self._commit_state()
         self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2, 3))
         # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
-        state = (
-            self.params,
-            self.pool.k_pool,
-            self.pool.v_pool,
-            self.expert_hist,
-            self.recording,
-            self.slot_tokens,
-        )
-        self._abstract_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-        )
-        self._abstract_sampler_state = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            (self.output_counts, self.prompt_mask, self.slot_tokens),
-        )
+        self._abstract_state = _abstract(self._forward_state())
+        self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
@@ -100,6 +88,17 @@ class ModelRunner:
             setattr(self, name, jax.device_put(getattr(self, name), device))
 
     # -- the step -------------------------------------------------------------------------
+
+    def _forward_state(self) -> tuple:
+        """The device state a step reads (the pools and histogram donated): `_forward_fn`'s first six."""
+        return (
+            self.params,
+            self.pool.k_pool,
+            self.pool.v_pool,
+            self.expert_hist,
+            self.recording,
+            self.slot_tokens,
+        )
 
     def _forward_fn(self, params, k_pool, v_pool, expert_hist, recording, slot_tokens, host, meta):
         """The model over the flat batch, and the logits of each sequence's last token."""
@@ -189,16 +188,7 @@ class ModelRunner:
         shape = batch.step_shape()
         forward = self.step_programs.programs(shape) or self._forward
         programs_before = self._forward._cache_size()
-        logits, hidden, k_pool, v_pool, hist = forward(
-            self.params,
-            self.pool.k_pool,
-            self.pool.v_pool,
-            self.expert_hist,
-            self.recording,
-            self.slot_tokens,
-            host,
-            meta,
-        )
+        logits, hidden, k_pool, v_pool, hist = forward(*self._forward_state(), host, meta)
         if self._forward._cache_size() > programs_before:
             logger.info(
                 "New step program for (tokens, seqs, page-table width, decode rows, max q) %s", shape.key
@@ -291,3 +281,8 @@ class ModelRunner:
     def num_step_programs(self) -> int:
         """Forward programs alone, the ones the bucket bound speaks of (inline and background)."""
         return self._forward._cache_size() + self.step_programs.num_compiled_here
+
+
+def _abstract(tree: Any) -> Any:
+    """Shapes, dtypes and placements of device arrays, for lowering without values."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
