@@ -18,7 +18,7 @@ from runtime.sampling import SamplingBatch
 MIN_PAGE_TABLE_WIDTH = 8
 # With a prefill chunk in the batch the decode rows pad to at least this many (the chunk dwarfs them).
 MIN_MIXED_DECODE_ROWS = 8
-# A step may run on a compiled program this much larger (tokens, page-table width) while its own compiles.
+# A step may run on a compiled program this much larger (tokens, decode rows, width) while its own compiles.
 MAX_BORROW_FACTOR = 2
 
 
