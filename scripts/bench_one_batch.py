@@ -314,6 +314,15 @@ def time_case(runner: Any, batch: Any, iters: int, warmup: int) -> tuple[float, 
     return pipelined, statistics.median(synced)
 
 
+def trace_case(runner: Any, batch: Any, directory: Path, steps: int) -> None:
+    """An XLA trace of `steps` steps, each waited for, so the device timeline shows whole steps."""
+    import jax
+
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        for _ in range(steps):
+            runner.run(batch).next_tokens.block_until_ready()
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -353,6 +362,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--bandwidth", type=float, default=None, help="GB/s, with --skip-machine.")
     parser.add_argument("--matmul-rate", type=float, default=None, help="GFLOP/s, with --skip-machine.")
     parser.add_argument("--output-file", default=None)
+    parser.add_argument(
+        "--profile-dir",
+        default=None,
+        help="Also trace --profile-steps synced steps of each case with jax.profiler, one run per case "
+        "in a subfolder (read them with scripts/trace_summary.py).",
+    )
+    parser.add_argument("--profile-steps", type=int, default=5)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # The engine's XLA CPU flags, before the machine measurements start JAX's CPU client.
@@ -414,6 +430,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for case in cases:
             batch = build_batch(case, runner, buckets, page_size, rng)
             pipelined, synced = time_case(runner, batch, args.iters, args.warmup)
+            if args.profile_dir:
+                trace_case(
+                    runner, batch, Path(args.profile_dir) / case.name.replace(" ", "_"), args.profile_steps
+                )
             floor = case.bytes_read(cost) / bandwidth
             compute_floor = case.flops(cost) / matmul_rate
             gflops = case.flops(cost) / pipelined / 1e9

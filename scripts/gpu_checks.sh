@@ -7,14 +7,17 @@
 # limit and writes its own log into RESULTS_DIR (a step that runs out of time
 # costs only itself), and the folder is packed into RESULTS_DIR.tgz after each
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
-# own limit. The machine has
-# no network: the model is the published Qwen2.5-0.5B shape with random weights.
+# own limit. The machine has no network: the model is the published Qwen2.5-0.5B
+# shape with random weights, and the server's missing packages travel as wheels
+# (docs/benchmarks.md, GPU section). The first step after `env` re-runs the
+# kernel tests: the float32 attention fix of 2026-11-26 has not run natively yet.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto one_batch_pallas serving_pallas_b1
-    serving_pallas_b64 one_batch_reference serving_reference_b64 one_batch_slice_fusion serving_reference_b1)
+[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto profile_decode serving_pallas_b1
+    serving_pallas_b64 one_batch_pallas one_batch_reference serving_reference_b64 one_batch_slice_fusion
+    serving_reference_b1)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -69,6 +72,11 @@ for step in "${steps[@]}"; do
         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" $PY "${ONE_BATCH[@]}" \
         --attention-backend pallas --decode-batches 1 64 --prefill-cases --mixed-cases \
         --output-file "$results/one_batch_slice_fusion.json" ;;
+    # Kernel by kernel: where a batch-1 and a batch-64 decode step spend their time (traces stay in /tmp).
+    profile_decode) run_step profile_decode 150 bash -c '$PY "${@}" --attention-backend auto \
+        --decode-batches 1 64 --prefill-cases --mixed-cases --profile-dir /tmp/gpu_traces --profile-steps 5 &&
+        for case in /tmp/gpu_traces/*; do $PY scripts/trace_summary.py "$case" --steps 5 --top 25; done' \
+        _ "${ONE_BATCH[@]}" ;;
     serving_pallas_b1) run_step serving_pallas_b1 150 bash -c 'serving pallas 1' ;;
     serving_pallas_b64) run_step serving_pallas_b64 150 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 150 bash -c 'serving reference 1' ;;

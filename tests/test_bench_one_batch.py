@@ -15,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import bench_one_batch  # noqa: E402
+import trace_summary  # noqa: E402
 
 
 @pytest.mark.parametrize("given_roofline", [True, False])
@@ -40,3 +41,16 @@ def test_bench_one_batch_runs_every_case(tiny_llama_path, tmp_path, capsys, give
     assert machine["bandwidth_gb_s"] == 10 if given_roofline else machine["bandwidth_gb_s"] > 0
     assert json.loads(output.read_text())["cases"] == payload["cases"]
     assert "decode b=3" in capsys.readouterr().out
+
+
+def test_traced_steps_summarise_op_by_op(tiny_llama_path, tmp_path, capsys):
+    argv = ["--model-path", str(tiny_llama_path), "--decode-batches", "2", "--prefill-cases", "--mixed-cases"]
+    argv += ["--iters", "2", "--warmup", "1", "--skip-machine", "--bandwidth", "10", "--matmul-rate", "100"]
+    bench_one_batch.main([*argv, "--profile-dir", str(tmp_path), "--profile-steps", "3"])
+    traces = list((tmp_path / "decode_b=2").rglob("*.trace.json.gz"))
+    assert len(traces) == 1
+    capsys.readouterr()
+    trace_summary.main([str(tmp_path / "decode_b=2"), "--steps", "3", "--top", "5"])
+    out = capsys.readouterr().out
+    assert "busy" in out and "per step (of 3)" in out
+    assert "ThunkExecutor" not in out  # wrappers of the ops, left out
