@@ -268,7 +268,8 @@ class GatedMLP(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class KernelBackends:
-    """Which implementation each kernel dispatcher uses: "auto" (Pallas on GPU), "pallas" or "reference"."""
+    """Which implementation each kernel dispatcher uses: "auto" (Pallas on a GPU where it is the faster),
+    "pallas" or "reference"."""
 
     attention: str = "auto"
     moe: str = "auto"

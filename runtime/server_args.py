@@ -303,7 +303,8 @@ class ServerArgs:
             "--attention-backend",
             default=default("attention_backend"),
             choices=KERNEL_BACKENDS + REFERENCE_ATTENTION_BACKENDS,
-            help="auto: Pallas on GPU, the XLA reference elsewhere. CUDA names of the reference mean auto.",
+            help="auto: the Pallas kernel on a GPU for steps with prefill chunks, the XLA reference for "
+            "decode-only steps and elsewhere. CUDA names of the reference mean auto.",
         )
         kern.add_argument("--moe-backend", default=default("moe_backend"), choices=KERNEL_BACKENDS)
         kern.add_argument(
