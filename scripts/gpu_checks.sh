@@ -24,6 +24,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PY=${PYTHON:-python3} MODEL=${MODEL:-/tmp/qwen2.5-0.5b-shape} results
 export SERVER_ARGS="--load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-total-tokens 262144"
 ONE_BATCH=(scripts/bench_one_batch.py --model-path "$MODEL" --load-format dummy --dtype bfloat16 --iters 20)
+EVERY_CASE=(--decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256)
 
 [ -d "$MODEL" ] || $PY scripts/write_model_config.py --out "$MODEL" >/dev/null
 
@@ -59,12 +60,8 @@ for step in "${steps[@]}"; do
     kernel_tests) run_step kernel_tests 180 env XLA_PYTHON_CLIENT_PREALLOCATE=false \
         $PY -m pytest -q -m kernels tests/kernels -n 4 -p no:cacheprovider --timeout 120 ;;
     bench_kernels) run_step bench_kernels 150 $PY scripts/bench_kernels.py ;;
-    one_batch_auto) run_step one_batch_auto 180 $PY "${ONE_BATCH[@]}" --attention-backend auto \
-        --decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256 \
-        --output-file "$results/one_batch_auto.json" ;;
-    one_batch_pallas) run_step one_batch_pallas 180 $PY "${ONE_BATCH[@]}" --attention-backend pallas \
-        --decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256 \
-        --output-file "$results/one_batch_pallas.json" ;;
+    one_batch_auto | one_batch_pallas) run_step "$step" 180 $PY "${ONE_BATCH[@]}" "${EVERY_CASE[@]}" \
+        --attention-backend "${step#one_batch_}" --output-file "$results/$step.json" ;;
     one_batch_reference) run_step one_batch_reference 120 $PY "${ONE_BATCH[@]}" --attention-backend reference \
         --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases --output-file "$results/one_batch_reference.json" ;;
     # XLA can hand a scanned layer's weight slice straight to cuBLAS instead of copying it first.
