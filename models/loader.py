@@ -136,9 +136,14 @@ def load_model(model_path: str, dtype: str = "auto", load_format: str = "auto") 
     return LoadedModel(config, nnx.merge(graphdef, state), architecture, jdtype)
 
 
-def load_params_for(model: nnx.Module, model_path: str, load_format: str = "auto") -> Params:
+def load_params_for(
+    model: nnx.Module, model_path: str, load_format: str = "auto", expected: Params | None = None
+) -> Params:
     """New weights for a serving `model` (hot swap): same architecture and settings, every leaf
     of the same shape, cast to the serving dtypes. WeightError otherwise; the model is untouched.
+
+    `expected`: the serving tree's `param_shapes`, where the model's own arrays are stand-ins
+    (layers unrolled, `unstack_layer_weights`).
     """
     cls = type(model)
     config = load_config(model_path)
@@ -156,4 +161,5 @@ def load_params_for(model: nnx.Module, model_path: str, load_format: str = "auto
             if getattr(settings, f.name) != getattr(model.cfg, f.name)
         ]
         raise WeightError(f"{model_path} changes the model's settings ({'; '.join(changed)})")
-    return read_params(cls, config, param_shapes(model), model_path, load_format)
+    expected = param_shapes(model) if expected is None else expected
+    return read_params(cls, config, expected, model_path, load_format)

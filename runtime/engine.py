@@ -22,8 +22,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from models.layers import KernelBackends
-from models.loader import load_model, load_params_for
+from models.layers import KernelBackends, unstack_layer_weights
+from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
 from runtime.expert_stats import write_expert_distribution
 from runtime.host_memory import keep_freed_memory
@@ -118,6 +118,7 @@ class Engine:
         _keep_float32_exact(loaded.dtype)
         self.config = loaded.config
         self.model = loaded.model
+        self.param_shapes = param_shapes(self.model)  # what a weight swap must bring, leaf by leaf
         if hasattr(self.model, "kernel_backends"):
             self.model.kernel_backends = KernelBackends(
                 attention=args.attention_backend, moe=args.moe_backend
@@ -199,9 +200,22 @@ class Engine:
                 wanted,
             )
 
+    def _unrolled_layer_weights(self) -> list[nnx.State] | None:
+        """The layer weights split one buffer per layer when the layers run unrolled (the model
+        keeps stand-ins); done before the KV pool takes its share of the free memory."""
+        loop = self.server_args.layer_loop
+        if loop == "auto":
+            loop = "scan" if jax.default_backend() == "cpu" else "unrolled"
+        if loop == "scan":
+            return None
+        params, layer_weights = unstack_layer_weights(nnx.state(self.model))
+        nnx.update(self.model, params)
+        return layer_weights
+
     def _build_scheduler(self) -> None:
         args = self.server_args
         config = self.config
+        layer_weights = self._unrolled_layer_weights()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = config.num_hidden_layers
@@ -226,6 +240,7 @@ class Engine:
             self.model_info.vocab_size,
             num_experts=int(getattr(config, "num_experts", 0) or 0),
             borrow_programs=args.borrow_compiled_programs,
+            layer_weights=layer_weights,
         )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
@@ -509,7 +524,7 @@ class Engine:
         if not Path(model_path).exists():
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
-            pure = load_params_for(self.model, model_path, load_format or "auto")
+            pure = load_params_for(self.model, model_path, load_format or "auto", self.param_shapes)
             pooling = load_pooling(model_path) if self.encoder is not None else None
         except Exception as exc:  # any failure leaves the serving weights untouched
             return False, f"Failed to update weights: {exc}", 0

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
+from models.layers import unstack_layer_weights
 from runtime.batch import ScheduledBatch, StepShape
 from runtime.kv_pool import KVPool
 from runtime.sampling import make_sampling_batch, reset_penalty_rows, sample, update_output_counts
@@ -51,8 +52,12 @@ class ModelRunner:
         vocab_size: int,
         num_experts: int = 0,
         borrow_programs: bool = True,
+        layer_weights: list[nnx.State] | None = None,
     ) -> None:
+        """`layer_weights`: the decoder layers' weights one state per layer (`model` holding
+        stand-ins, see `unstack_layer_weights`) to run the layers unrolled; None scans them."""
         self.graphdef, self.params = nnx.split(model)
+        self.layer_weights = layer_weights
         self.pool = pool
         self.vocab_size = vocab_size
         self.penalty_rows = max_running_requests + 1  # row 0 serves padding rows
@@ -84,7 +89,16 @@ class ModelRunner:
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
         device = self.pool.k_pool.devices().pop()
         self.pool.k_pool, self.pool.v_pool = jax.device_put((self.pool.k_pool, self.pool.v_pool), device)
-        for name in ("params", "output_counts", "prompt_mask", "expert_hist", "recording", "slot_tokens"):
+        names = (
+            "params",
+            "layer_weights",
+            "output_counts",
+            "prompt_mask",
+            "expert_hist",
+            "recording",
+            "slot_tokens",
+        )
+        for name in names:
             setattr(self, name, jax.device_put(getattr(self, name), device))
 
     # -- the step -------------------------------------------------------------------------
@@ -92,7 +106,7 @@ class ModelRunner:
     def _forward_state(self) -> tuple:
         """The device state a step reads (the pools and histogram donated): `_forward_fn`'s first six."""
         return (
-            self.params,
+            (self.params, self.layer_weights),
             self.pool.k_pool,
             self.pool.v_pool,
             self.expert_hist,
@@ -100,12 +114,15 @@ class ModelRunner:
             self.slot_tokens,
         )
 
-    def _forward_fn(self, params, k_pool, v_pool, expert_hist, recording, slot_tokens, host, meta):
+    def _forward_fn(self, weights, k_pool, v_pool, expert_hist, recording, slot_tokens, host, meta):
         """The model over the flat batch, and the logits of each sequence's last token."""
+        params, layer_weights = weights
         model = nnx.merge(self.graphdef, params)
         source = host["token_source"]
         input_ids = jnp.where(source >= 0, slot_tokens[jnp.maximum(source, 0)], host["input_ids"])
-        hidden, k_pool, v_pool, expert_counts = model(input_ids, host["positions"], k_pool, v_pool, meta)
+        hidden, k_pool, v_pool, expert_counts = model(
+            input_ids, host["positions"], k_pool, v_pool, meta, layer_weights
+        )
         if getattr(type(model), "kind", "causal_lm") == "causal_lm":
             logits = model.compute_logits(hidden[host["sample_rows"]])
         else:  # reward / classifier heads pool instead of sampling; the sampler gets dummy rows
@@ -257,9 +274,14 @@ class ModelRunner:
     def swap_params(self, new_params) -> None:
         """Same structure, shapes and dtypes as the serving weights, so nothing recompiles.
 
-        Placed as the old ones: the programs were compiled for committed weights.
+        Placed as the old ones: the programs were compiled for committed weights. `new_params`
+        has the layers stacked; with unrolled layers they are split as the serving ones are.
         """
-        self.params = jax.device_put(new_params, jax.tree.map(lambda x: x.sharding, self.params))
+        placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        if self.layer_weights is not None:
+            new_params, layers = unstack_layer_weights(new_params)
+            self.layer_weights = jax.device_put(layers, placement(self.layer_weights))
+        self.params = jax.device_put(new_params, placement(self.params))
 
     def set_recording(self, on: bool) -> None:
         self.recording = jax.device_put(jnp.asarray(1 if on else 0, jnp.int32), self.recording.sharding)

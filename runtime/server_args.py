@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the reference's spellings too
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Attention backends of the reference: a launch line naming one still runs, on `auto`.
@@ -141,6 +142,7 @@ class ServerArgs:
     # Kernels and compilation
     attention_backend: str = "auto"
     moe_backend: str = "auto"
+    layer_loop: str = "auto"
     warmup: bool = False
     enable_compile_cache: bool = True
     borrow_compiled_programs: bool = True
@@ -178,6 +180,7 @@ class ServerArgs:
         _check_choice("--schedule-policy", self.schedule_policy, SCHEDULE_POLICIES)
         _check_choice("--attention-backend", self.attention_backend, KERNEL_BACKENDS)
         _check_choice("--moe-backend", self.moe_backend, KERNEL_BACKENDS)
+        _check_choice("--layer-loop", self.layer_loop, LAYER_LOOPS)
         _check_choice("--log-level", self.log_level.lower(), LOG_LEVELS)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}.")
@@ -307,6 +310,14 @@ class ServerArgs:
             "decode-only steps and elsewhere. CUDA names of the reference mean auto.",
         )
         kern.add_argument("--moe-backend", default=default("moe_backend"), choices=KERNEL_BACKENDS)
+        kern.add_argument(
+            "--layer-loop",
+            default=default("layer_loop"),
+            choices=LAYER_LOOPS,
+            help="How a step runs the decoder layers: scan (one compiled layer, a loop), unrolled (each "
+            "layer its own code and weight buffers: faster on a GPU, longer to compile), auto: unrolled "
+            "on a GPU, scan elsewhere.",
+        )
         kern.add_argument(
             "--warmup",
             action=argparse.BooleanOptionalAction,

@@ -28,6 +28,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import statistics
 import sys
 import time
@@ -350,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--attention-backend", default="auto", help="auto, pallas or reference (as the server flag)."
     )
+    parser.add_argument("--layer-loop", default="auto", help="auto, scan or unrolled (as the server flag).")
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--decode-context", type=int, default=256, help="KV depth of each decode row.")
     parser.add_argument("--prefill-cases", nargs="*", default=["1x64", "1x128", "1x256", "1x512", "4x128"])
@@ -380,7 +382,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = parse_cases(args)
     decode_rows = sorted({1, *(c.decode for c in cases if c.decode)})
     import jax
-    from flax import nnx
 
     print(f"machine ({load_note()}) ...", flush=True)
     if args.skip_machine:
@@ -418,14 +419,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             dtype=args.dtype,
             skip_tokenizer_init=args.load_format == "dummy",  # a config-only folder has no tokenizer
             attention_backend=args.attention_backend,
+            layer_loop=args.layer_loop,
         )
     )
     rows = []
     results = []
     try:
         runner, buckets = engine.runner, engine.scheduler.buckets
-        params = jax.tree_util.tree_leaves(nnx.state(engine.model, nnx.Param))
-        cost = ModelCost.from_config(config, sum(int(p.nbytes) for p in params), params[0].dtype.itemsize)
+        params = jax.tree_util.tree_leaves(engine.param_shapes)
+        weight_bytes = sum(math.prod(p.shape) * p.dtype.itemsize for p in params)
+        cost = ModelCost.from_config(config, weight_bytes, params[0].dtype.itemsize)
         rng = np.random.default_rng(0)
         for case in cases:
             batch = build_batch(case, runner, buckets, page_size, rng)

@@ -15,7 +15,7 @@ set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto profile_decode serving_pallas_b1
+[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto one_batch_scan profile_decode serving_pallas_b1
     serving_pallas_b64 one_batch_pallas one_batch_reference serving_reference_b64 one_batch_slice_fusion
     serving_reference_b1)
 mkdir -p "$results"
@@ -62,6 +62,9 @@ for step in "${steps[@]}"; do
     bench_kernels) run_step bench_kernels 150 $PY scripts/bench_kernels.py ;;
     one_batch_auto | one_batch_pallas) run_step "$step" 180 $PY "${ONE_BATCH[@]}" "${EVERY_CASE[@]}" \
         --attention-backend "${step#one_batch_}" --output-file "$results/$step.json" ;;
+    # The layers scanned (one compiled layer in a loop), against auto's unrolled layers on a GPU.
+    one_batch_scan) run_step one_batch_scan 120 $PY "${ONE_BATCH[@]}" --layer-loop scan \
+        --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases 32+1x256 --output-file "$results/one_batch_scan.json" ;;
     one_batch_reference) run_step one_batch_reference 120 $PY "${ONE_BATCH[@]}" --attention-backend reference \
         --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases --output-file "$results/one_batch_reference.json" ;;
     # XLA can hand a scanned layer's weight slice straight to cuBLAS instead of copying it first.
@@ -74,10 +77,10 @@ for step in "${steps[@]}"; do
         --decode-batches 1 64 --prefill-cases --mixed-cases --profile-dir /tmp/gpu_traces --profile-steps 5 &&
         for case in /tmp/gpu_traces/*; do $PY scripts/trace_summary.py "$case" --steps 5 --top 25; done' \
         _ "${ONE_BATCH[@]}" ;;
-    serving_pallas_b1) run_step serving_pallas_b1 150 bash -c 'serving pallas 1' ;;
-    serving_pallas_b64) run_step serving_pallas_b64 150 bash -c 'serving pallas 64' ;;
-    serving_reference_b1) run_step serving_reference_b1 150 bash -c 'serving reference 1' ;;
-    serving_reference_b64) run_step serving_reference_b64 150 bash -c 'serving reference 64' ;;
+    serving_pallas_b1) run_step serving_pallas_b1 300 bash -c 'serving pallas 1' ;;
+    serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
+    serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
+    serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
     *) echo "unknown step $step" >&2 ;;
     esac
 done
