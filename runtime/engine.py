@@ -203,10 +203,7 @@ class Engine:
     def _unrolled_layer_weights(self) -> list[nnx.State] | None:
         """The layer weights split one buffer per layer when the layers run unrolled (the model
         keeps stand-ins); done before the KV pool takes its share of the free memory."""
-        loop = self.server_args.layer_loop
-        if loop == "auto":
-            loop = "scan" if jax.default_backend() == "cpu" else "unrolled"
-        if loop == "scan":
+        if self.server_args.layer_loop == "scan":
             return None
         params, layer_weights = unstack_layer_weights(nnx.state(self.model))
         nnx.update(self.model, params)

@@ -13,6 +13,7 @@ its own programs compile aside (runtime/step_programs.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -25,7 +26,13 @@ from kernels_pallas.ragged_paged_attention import AttentionMetadata
 from models.layers import unstack_layer_weights
 from runtime.batch import ScheduledBatch, StepShape
 from runtime.kv_pool import KVPool
-from runtime.sampling import make_sampling_batch, reset_penalty_rows, sample, update_output_counts
+from runtime.sampling import (
+    is_plain_greedy,
+    make_sampling_batch,
+    reset_penalty_rows,
+    sample,
+    update_output_counts,
+)
 from runtime.step_programs import StepPrograms
 
 logger = logging.getLogger(__name__)
@@ -76,12 +83,17 @@ class ModelRunner:
         # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
+        # A GPU runs each `lax.cond` by reading its predicate back to the host, which stalls the
+        # dispatch of the next step until this one ends; there, all-greedy batches without
+        # penalties get a sampler with no branch (one more program per row count).
+        self._plain_greedy_sampler = jax.default_backend() != "cpu"
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
-        self._sampler_shapes: set[tuple[int, int]] = set()  # (rows, suppressed-ids width) in _sample's cache
-        self._background_samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
+        # (rows, suppressed-ids width, plain) in _sample's cache
+        self._sampler_shapes: set[tuple[int, int, bool]] = set()
+        self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
         self.step_programs = StepPrograms(self._compile_shape, enabled=borrow_programs)
 
     def _commit_state(self) -> None:
@@ -132,9 +144,9 @@ class ModelRunner:
         return logits, hidden, k_pool, v_pool, expert_hist
 
     @staticmethod
-    def _sample_fn(logits, sampling, output_counts, prompt_mask, slot_tokens, sample_valid):
+    def _sample_fn(logits, sampling, output_counts, prompt_mask, slot_tokens, sample_valid, plain=False):
         """Sampling is its own program: it depends on the row count only, so few compile."""
-        out = sample(logits, sampling, output_counts, prompt_mask)
+        out = sample(logits, sampling, output_counts, prompt_mask, plain)
         output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, sample_valid)
         slot_tokens = slot_tokens.at[jnp.where(sample_valid, sampling.penalty_slot, 0)].set(out.tokens)
         return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
@@ -159,8 +171,10 @@ class ModelRunner:
         )
         forward = self._forward.lower(*self._abstract_state, host, meta).compile()
         sampling = make_sampling_batch([], seqs)  # the usual suppressed-ids width
-        key = (seqs, sampling.suppressed_ids.shape[1])
-        if key not in self._sampler_shapes and key not in self._background_samplers:
+        for plain in (True, False) if self._plain_greedy_sampler else (False,):
+            key = (seqs, sampling.suppressed_ids.shape[1], plain)
+            if key in self._sampler_shapes or key in self._background_samplers:
+                continue
             as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
             logits = forward.out_info[0]
             output_counts, prompt_mask, slot_tokens = self._abstract_sampler_state
@@ -171,6 +185,7 @@ class ModelRunner:
                 prompt_mask,
                 slot_tokens,
                 jax.ShapeDtypeStruct((seqs,), jnp.bool_),
+                plain=plain,
             ).compile()
         return forward
 
@@ -212,10 +227,11 @@ class ModelRunner:
             )
             self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]))
+        plain = self._plain_greedy_sampler and is_plain_greedy(batch.sampling)
+        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
-            sampler = self._sample
+            sampler = functools.partial(self._sample, plain=plain)
             self._sampler_shapes.add(sampler_key)
         tokens, chosen, logprobs, self.output_counts, self.slot_tokens = sampler(
             logits, sampling, self.output_counts, self.prompt_mask, self.slot_tokens, sample_valid

@@ -12,7 +12,9 @@ a full sort of [32, 49152] logits costs ~250 ms, so nothing sorts: a small
 top-k is cut with `lax.top_k`, and top-p (or a deep top-k) samples by rejection,
 exactly and in a few passes. A row's random draws come from
 `fold_in(request_key, output_index)`, so its token does not depend on its
-batch neighbours or on the step it runs in.
+batch neighbours or on the step it runs in. A GPU waits on the host for every
+`lax.cond`, so there all-greedy steps without penalties take a variant with no
+branch (`plain`, decided on the host by `is_plain_greedy`).
 """
 
 from __future__ import annotations
@@ -497,44 +499,68 @@ def _sample_rows(
     return jnp.where(greedy, greedy_tokens, drawn)
 
 
+def _penalised_rows(batch: SamplingBatch) -> Any:
+    """bool[S]: rows with a frequency, presence or repetition penalty (numpy or jax arrays)."""
+    return (
+        (batch.frequency_penalty != 0.0) | (batch.presence_penalty != 0.0) | (batch.repetition_penalty != 1.0)
+    )
+
+
+def _greedy_rows(batch: SamplingBatch) -> Any:
+    """bool[S]: rows that take the argmax (numpy or jax arrays)."""
+    return (batch.temperature < GREEDY_TEMPERATURE) | (batch.top_k == 1)
+
+
+def is_plain_greedy(batch: SamplingBatch) -> bool:
+    """Whether every row of a host batch is greedy without penalties: `sample(..., plain=True)`
+    serves it with no branch on the device (a GPU waits on the host for each `lax.cond`)."""
+    return bool(np.all(_greedy_rows(batch)) and not np.any(_penalised_rows(batch)))
+
+
 def sample(
-    logits: jax.Array, batch: SamplingBatch, output_counts: jax.Array, prompt_mask: jax.Array
+    logits: jax.Array,
+    batch: SamplingBatch,
+    output_counts: jax.Array,
+    prompt_mask: jax.Array,
+    plain: bool = False,
 ) -> SampleOutput:
     """Next tokens of S rows from logits f32[S, V], with penalties from the tables [R, V].
 
     Order: penalties (only when some row has one), suppressed ids -> -inf, then
     greedy rows (temperature < 1e-6 or top_k == 1) take the argmax and the rest
     are scaled by temperature, filtered by top-k, top-p and min-p, and drawn.
-    The sampling branch runs only when some row samples.
+    The sampling branch runs only when some row samples. `plain` (static; only for
+    batches `is_plain_greedy` accepts) leaves both branches out of the program.
     """
     logits = logits.astype(jnp.float32)
     rows, vocab = logits.shape
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    penalised = (
-        (batch.frequency_penalty != 0.0) | (batch.presence_penalty != 0.0) | (batch.repetition_penalty != 1.0)
-    )
-    logits = jax.lax.cond(
-        jnp.any(penalised),
-        lambda x: apply_penalties(
-            x,
-            output_counts[batch.penalty_slot],
-            prompt_mask[batch.penalty_slot],
-            batch.frequency_penalty,
-            batch.presence_penalty,
-            batch.repetition_penalty,
-        ),
-        lambda x: x,
-        logits,
-    )
+    if not plain:
+        logits = jax.lax.cond(
+            jnp.any(_penalised_rows(batch)),
+            lambda x: apply_penalties(
+                x,
+                output_counts[batch.penalty_slot],
+                prompt_mask[batch.penalty_slot],
+                batch.frequency_penalty,
+                batch.presence_penalty,
+                batch.repetition_penalty,
+            ),
+            lambda x: x,
+            logits,
+        )
     banned = jnp.where(batch.suppressed_ids >= 0, batch.suppressed_ids, vocab)
     logits = logits.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
     greedy_tokens = _first_argmax(logits)
-    greedy = (batch.temperature < GREEDY_TEMPERATURE) | (batch.top_k == 1)
-    tokens = jax.lax.cond(
-        jnp.all(greedy),
-        lambda: greedy_tokens,
-        lambda: _sample_rows(logits, batch, greedy, greedy_tokens),
-    )
+    if plain:
+        tokens = greedy_tokens
+    else:
+        greedy = _greedy_rows(batch)
+        tokens = jax.lax.cond(
+            jnp.all(greedy),
+            lambda: greedy_tokens,
+            lambda: _sample_rows(logits, batch, greedy, greedy_tokens),
+        )
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleOutput(tokens=tokens, logprobs=logprobs, chosen_logprob=chosen)
 

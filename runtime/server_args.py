@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the reference's spellings too
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
-LAYER_LOOPS = ("auto", "scan", "unrolled")
+LAYER_LOOPS = ("scan", "unrolled")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Attention backends of the reference: a launch line naming one still runs, on `auto`.
@@ -142,7 +142,7 @@ class ServerArgs:
     # Kernels and compilation
     attention_backend: str = "auto"
     moe_backend: str = "auto"
-    layer_loop: str = "auto"
+    layer_loop: str = "scan"
     warmup: bool = False
     enable_compile_cache: bool = True
     borrow_compiled_programs: bool = True
@@ -314,9 +314,9 @@ class ServerArgs:
             "--layer-loop",
             default=default("layer_loop"),
             choices=LAYER_LOOPS,
-            help="How a step runs the decoder layers: scan (one compiled layer, a loop), unrolled (each "
-            "layer its own code and weight buffers: faster on a GPU, longer to compile), auto: unrolled "
-            "on a GPU, scan elsewhere.",
+            help="How a step runs the decoder layers: scan (default; one compiled layer in a loop) or "
+            "unrolled (each layer its own code and weight buffer: on a GPU faster prefill and mixed "
+            "steps, slower batch-1 decode, four times the compile time; docs/benchmarks.md).",
         )
         kern.add_argument(
             "--warmup",

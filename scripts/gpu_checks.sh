@@ -15,7 +15,7 @@ set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto one_batch_scan profile_decode serving_pallas_b1
+[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto one_batch_unrolled profile_decode serving_pallas_b1
     serving_pallas_b64 one_batch_pallas one_batch_reference serving_reference_b64 one_batch_slice_fusion
     serving_reference_b1)
 mkdir -p "$results"
@@ -62,9 +62,10 @@ for step in "${steps[@]}"; do
     bench_kernels) run_step bench_kernels 150 $PY scripts/bench_kernels.py ;;
     one_batch_auto | one_batch_pallas) run_step "$step" 180 $PY "${ONE_BATCH[@]}" "${EVERY_CASE[@]}" \
         --attention-backend "${step#one_batch_}" --output-file "$results/$step.json" ;;
-    # The layers scanned (one compiled layer in a loop), against auto's unrolled layers on a GPU.
-    one_batch_scan) run_step one_batch_scan 120 $PY "${ONE_BATCH[@]}" --layer-loop scan \
-        --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases 32+1x256 --output-file "$results/one_batch_scan.json" ;;
+    # The layers unrolled, one weight buffer each (--layer-loop unrolled), against one_batch_auto's scan.
+    one_batch_unrolled) run_step one_batch_unrolled 180 $PY "${ONE_BATCH[@]}" --layer-loop unrolled \
+        --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases 32+1x256 \
+        --output-file "$results/one_batch_unrolled.json" ;;
     one_batch_reference) run_step one_batch_reference 120 $PY "${ONE_BATCH[@]}" --attention-backend reference \
         --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases --output-file "$results/one_batch_reference.json" ;;
     # XLA can hand a scanned layer's weight slice straight to cuBLAS instead of copying it first.

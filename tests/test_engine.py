@@ -9,14 +9,16 @@ import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest
 from runtime.sampling import SamplingParams
 from tests.conftest import greedy_agrees, load_reference, prompts_of
-from tests.fixture_spec import SMOLLM2, TINY_LLAMA
+from tests.fixture_spec import SMOLLM2, TINY_LLAMA, TINY_QWEN2_MOE
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,7 +243,8 @@ def test_compiled_programs_bounded(tiny, monkeypatch):
     # Sampling compiles once per (row count, suppressed-id width), not per step shape.
     samplers = tiny.runner._sample._cache_size() + len(tiny.runner._background_samplers) - samplers_before
     print(f"{samplers} new sampling programs for {len(sample_shapes)} sampler shapes")
-    assert samplers <= len(sample_shapes | set(tiny.runner._background_samplers)) < len(shapes)
+    aside_samplers = {key[:2] for key in tiny.runner._background_samplers}  # (rows, width, plain)
+    assert samplers <= len(sample_shapes | aside_samplers) < len(shapes)
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tiny, tiny_ref):
@@ -258,6 +261,22 @@ def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tiny, tiny_ref)
         input_ids=prompt, sampling_params={"top_k": 1, "max_new_tokens": 16, "ignore_eos": True}
     )
     assert greedy["text"] == top1["text"]
+
+
+def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypatch):
+    """The branch-free sampler a GPU uses for all-greedy steps (forced on here): HF's greedy
+    tokens, and a seeded sampled request draws as it does through the general sampler."""
+    prompts = prompts_of(tiny_ref)
+    seeded = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "sampling_seed": 5, "ignore_eos": True}
+    general = tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"]
+    monkeypatch.setattr(tiny.runner, "_plain_greedy_sampler", True)
+    before = set(tiny.runner._sampler_shapes)
+    n = len(tiny_ref["greedy_0"])
+    for i, tokens in enumerate(_batched_ids(tiny, prompts, [n] * len(prompts))):
+        result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
+        assert result, f"prompt {i}: {result}"
+    assert any(plain for _, _, plain in tiny.runner._sampler_shapes - before)
+    assert tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"] == general
 
 
 def test_output_and_input_logprobs_match_hf(tiny, tiny_ref):
@@ -570,3 +589,44 @@ time.sleep(0.3)
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_unrolled_layers_match_the_scan_and_take_a_weight_swap(tiny_qwen2_moe_path):
+    """--layer-loop unrolled: HF's greedy tokens, the scan's expert counts and logprobs (to float
+    noise), no stacked layer buffer left alive, and a weight swap split like the serving weights."""
+    ref = load_reference(TINY_QWEN2_MOE)
+    prompts = prompts_of(ref)
+    n = len(ref["greedy_0"])
+    seen = {}
+    for loop in ("scan", "unrolled"):
+        engine = _engine(tiny_qwen2_moe_path, layer_loop=loop)
+        try:
+            engine.start_expert_distribution_record()
+            ids = _batched_ids(engine, prompts, [n] * len(prompts))
+            histogram = engine.scheduler.call(engine.runner.take_expert_histogram)
+            out = engine.generate(input_ids=prompts[0], sampling_params=_greedy(8), return_logprob=True)
+            logprobs = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+            seen[loop] = (ids, histogram, logprobs)
+            if loop == "unrolled":
+                for i, tokens in enumerate(ids):
+                    result = greedy_agrees(tokens, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
+                    assert result, f"prompt {i}: {result}"
+                stacked = engine.runner.params["model"]["layers"]
+                assert all(leaf.size == 0 for leaf in jax.tree.leaves(stacked))
+                assert all(
+                    leaf.size == 0 for leaf in jax.tree.leaves(nnx.state(engine.model)["model"]["layers"])
+                )
+                assert len(engine.runner.layer_weights) == engine.model.cfg.num_layers
+                ok, message, _ = engine.update_weights_from_disk(str(tiny_qwen2_moe_path))
+                assert ok, message
+                assert _batched_ids(engine, prompts, [n] * len(prompts)) == ids
+                assert all(
+                    leaf.size == 0 for leaf in jax.tree.leaves(engine.runner.params["model"]["layers"])
+                )
+        finally:
+            engine.shutdown()
+    (scan_ids, scan_hist, scan_logprobs), (ids, hist, logprobs) = seen["scan"], seen["unrolled"]
+    assert ids == scan_ids
+    np.testing.assert_array_equal(hist, scan_hist)
+    assert hist.sum() > 0
+    np.testing.assert_allclose(logprobs, scan_logprobs, atol=1e-4)

@@ -16,6 +16,7 @@ from runtime.sampling import (
     SamplingRow,
     _small_top_k_cutoff,
     apply_penalties,
+    is_plain_greedy,
     make_sampling_batch,
     reset_penalty_rows,
     sample,
@@ -439,6 +440,36 @@ def test_suppressed_ids_are_never_sampled() -> None:
     assert not np.isin(tokens, [0, 3]).any()
     after = _run(logits[:1], [SamplingRow(params, seed=3, output_index=5, penalty_slot=0, eos_ids=[0])])
     assert after[0] in (0, 3)  # once min_new_tokens is reached EOS is allowed again (and likely)
+
+
+def test_plain_greedy_batches_need_no_branch_and_sample_the_same() -> None:
+    """The GPU sampler for all-greedy batches without penalties: no `cond` a GPU would wait on,
+    and the same tokens, chosen logprobs and logprobs as the general program."""
+    rng = np.random.default_rng(11)
+    vocab = 96
+    logits = jnp.asarray(rng.standard_normal((8, vocab)).astype(np.float32))
+    ban = SamplingParams(temperature=0, min_new_tokens=3, stop_token_ids=[int(np.argmax(logits[1]))])
+    rows = [
+        SamplingRow(SamplingParams(temperature=0), 1, 0, 1),
+        SamplingRow(ban, 2, 0, 2, eos_ids=[int(np.argmax(logits[1]))]),
+        SamplingRow(SamplingParams(temperature=0.8, top_k=1), 3, 0, 3),
+    ]
+    batch = make_sampling_batch(rows, 8)
+    assert is_plain_greedy(batch)
+    counts, mask = _tables(8, vocab)
+    plain = jax.jit(sample, static_argnames="plain")
+    general, fast = plain(logits, batch, counts, mask), plain(logits, batch, counts, mask, plain=True)
+    np.testing.assert_array_equal(np.asarray(fast.tokens), np.asarray(general.tokens))
+    np.testing.assert_array_equal(np.asarray(fast.chosen_logprob), np.asarray(general.chosen_logprob))
+    np.testing.assert_array_equal(np.asarray(fast.logprobs), np.asarray(general.logprobs))
+    assert int(fast.tokens[1]) != int(np.argmax(logits[1]))  # the banned id stays banned
+    primitives = lambda **kw: {
+        eqn.primitive.name
+        for eqn in jax.make_jaxpr(lambda *a: sample(*a, **kw))(logits, batch, counts, mask).eqns
+    }
+    assert "cond" in primitives() and not {"cond", "while"} & primitives(plain=True)
+    for params in (SamplingParams(temperature=0.7), SamplingParams(temperature=0, repetition_penalty=1.2)):
+        assert not is_plain_greedy(make_sampling_batch([*rows, SamplingRow(params, 4, 0, 4)], 8))
 
 
 def test_greedy_path_timing() -> None:
