@@ -15,8 +15,8 @@ set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto one_batch_unrolled profile_decode serving_pallas_b1
-    serving_pallas_b64 one_batch_pallas one_batch_reference serving_reference_b64 one_batch_slice_fusion
+[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto serving_reference_b64 host_profile_b64 profile_decode one_batch_unrolled serving_pallas_b1
+    serving_pallas_b64 one_batch_pallas one_batch_reference one_batch_slice_fusion
     serving_reference_b1)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
@@ -39,7 +39,29 @@ serving() {  # backend, concurrency
         --num-prompts "$2" --input-len-range 128 128 --output-len-range 256 256 --warmup-pass \
         --disable-tqdm --server-log "$results/server_$1_b$2.log" --output-file "$results/serving_$1_b$2.json"
 }
-export -f env_report serving
+# A server of its own at this concurrency, a warm pass, then py-spy on the server during the
+# measured pass: which host pieces (scheduler thread, event loop) a decode step waits on.
+serving_host_profile() {
+    local port=30123 server client
+    $PY -m server.launch_server --model-path "$MODEL" --port $port $SERVER_ARGS \
+        >"$results/server_host_profile_b$1.log" 2>&1 &
+    server=$!
+    until $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health')" 2>/dev/null; do
+        kill -0 $server || return 1
+        sleep 1
+    done
+    local bench=($PY scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --num-prompts "$1"
+        --input-len-range 128 128 --output-len-range 256 256 --disable-tqdm)
+    "${bench[@]}" >/dev/null
+    "${bench[@]}" --output-file "$results/serving_host_profile_b$1.json" &
+    client=$!
+    sleep 0.3
+    ${PYSPY:-py-spy} record -p $server --gil --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500
+    wait $client
+    kill $server
+    $PY scripts/host_profile_summary.py "$results/host_b$1.txt" --top 20
+}
+export -f env_report serving serving_host_profile
 
 run_step() {
     local name=$1 limit=$2 start=$SECONDS rc
@@ -78,6 +100,7 @@ for step in "${steps[@]}"; do
         --decode-batches 1 64 --prefill-cases --mixed-cases --profile-dir /tmp/gpu_traces --profile-steps 5 &&
         for case in /tmp/gpu_traces/*; do $PY scripts/trace_summary.py "$case" --steps 5 --top 25; done' \
         _ "${ONE_BATCH[@]}" ;;
+    host_profile_b64) run_step host_profile_b64 200 bash -c 'serving_host_profile 64' ;;
     serving_pallas_b1) run_step serving_pallas_b1 300 bash -c 'serving pallas 1' ;;
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;

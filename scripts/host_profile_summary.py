@@ -1,0 +1,65 @@
+"""Where a serving process's Python threads spend their time, from a py-spy recording.
+
+    py-spy record -p PID --gil --threads --format raw -o host.txt -d 5 -r 500
+    python scripts/host_profile_summary.py host.txt [--top 15]
+
+py-spy's raw format is one collapsed stack per line (`thread;frame;...;frame COUNT`).
+For each thread this prints its share of the samples, then the functions it spends
+the most samples in: inclusive (the function and what it calls) and self (the
+innermost frame). With `--gil` only the thread holding the GIL is sampled (py-spy's
+idle detection counts waits too): that is the Python work the scheduler thread and
+the event loop take turns at, which a decode step waits on once the device is
+fast (docs/profiling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+
+def read_stacks(path: Path) -> list[tuple[str, list[str], int]]:
+    """`(thread, frames outermost first, samples)` of each line; frames lose their file:line."""
+    stacks = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        thread, *frames = stack.split(";")
+        stacks.append((thread, [frame.split(" (")[0] for frame in frames], int(count)))
+    return stacks
+
+
+def summarize(stacks: list[tuple[str, list[str], int]], top: int) -> str:
+    total = sum(count for _, _, count in stacks) or 1
+    per_thread: dict[str, int] = collections.Counter()
+    inclusive: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    own: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for thread, frames, count in stacks:
+        per_thread[thread] += count
+        for frame in set(frames):
+            inclusive[thread][frame] += count
+        if frames:
+            own[thread][frames[-1]] += count
+    lines = [f"{total} samples"]
+    for thread, samples in per_thread.most_common():
+        lines.append(f"\n{thread}: {samples} samples ({samples / total:.0%})")
+        for title, table in (("inclusive", inclusive[thread]), ("self", own[thread])):
+            lines.append(f"  {title}:")
+            lines += [f"    {n:6d} {n / samples:5.0%}  {frame}" for frame, n in table.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recording", type=Path, help="py-spy record --format raw output")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    print(summarize(read_stacks(args.recording), args.top))
+
+
+if __name__ == "__main__":
+    main()

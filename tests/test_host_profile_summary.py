@@ -1,0 +1,37 @@
+"""scripts/host_profile_summary.py on a py-spy raw recording written here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+RECORDING = """\
+thread (1): MainThread;run (app.py:10);send (h.py:3) 30
+thread (1): MainThread;run (app.py:10);encode (app.py:20) 10
+thread (2): sglax-scheduler;loop (s.py:1);process (s.py:9);output (s.py:40) 45
+thread (2): sglax-scheduler;loop (s.py:1);process (s.py:9) 5
+thread (2): sglax-scheduler;loop (s.py:1);schedule (s.py:5) 10
+not a stack line
+"""
+
+
+def test_summary_shares_by_thread_inclusive_and_self(tmp_path):
+    path = tmp_path / "host.txt"
+    path.write_text(RECORDING)
+    result = subprocess.run(
+        [sys.executable, "scripts/host_profile_summary.py", str(path), "--top", "3"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert result.stdout.startswith("100 samples")
+    assert "sglax-scheduler: 60 samples (60%)" in result.stdout
+    assert "MainThread: 40 samples (40%)" in result.stdout
+    assert ["50", "83%", "process"] in lines  # inclusive: the output it calls counts too
+    assert ["5", "8%", "process"] in lines  # self: its own frame only
+    assert ["30", "75%", "send"] in lines
