@@ -9,8 +9,9 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). The first step after `env` re-runs the
-# kernel tests: the float32 attention fix of 2026-11-26 has not run natively yet.
+# (docs/benchmarks.md, GPU section). After `env` and the kernel tests come the
+# batch-64 serving figures and their host profile: whether the branch-free greedy
+# sampler (not yet run on a GPU) lets the host prepare a step while the last runs.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
