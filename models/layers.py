@@ -714,9 +714,9 @@ def unstack_layer_weights(params: nnx.State) -> tuple[nnx.State, list[nnx.State]
     """`(params with zero-size stand-ins for the stacked decoder layer weights, one state per layer)`.
 
     For `Decoder`'s unrolled layers: on a GPU a scanned layer's weight slice is copied
-    before cuBLAS reads it and the loop waits on the host every layer; separate buffers
-    are read where they lie. The stand-ins keep `params` whole for `nnx.merge`, and
-    keep the stacked buffers from staying alive beside the per-layer ones.
+    before cuBLAS reads it (0.5 ms of a batch-64 decode step on an H200); separate
+    buffers are read where they lie. The stand-ins keep `params` whole for `nnx.merge`,
+    and keep the stacked buffers from staying alive beside the per-layer ones.
     """
     stacked = params["model"]["layers"]
     num_layers = jax.tree.leaves(stacked)[0].shape[0]
