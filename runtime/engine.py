@@ -533,6 +533,8 @@ class Engine:
             lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
         )
         paused = self._swap(new, pooling)
+        # The model object must not pin the weights it was loaded with (or the stand-ins' originals).
+        nnx.update(self.model, self.runner.params if self.scheduler is not None else self.encoder.params)
         self.model_info.model_path = model_path
         self.server_args.model_path = model_path
         return True, "Succeeded to update model weights.", paused

@@ -3,10 +3,12 @@ pressure, leaks, compile counts, sampling and logprobs, against HF references.""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -589,6 +591,29 @@ time.sleep(0.3)
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layer_loop", ["scan", "unrolled"])
+def test_a_weight_swap_releases_the_weights_it_replaces(tiny_llama_path, layer_loop):
+    """The engine's model object kept the weights it was loaded with: after a swap the device
+    held both (and a third set during the next swap), a model's worth of memory the KV pool
+    was sized without."""
+    engine = _engine(tiny_llama_path, layer_loop=layer_loop)
+    try:
+        loaded = [weakref.ref(leaf) for leaf in jax.tree.leaves(engine.runner.params)]
+        loaded += [weakref.ref(leaf) for leaf in jax.tree.leaves(engine.runner.layer_weights)]
+        for _ in range(2):
+            ok, message, _ = engine.update_weights_from_disk(str(tiny_llama_path))
+            assert ok, message
+        gc.collect()
+        assert not [ref for ref in loaded if ref() is not None]
+        model_leaves = jax.tree.leaves(nnx.state(engine.model))
+        assert [id(leaf) for leaf in model_leaves] == [
+            id(leaf) for leaf in jax.tree.leaves(engine.runner.params)
+        ]
+        assert len(_batched_ids(engine, [[5, 6, 7]], [4])[0]) == 4
+    finally:
+        engine.shutdown()
 
 
 def test_unrolled_layers_match_the_scan_and_take_a_weight_swap(tiny_qwen2_moe_path):
