@@ -57,7 +57,7 @@ serving_host_profile() {
     "${bench[@]}" --output-file "$results/serving_host_profile_b$1.json" &
     client=$!
     sleep 0.3
-    ${PYSPY:-py-spy} record -p $server --gil --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500
+    ${PYSPY:-py-spy} record -p $server --gil --nonblocking --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500
     wait $client
     kill $server
     $PY scripts/host_profile_summary.py "$results/host_b$1.txt" --top 20

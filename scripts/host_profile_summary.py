@@ -1,6 +1,6 @@
 """Where a serving process's Python threads spend their time, from a py-spy recording.
 
-    py-spy record -p PID --gil --threads --format raw -o host.txt -d 5 -r 500
+    py-spy record -p PID --gil --nonblocking --threads --format raw -o host.txt -d 5 -r 500
     python scripts/host_profile_summary.py host.txt [--top 15]
 
 py-spy's raw format is one collapsed stack per line (`thread;frame;...;frame COUNT`).
