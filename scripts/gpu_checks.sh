@@ -9,16 +9,16 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). After `env` and the kernel tests come the
-# batch-64 serving figures and their host profile: whether the branch-free greedy
-# sampler (not yet run on a GPU) lets the host prepare a step while the last runs.
+# (docs/benchmarks.md, GPU section). First come the step times and the serving
+# figures with their host profile: whether the branch-free greedy sampler (not yet
+# run on a GPU) lets the host prepare a step while the last runs.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env kernel_tests bench_kernels one_batch_auto serving_reference_b64 host_profile_b64 profile_decode one_batch_unrolled serving_pallas_b1
-    serving_pallas_b64 one_batch_pallas one_batch_reference one_batch_slice_fusion
-    serving_reference_b1)
+[ ${#steps[@]} -gt 0 ] || steps=(env one_batch_auto serving_reference_b64 serving_reference_b1 host_profile_b64
+    profile_decode one_batch_command_buffers kernel_tests bench_kernels one_batch_unrolled serving_pallas_b1
+    serving_pallas_b64 one_batch_pallas one_batch_reference one_batch_slice_fusion)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -91,6 +91,12 @@ for step in "${steps[@]}"; do
         --output-file "$results/one_batch_unrolled.json" ;;
     one_batch_reference) run_step one_batch_reference 120 $PY "${ONE_BATCH[@]}" --attention-backend reference \
         --decode-batches 1 64 --prefill-cases 1x512 --mixed-cases --output-file "$results/one_batch_reference.json" ;;
+    # The decode step as CUDA graphs, loops included: with no conditional left in a greedy step
+    # (the plain sampler), the layer loop is what keeps XLA from capturing the step whole.
+    one_batch_command_buffers) run_step one_batch_command_buffers 180 env \
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1" \
+        $PY "${ONE_BATCH[@]}" --decode-batches 1 64 --prefill-cases --mixed-cases \
+        --output-file "$results/one_batch_command_buffers.json" ;;
     # XLA can hand a scanned layer's weight slice straight to cuBLAS instead of copying it first.
     one_batch_slice_fusion) run_step one_batch_slice_fusion 90 env \
         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" $PY "${ONE_BATCH[@]}" \
