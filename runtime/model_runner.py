@@ -48,6 +48,17 @@ class StepOutput:
     hidden: jax.Array  # [T, H], final-norm hidden states of every token
 
 
+@dataclasses.dataclass
+class DispatchedForward:
+    """A step whose forward is dispatched and whose sampling is not yet (device handles)."""
+
+    batch: ScheduledBatch
+    logits: jax.Array  # float32[S, V]
+    hidden: jax.Array  # [T, H]
+    sampling: Any  # SamplingBatch of device arrays
+    sample_valid: jax.Array  # bool[S]
+
+
 class ModelRunner:
     """Runs `ScheduledBatch`es through one causal model; never decides who runs."""
 
@@ -201,6 +212,12 @@ class ModelRunner:
 
     def run(self, batch: ScheduledBatch) -> StepOutput:
         """Dispatch one step asynchronously; the returned handles resolve when it ends."""
+        return self.sample(self.forward(batch))
+
+    def forward(self, batch: ScheduledBatch) -> DispatchedForward:
+        """Dispatch a step's forward; `sample` dispatches its sampling. Between the two the host
+        may work on the previous step: a sampler with branches holds the host, on a GPU, until
+        the forward before it has run."""
         host = {
             "input_ids": batch.input_ids,
             "token_source": batch.token_source,
@@ -227,6 +244,11 @@ class ModelRunner:
             )
             self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
+        return DispatchedForward(batch, logits, hidden, sampling, sample_valid)
+
+    def sample(self, step: DispatchedForward) -> StepOutput:
+        """Dispatch the sampling of a step whose forward is dispatched (`forward`)."""
+        batch = step.batch
         plain = self._plain_greedy_sampler and is_plain_greedy(batch.sampling)
         sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
@@ -234,9 +256,14 @@ class ModelRunner:
             sampler = functools.partial(self._sample, plain=plain)
             self._sampler_shapes.add(sampler_key)
         tokens, chosen, logprobs, self.output_counts, self.slot_tokens = sampler(
-            logits, sampling, self.output_counts, self.prompt_mask, self.slot_tokens, sample_valid
+            step.logits,
+            step.sampling,
+            self.output_counts,
+            self.prompt_mask,
+            self.slot_tokens,
+            step.sample_valid,
         )
-        return StepOutput(tokens, chosen, logprobs, hidden)
+        return StepOutput(tokens, chosen, logprobs, step.hidden)
 
     # -- per-request device state -----------------------------------------------------------
 

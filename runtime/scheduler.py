@@ -147,11 +147,15 @@ class Scheduler:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self._has_work())
                 plan, batch = self._schedule()
-                output = self.runner.run(batch) if batch is not None else None
-                if batch is not None and self.profiler.active:
-                    self.profiler.step_done()
+                forward = self.runner.forward(batch) if batch is not None else None
+                # The previous step's tokens are read while this step's forward runs, before its
+                # sampling is dispatched: a sampler with branches holds the host, on a GPU, until
+                # the forward before it has run.
                 if self._pending is not None:
                     self._process(*self._pending)
+                output = self.runner.sample(forward) if forward is not None else None
+                if batch is not None and self.profiler.active:
+                    self.profiler.step_done()
                 self._pending = (plan, output) if batch is not None else None
                 self._maybe_log()
         except BaseException as exc:  # a bug must not leave clients hanging

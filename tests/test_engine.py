@@ -218,15 +218,15 @@ def test_compiled_programs_bounded(tiny, monkeypatch):
     prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(1, 400, size=200)]
     lengths = [int(n) for n in rng.integers(1, 20, size=200)]
     shapes, sample_shapes = set(), set()
-    run = tiny.runner.run
+    forward = tiny.runner.forward
 
-    def run_and_note_shape(batch):
+    def forward_and_note_shape(batch):
         key = batch.shape_key()
         shapes.add(key[:5])  # what the forward program is specialised on
         sample_shapes.add((key[1], key[5]))  # the sampler's: rows (decode + prefill seqs), suppressed ids
-        return run(batch)
+        return forward(batch)
 
-    monkeypatch.setattr(tiny.runner, "run", run_and_note_shape)
+    monkeypatch.setattr(tiny.runner, "forward", forward_and_note_shape)
     programs_before = tiny.runner.num_step_programs
     samplers_before = tiny.runner._sample._cache_size() + len(tiny.runner._background_samplers)
     for start in range(0, 200, 50):
@@ -263,6 +263,22 @@ def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tiny, tiny_ref)
         input_ids=prompt, sampling_params={"top_k": 1, "max_new_tokens": 16, "ignore_eos": True}
     )
     assert greedy["text"] == top1["text"]
+
+
+def test_a_step_samples_after_the_previous_step_is_read(tiny, tiny_ref, monkeypatch):
+    """Order of the loop: forward N+1, read step N, then sample N+1 (a GPU sampler with branches
+    holds the host until the forward before it ends, so reading N first overlaps the forward)."""
+    events = []
+    for owner, name in ((tiny.runner, "forward"), (tiny.runner, "sample"), (tiny.scheduler, "_process")):
+        method = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _m=method, _n=name: events.append(_n) or _m(*a))
+    (ids,) = _batched_ids(tiny, [prompts_of(tiny_ref)[0]], [6])
+    result = greedy_agrees(ids, tiny_ref["greedy_0"][:6], tiny_ref["greedy_margin_0"][:6])
+    assert result, result
+    assert events[:5] == ["forward", "sample", "forward", "_process", "sample"]
+    after_forward = [events[i + 1 : i + 3] for i, name in enumerate(events[:-2]) if name == "forward"]
+    assert after_forward[1:] == [["_process", "sample"]] * (len(after_forward) - 1)
+    assert len(after_forward) >= 5
 
 
 def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypatch):
@@ -559,8 +575,8 @@ def test_a_new_step_shape_borrows_a_compiled_program_while_its_own_compiles(tiny
         runner.wait_for_background_compiles()
         samplers = runner._sample._cache_size()
         ran = []
-        run = runner.run
-        runner.run = lambda batch: ran.append(batch.step_shape()) or run(batch)
+        forward = runner.forward
+        runner.forward = lambda batch: ran.append(batch.step_shape()) or forward(batch)
         engine.flush_cache()  # the same prompts again, prefilled whole
         assert _batched_ids(engine, prompts[:2], [6, 6]) == expected
         assert any(runner.step_programs.programs(shape) is not None for shape in ran)
