@@ -182,22 +182,17 @@ class ModelRunner:
         )
         forward = self._forward.lower(*self._abstract_state, host, meta).compile()
         sampling = make_sampling_batch([], seqs)  # the usual suppressed-ids width
+        as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        sampler_inputs = (
+            as_shape(forward.out_info[0]),  # the logits
+            jax.tree.map(as_shape, sampling),
+            *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
+            jax.ShapeDtypeStruct((seqs,), jnp.bool_),
+        )
         for plain in (True, False) if self._plain_greedy_sampler else (False,):
             key = (seqs, sampling.suppressed_ids.shape[1], plain)
-            if key in self._sampler_shapes or key in self._background_samplers:
-                continue
-            as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-            logits = forward.out_info[0]
-            output_counts, prompt_mask, slot_tokens = self._abstract_sampler_state
-            self._background_samplers[key] = self._sample.lower(
-                jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-                jax.tree.map(as_shape, sampling),
-                output_counts,
-                prompt_mask,
-                slot_tokens,
-                jax.ShapeDtypeStruct((seqs,), jnp.bool_),
-                plain=plain,
-            ).compile()
+            if key not in self._sampler_shapes and key not in self._background_samplers:
+                self._background_samplers[key] = self._sample.lower(*sampler_inputs, plain=plain).compile()
         return forward
 
     def wait_for_background_compiles(self) -> None:
