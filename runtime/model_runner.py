@@ -26,7 +26,9 @@ from kernels_pallas.ragged_paged_attention import AttentionMetadata
 from models.layers import unstack_layer_weights
 from runtime.batch import ScheduledBatch, StepShape
 from runtime.kv_pool import KVPool
+from runtime.packed_inputs import PackedArrays
 from runtime.sampling import (
+    SamplingBatch,
     is_plain_greedy,
     make_sampling_batch,
     reset_penalty_rows,
@@ -55,8 +57,7 @@ class DispatchedForward:
     batch: ScheduledBatch
     logits: jax.Array  # float32[S, V]
     hidden: jax.Array  # [T, H]
-    sampling: Any  # SamplingBatch of device arrays
-    sample_valid: jax.Array  # bool[S]
+    sampling: PackedArrays  # the SamplingBatch and sample_valid, on the device (`sampling_inputs`)
 
 
 class ModelRunner:
@@ -137,10 +138,19 @@ class ModelRunner:
             self.slot_tokens,
         )
 
-    def _forward_fn(self, weights, k_pool, v_pool, expert_hist, recording, slot_tokens, host, meta):
+    def _forward_fn(self, weights, k_pool, v_pool, expert_hist, recording, slot_tokens, inputs):
         """The model over the flat batch, and the logits of each sequence's last token."""
         params, layer_weights = weights
         model = nnx.merge(self.graphdef, params)
+        host = inputs.unpack()
+        meta = AttentionMetadata(
+            cu_q_lens=host["cu_q_lens"],
+            kv_lens=host["kv_lens"],
+            page_table=host["page_table"],
+            write_slots=host["write_slots"],
+            num_tokens=host["num_tokens"],
+            **inputs.static,
+        )
         source = host["token_source"]
         input_ids = jnp.where(source >= 0, slot_tokens[jnp.maximum(source, 0)], host["input_ids"])
         hidden, k_pool, v_pool, expert_counts = model(
@@ -155,8 +165,11 @@ class ModelRunner:
         return logits, hidden, k_pool, v_pool, expert_hist
 
     @staticmethod
-    def _sample_fn(logits, sampling, output_counts, prompt_mask, slot_tokens, sample_valid, plain=False):
+    def _sample_fn(logits, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
         """Sampling is its own program: it depends on the row count only, so few compile."""
+        fields = inputs.unpack()
+        sample_valid = fields.pop("sample_valid")
+        sampling = SamplingBatch(**fields)
         out = sample(logits, sampling, output_counts, prompt_mask, plain)
         output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, sample_valid)
         slot_tokens = slot_tokens.at[jnp.where(sample_valid, sampling.penalty_slot, 0)].set(out.tokens)
@@ -168,26 +181,27 @@ class ModelRunner:
         """The forward for `shape`, and the sampler for its row count if none is compiled yet, from
         shapes alone: lowering needs no values, so this runs beside the steps."""
         seqs = shape.decode + shape.prefill_seqs
-        ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)
-        host = {name: ints(shape.tokens) for name in ("input_ids", "token_source", "positions")}
-        host["sample_rows"] = ints(seqs)
-        meta = AttentionMetadata(
+        ints = lambda *dims: np.zeros(dims, np.int32)
+        inputs = forward_inputs(
+            input_ids=ints(shape.tokens),
+            token_source=ints(shape.tokens),
+            positions=ints(shape.tokens),
+            sample_rows=ints(seqs),
             cu_q_lens=ints(seqs + 1),
             kv_lens=ints(seqs),
             page_table=ints(seqs, shape.width),
             write_slots=ints(shape.tokens),
-            num_tokens=ints(),
+            num_tokens=np.int32(0),
             num_decode_seqs=shape.decode,
             max_prefill_q_len=shape.max_q,
         )
-        forward = self._forward.lower(*self._abstract_state, host, meta).compile()
-        sampling = make_sampling_batch([], seqs)  # the usual suppressed-ids width
         as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+        forward = self._forward.lower(*self._abstract_state, jax.tree.map(as_shape, inputs)).compile()
+        sampling = make_sampling_batch([], seqs)  # the usual suppressed-ids width
         sampler_inputs = (
             as_shape(forward.out_info[0]),  # the logits
-            jax.tree.map(as_shape, sampling),
+            jax.tree.map(as_shape, sampling_inputs(sampling, np.zeros(seqs, np.bool_))),
             *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
-            jax.ShapeDtypeStruct((seqs,), jnp.bool_),
         )
         for plain in (True, False) if self._plain_greedy_sampler else (False,):
             key = (seqs, sampling.suppressed_ids.shape[1], plain)
@@ -213,13 +227,11 @@ class ModelRunner:
         """Dispatch a step's forward; `sample` dispatches its sampling. Between the two the host
         may work on the previous step: a sampler with branches holds the host, on a GPU, until
         the forward before it has run."""
-        host = {
-            "input_ids": batch.input_ids,
-            "token_source": batch.token_source,
-            "positions": batch.positions,
-            "sample_rows": batch.sample_rows,
-        }
-        meta = AttentionMetadata(
+        inputs = forward_inputs(
+            input_ids=batch.input_ids,
+            token_source=batch.token_source,
+            positions=batch.positions,
+            sample_rows=batch.sample_rows,
             cu_q_lens=batch.cu_q_lens,
             kv_lens=batch.kv_lens,
             page_table=batch.page_table,
@@ -228,18 +240,18 @@ class ModelRunner:
             num_decode_seqs=batch.num_decode_seqs,
             max_prefill_q_len=batch.max_prefill_q_len,
         )
-        host, meta, sampling, sample_valid = jax.device_put((host, meta, batch.sampling, batch.sample_valid))
+        inputs, sampling = jax.device_put((inputs, sampling_inputs(batch.sampling, batch.sample_valid)))
         shape = batch.step_shape()
         forward = self.step_programs.programs(shape) or self._forward
         programs_before = self._forward._cache_size()
-        logits, hidden, k_pool, v_pool, hist = forward(*self._forward_state(), host, meta)
+        logits, hidden, k_pool, v_pool, hist = forward(*self._forward_state(), inputs)
         if self._forward._cache_size() > programs_before:
             logger.info(
                 "New step program for (tokens, seqs, page-table width, decode rows, max q) %s", shape.key
             )
             self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        return DispatchedForward(batch, logits, hidden, sampling, sample_valid)
+        return DispatchedForward(batch, logits, hidden, sampling)
 
     def sample(self, step: DispatchedForward) -> StepOutput:
         """Dispatch the sampling of a step whose forward is dispatched (`forward`)."""
@@ -256,7 +268,6 @@ class ModelRunner:
             self.output_counts,
             self.prompt_mask,
             self.slot_tokens,
-            step.sample_valid,
         )
         return StepOutput(tokens, chosen, logprobs, step.hidden)
 
@@ -341,6 +352,20 @@ class ModelRunner:
     def num_step_programs(self) -> int:
         """Forward programs alone, the ones the bucket bound speaks of (inline and background)."""
         return self._forward._cache_size() + self.step_programs.num_compiled_here
+
+
+def forward_inputs(*, num_decode_seqs: int, max_prefill_q_len: int, **arrays: Any) -> PackedArrays:
+    """A forward's host inputs (token ids, positions, attention metadata) as one transfer; the two
+    counts that select a program ride as static values."""
+    return PackedArrays.pack(
+        arrays, static={"num_decode_seqs": num_decode_seqs, "max_prefill_q_len": max_prefill_q_len}
+    )
+
+
+def sampling_inputs(sampling: SamplingBatch, sample_valid: np.ndarray) -> PackedArrays:
+    """A host `SamplingBatch` and the rows to sample, as one transfer."""
+    fields = {field.name: getattr(sampling, field.name) for field in dataclasses.fields(sampling)}
+    return PackedArrays.pack({**fields, "sample_valid": sample_valid})
 
 
 def _abstract(tree: Any) -> Any:
