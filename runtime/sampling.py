@@ -281,14 +281,14 @@ class SamplingRow:
     eos_ids: Sequence[int] = ()
 
 
-def seed_to_key_data(seed: int) -> np.ndarray:
-    """uint32[2] key data equal to `jax.random.key_data(jax.random.PRNGKey(seed))`.
+def seeds_to_key_data(seeds: Sequence[int]) -> np.ndarray:
+    """uint32[N, 2] key data, row i equal to `jax.random.key_data(jax.random.PRNGKey(seeds[i]))`.
 
     Exact for 0 <= seed < 2**32; other seeds use their 64-bit two's complement
     (JAX's own result with x64 on), so seeds differing above bit 32 stay distinct.
     """
-    value = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
-    return np.array([value >> 32, value & 0xFFFF_FFFF], dtype=np.uint32)
+    values = np.array([int(seed) & 0xFFFF_FFFF_FFFF_FFFF for seed in seeds], np.uint64).reshape(-1)
+    return np.stack([values >> np.uint64(32), values & np.uint64(0xFFFF_FFFF)], axis=1).astype(np.uint32)
 
 
 def suppressed_ids_of(row: SamplingRow) -> list[int]:
@@ -305,39 +305,38 @@ def suppressed_ids_of(row: SamplingRow) -> list[int]:
 
 
 def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBatch:
-    """Numpy `SamplingBatch` of `pad_to` rows; K is a power of two >= MIN_SUPPRESSED_WIDTH."""
+    """Numpy `SamplingBatch` of `pad_to` rows; K is a power of two >= MIN_SUPPRESSED_WIDTH.
+
+    Built a column at a time: the serving loop builds one per step, at up to hundreds of rows.
+    """
     if pad_to < len(rows):
         raise ValueError(f"{len(rows)} rows do not fit in pad_to={pad_to}")
     banned = [suppressed_ids_of(row) for row in rows]
     width = max([MIN_SUPPRESSED_WIDTH, *(len(ids) for ids in banned)])
     width = 1 << (width - 1).bit_length()
-    batch = SamplingBatch(
-        temperature=np.zeros(pad_to, np.float32),
-        top_p=np.ones(pad_to, np.float32),
-        top_k=np.zeros(pad_to, np.int32),
-        min_p=np.zeros(pad_to, np.float32),
-        frequency_penalty=np.zeros(pad_to, np.float32),
-        presence_penalty=np.zeros(pad_to, np.float32),
-        repetition_penalty=np.ones(pad_to, np.float32),
-        seeds=np.zeros((pad_to, 2), np.uint32),
-        output_index=np.zeros(pad_to, np.int32),
-        suppressed_ids=np.full((pad_to, width), -1, np.int32),
-        penalty_slot=np.zeros(pad_to, np.int32),
+    params = [row.params for row in rows]
+    pad = pad_to - len(rows)
+
+    def column(values: list, fill: float, dtype: type) -> np.ndarray:
+        return np.array(values + [fill] * pad, dtype)
+
+    suppressed = np.full((pad_to, width), -1, np.int32)
+    for i, ids in enumerate(banned):
+        suppressed[i, : len(ids)] = ids
+    int32_max = np.iinfo(np.int32).max
+    return SamplingBatch(
+        temperature=column([p.temperature for p in params], 0.0, np.float32),
+        top_p=column([p.top_p for p in params], 1.0, np.float32),
+        top_k=column([min(max(p.top_k, 0), int32_max) for p in params], 0, np.int32),
+        min_p=column([p.min_p for p in params], 0.0, np.float32),
+        frequency_penalty=column([p.frequency_penalty for p in params], 0.0, np.float32),
+        presence_penalty=column([p.presence_penalty for p in params], 0.0, np.float32),
+        repetition_penalty=column([p.repetition_penalty for p in params], 1.0, np.float32),
+        seeds=seeds_to_key_data([row.seed for row in rows] + [0] * pad),
+        output_index=column([row.output_index for row in rows], 0, np.int32),
+        suppressed_ids=suppressed,
+        penalty_slot=column([row.penalty_slot for row in rows], 0, np.int32),
     )
-    for i, (row, ids) in enumerate(zip(rows, banned, strict=True)):
-        p = row.params
-        batch.temperature[i] = p.temperature
-        batch.top_p[i] = p.top_p
-        batch.top_k[i] = min(max(p.top_k, 0), np.iinfo(np.int32).max)
-        batch.min_p[i] = p.min_p
-        batch.frequency_penalty[i] = p.frequency_penalty
-        batch.presence_penalty[i] = p.presence_penalty
-        batch.repetition_penalty[i] = p.repetition_penalty
-        batch.seeds[i] = seed_to_key_data(row.seed)
-        batch.output_index[i] = row.output_index
-        batch.suppressed_ids[i, : len(ids)] = ids
-        batch.penalty_slot[i] = row.penalty_slot
-    return batch
 
 
 # ----------------------------------------------------------------------------- device functions

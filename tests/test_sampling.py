@@ -20,7 +20,7 @@ from runtime.sampling import (
     make_sampling_batch,
     reset_penalty_rows,
     sample,
-    seed_to_key_data,
+    seeds_to_key_data,
     update_output_counts,
 )
 
@@ -158,15 +158,15 @@ def test_verify_checks_stop_token_ids_against_the_vocabulary() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2**31 - 1, 2**31, 2**32 - 1])
-def test_seed_to_key_data_matches_prng_key(seed: int) -> None:
+def test_seeds_to_key_data_matches_prng_key(seed: int) -> None:
     expected = np.asarray(jax.random.key_data(jax.random.PRNGKey(seed)))
-    np.testing.assert_array_equal(seed_to_key_data(seed), expected)
-    assert seed_to_key_data(seed).dtype == np.uint32
+    np.testing.assert_array_equal(seeds_to_key_data([seed])[0], expected)
+    assert seeds_to_key_data([seed])[0].dtype == np.uint32
 
 
-def test_seed_to_key_data_keeps_high_bits() -> None:
-    assert not np.array_equal(seed_to_key_data(5), seed_to_key_data(2**32 + 5))
-    np.testing.assert_array_equal(seed_to_key_data(-1), [0xFFFFFFFF, 0xFFFFFFFF])
+def test_seeds_to_key_data_keeps_high_bits() -> None:
+    assert not np.array_equal(seeds_to_key_data([5])[0], seeds_to_key_data([2**32 + 5])[0])
+    np.testing.assert_array_equal(seeds_to_key_data([-1])[0], [0xFFFFFFFF, 0xFFFFFFFF])
 
 
 def test_make_sampling_batch_pads_and_bans_until_min_new_tokens() -> None:
@@ -190,7 +190,7 @@ def test_make_sampling_batch_pads_and_bans_until_min_new_tokens() -> None:
     assert batch.temperature[4:].tolist() == [0.0] * 4  # padding rows are greedy
     assert batch.repetition_penalty[4:].tolist() == [1.0] * 4
     assert batch.penalty_slot.tolist()[:4] == [4, 4, 2, 1]
-    np.testing.assert_array_equal(batch.seeds[0], seed_to_key_data(9))
+    np.testing.assert_array_equal(batch.seeds[0], seeds_to_key_data([9])[0])
     assert make_sampling_batch(rows[:2], 2).suppressed_ids.shape == (2, 4)
     with pytest.raises(ValueError):
         make_sampling_batch(rows, pad_to=3)
