@@ -9,16 +9,17 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). First come the step times and the serving
-# figures with their host profile: whether the branch-free greedy sampler (not yet
-# run on a GPU) lets the host prepare a step while the last runs.
+# (docs/benchmarks.md, GPU section). First come the serving figures with their host
+# profile (the served loop is host-bound on a GPU), then the decode step under the
+# XLA flags that might shorten it, each beside the step with no flags.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env one_batch_auto serving_reference_b64 serving_reference_b1 host_profile_b64
-    profile_decode one_batch_command_buffers kernel_tests bench_kernels one_batch_unrolled serving_pallas_b1
-    serving_pallas_b64 one_batch_pallas one_batch_reference one_batch_slice_fusion)
+[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_reference_b1 host_profile_b64 one_batch_decode
+    one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_auto profile_decode
+    one_batch_command_buffers kernel_tests bench_kernels one_batch_unrolled serving_pallas_b1 serving_pallas_b64
+    one_batch_pallas one_batch_reference)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -35,15 +36,16 @@ env_report() {
 "transformers", transformers.__version__)'
 }
 
-serving() {  # backend, concurrency
+serving() {  # backend, concurrency, [name of the run, for a run under other XLA_FLAGS]
+    local name=${3:-$1_b$2}
     $PY scripts/bench_serving.py --launch "$MODEL" --server-args "$SERVER_ARGS --attention-backend $1" \
         --num-prompts "$2" --input-len-range 128 128 --output-len-range 256 256 --warmup-pass \
-        --disable-tqdm --server-log "$results/server_$1_b$2.log" --output-file "$results/serving_$1_b$2.json"
+        --disable-tqdm --server-log "$results/server_$name.log" --output-file "$results/serving_$name.json"
 }
 # A server of its own at this concurrency, a warm pass, then py-spy on the server during the
 # measured pass: which host pieces (scheduler thread, event loop) a decode step waits on.
 serving_host_profile() {
-    local port=30123 server client
+    local port=30123 server client spy
     $PY -m server.launch_server --model-path "$MODEL" --port $port $SERVER_ARGS \
         >"$results/server_host_profile_b$1.log" 2>&1 &
     server=$!
@@ -57,10 +59,16 @@ serving_host_profile() {
     "${bench[@]}" --output-file "$results/serving_host_profile_b$1.json" &
     client=$!
     sleep 0.3
-    ${PYSPY:-py-spy} record -p $server --gil --nonblocking --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500
-    wait $client
+    # Two recordings of the same second: the GIL holders (Python work) and every thread's wall
+    # time (--idle: the waits too, in dispatches, transfers and locks).
+    ${PYSPY:-py-spy} record -p $server --gil --nonblocking --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500 &
+    spy=$!
+    ${PYSPY:-py-spy} record -p $server --idle --nonblocking --threads --format raw \
+        -o "$results/host_idle_b$1.txt" -d 1 -r 500
+    wait $spy $client
     kill $server
     $PY scripts/host_profile_summary.py "$results/host_b$1.txt" --top 20
+    $PY scripts/host_profile_summary.py "$results/host_idle_b$1.txt" --top 30 --lines
 }
 export -f env_report serving serving_host_profile
 
@@ -97,11 +105,15 @@ for step in "${steps[@]}"; do
         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1" \
         $PY "${ONE_BATCH[@]}" --decode-batches 1 64 --prefill-cases --mixed-cases \
         --output-file "$results/one_batch_command_buffers.json" ;;
-    # XLA can hand a scanned layer's weight slice straight to cuBLAS instead of copying it first.
-    one_batch_slice_fusion) run_step one_batch_slice_fusion 90 env \
-        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" $PY "${ONE_BATCH[@]}" \
-        --attention-backend pallas --decode-batches 1 64 --prefill-cases --mixed-cases \
-        --output-file "$results/one_batch_slice_fusion.json" ;;
+    # The decode steps alone under XLA flags, each beside one_batch_decode (no flags) on the
+    # same machine: slice fusion hands a scanned layer's weight slice straight to the GEMM
+    # instead of copying it first (b=64: 97 copies, 0.52 ms a step); no command buffers shows
+    # what XLA's default CUDA graphs give or cost; cuBLAS replaces the Triton GEMM fusions.
+    one_batch_decode | one_batch_slice_fusion | one_batch_no_command_buffers | one_batch_cublas)
+        declare -A flags=([one_batch_decode]="" [one_batch_slice_fusion]="--xla_gpu_enable_dynamic_slice_fusion=true"
+            [one_batch_no_command_buffers]="--xla_gpu_enable_command_buffer=" [one_batch_cublas]="--xla_gpu_enable_triton_gemm=false")
+        run_step "$step" 90 env XLA_FLAGS="${XLA_FLAGS:-} ${flags[$step]}" $PY "${ONE_BATCH[@]}" \
+            --decode-batches 1 64 --prefill-cases --mixed-cases --output-file "$results/$step.json" ;;
     # Kernel by kernel: where a batch-1 and a batch-64 decode step spend their time (traces stay in /tmp).
     profile_decode) run_step profile_decode 150 bash -c '$PY "${@}" --attention-backend auto \
         --decode-batches 1 64 --prefill-cases --mixed-cases --profile-dir /tmp/gpu_traces --profile-steps 5 &&
@@ -112,6 +124,11 @@ for step in "${steps[@]}"; do
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
+    # The served batch-64 figure without XLA's CUDA graphs (its programs compile afresh: the flag
+    # is part of the compile cache's key).
+    serving_no_command_buffers_b64) run_step serving_no_command_buffers_b64 300 \
+        env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+        bash -c 'serving reference 64 no_command_buffers_b64' ;;
     *) echo "unknown step $step" >&2 ;;
     esac
 done

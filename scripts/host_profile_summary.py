@@ -1,7 +1,7 @@
 """Where a serving process's Python threads spend their time, from a py-spy recording.
 
     py-spy record -p PID --gil --nonblocking --threads --format raw -o host.txt -d 5 -r 500
-    python scripts/host_profile_summary.py host.txt [--top 15]
+    python scripts/host_profile_summary.py host.txt [--top 15] [--lines]
 
 py-spy's raw format is one collapsed stack per line (`thread;frame;...;frame COUNT`).
 For each thread this prints its share of the samples, then the functions it spends
@@ -9,7 +9,10 @@ the most samples in: inclusive (the function and what it calls) and self (the
 innermost frame). With `--gil` only the thread holding the GIL is sampled (py-spy's
 idle detection counts waits too): that is the Python work the scheduler thread and
 the event loop take turns at, which a decode step waits on once the device is
-fast (docs/profiling.md).
+fast; with `--idle` instead, every thread's wall time, waits included (where a
+thread sits in a call that released the GIL: a dispatch, a transfer, a lock).
+`--lines` keeps each frame's file:line, to tell apart the calls of one function
+(docs/profiling.md).
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import collections
 from pathlib import Path
 
 
-def read_stacks(path: Path) -> list[tuple[str, list[str], int]]:
-    """`(thread, frames outermost first, samples)` of each line; frames lose their file:line."""
+def read_stacks(path: Path, lines: bool = False) -> list[tuple[str, list[str], int]]:
+    """`(thread, frames outermost first, samples)` of each line; frames lose their file:line
+    unless `lines`."""
     stacks = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         thread, *frames = stack.split(";")
-        stacks.append((thread, [frame.split(" (")[0] for frame in frames], int(count)))
+        stacks.append((thread, [frame if lines else frame.split(" (")[0] for frame in frames], int(count)))
     return stacks
 
 
@@ -57,8 +61,9 @@ def main() -> None:
     )
     parser.add_argument("recording", type=Path, help="py-spy record --format raw output")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--lines", action="store_true", help="keep each frame's file:line")
     args = parser.parse_args()
-    print(summarize(read_stacks(args.recording), args.top))
+    print(summarize(read_stacks(args.recording, args.lines), args.top))
 
 
 if __name__ == "__main__":

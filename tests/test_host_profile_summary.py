@@ -35,3 +35,19 @@ def test_summary_shares_by_thread_inclusive_and_self(tmp_path):
     assert ["50", "83%", "process"] in lines  # inclusive: the output it calls counts too
     assert ["5", "8%", "process"] in lines  # self: its own frame only
     assert ["30", "75%", "send"] in lines
+
+
+def test_lines_keep_each_call_site_apart(tmp_path):
+    path = tmp_path / "host.txt"
+    path.write_text(RECORDING)
+    result = subprocess.run(
+        [sys.executable, "scripts/host_profile_summary.py", str(path), "--lines"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [line.split(maxsplit=2) for line in result.stdout.splitlines()]
+    assert ["50", "83%", "process (s.py:9)"] in lines
+    assert ["10", "17%", "schedule (s.py:5)"] in lines
+    assert "  process\n" not in result.stdout
