@@ -238,6 +238,7 @@ class Engine:
             num_experts=int(getattr(config, "num_experts", 0) or 0),
             borrow_programs=args.borrow_compiled_programs,
             layer_weights=layer_weights,
+            fused_greedy={"auto": None, "on": True, "off": False}[args.fused_greedy_sampling],
         )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context

@@ -13,7 +13,6 @@ its own programs compile aside (runtime/step_programs.py).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from typing import Any
 
@@ -28,6 +27,7 @@ from runtime.batch import ScheduledBatch, StepShape
 from runtime.kv_pool import KVPool
 from runtime.packed_inputs import PackedArrays
 from runtime.sampling import (
+    MIN_SUPPRESSED_WIDTH,
     SamplingBatch,
     is_plain_greedy,
     make_sampling_batch,
@@ -58,6 +58,7 @@ class DispatchedForward:
     logits: jax.Array  # float32[S, V]
     hidden: jax.Array  # [T, H]
     sampling: PackedArrays  # the SamplingBatch and sample_valid, on the device (`sampling_inputs`)
+    greedy: StepOutput | None = None  # the step's tokens when the forward sampled them (fused greedy)
 
 
 class ModelRunner:
@@ -72,9 +73,18 @@ class ModelRunner:
         num_experts: int = 0,
         borrow_programs: bool = True,
         layer_weights: list[nnx.State] | None = None,
+        fused_greedy: bool | None = None,
     ) -> None:
         """`layer_weights`: the decoder layers' weights one state per layer (`model` holding
-        stand-ins, see `unstack_layer_weights`) to run the layers unrolled; None scans them."""
+        stand-ins, see `unstack_layer_weights`) to run the layers unrolled; None scans them.
+
+        `fused_greedy` (None: on where the backend is not a CPU): every forward also samples
+        greedily, with no branch, and an all-greedy step without penalties takes those tokens
+        and dispatches no sampler. On a GPU, each dispatch costs the serving loop about a
+        millisecond of host time (docs/benchmarks.md), and the general sampler's `lax.cond`s
+        read their predicates back to the host. Other steps run the general sampler after.
+        """
+        self.fused_greedy = jax.default_backend() != "cpu" if fused_greedy is None else fused_greedy
         self.graphdef, self.params = nnx.split(model)
         self.layer_weights = layer_weights
         self.pool = pool
@@ -91,21 +101,24 @@ class ModelRunner:
         # like the previous step would make each program specialise on its predecessor's shape.
         self.slot_tokens = jnp.zeros((self.penalty_rows,), jnp.int32)
         self._commit_state()
-        self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2, 3))
+        # The pools and the histogram are written in place; with fused greedy sampling, the slot
+        # tokens and output counts too.
+        donated = (1, 2, 3, 5, 6) if self.fused_greedy else (1, 2, 3)
+        self._forward = jax.jit(self._forward_fn, donate_argnums=donated)
         # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
-        # A GPU runs each `lax.cond` by reading its predicate back to the host, which stalls the
-        # dispatch of the next step until this one ends; there, all-greedy batches without
-        # penalties get a sampler with no branch (one more program per row count).
-        self._plain_greedy_sampler = jax.default_backend() != "cpu"
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
+        # Per row count, sampling inputs with nothing to sample in the usual layout, on the device:
+        # a forward takes them when a step's own have another (a wider suppressed-ids table would
+        # make the forward compile again).
+        self._idle_sampling: dict[int, PackedArrays] = {}
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
-        # (rows, suppressed-ids width, plain) in _sample's cache
-        self._sampler_shapes: set[tuple[int, int, bool]] = set()
-        self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+        # (rows, suppressed-ids width) in _sample's cache
+        self._sampler_shapes: set[tuple[int, int]] = set()
+        self._background_samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
         self.step_programs = StepPrograms(self._compile_shape, enabled=borrow_programs)
 
     def _commit_state(self) -> None:
@@ -128,7 +141,7 @@ class ModelRunner:
     # -- the step -------------------------------------------------------------------------
 
     def _forward_state(self) -> tuple:
-        """The device state a step reads (the pools and histogram donated): `_forward_fn`'s first six."""
+        """The device state a step reads: `_forward_fn`'s first seven."""
         return (
             (self.params, self.layer_weights),
             self.pool.k_pool,
@@ -136,10 +149,15 @@ class ModelRunner:
             self.expert_hist,
             self.recording,
             self.slot_tokens,
+            self.output_counts,
         )
 
-    def _forward_fn(self, weights, k_pool, v_pool, expert_hist, recording, slot_tokens, inputs):
-        """The model over the flat batch, and the logits of each sequence's last token."""
+    def _forward_fn(
+        self, weights, k_pool, v_pool, expert_hist, recording, slot_tokens, output_counts, inputs, sampling
+    ):
+        """The model over the flat batch, and the logits of each sequence's last token; with fused
+        greedy sampling also `_sample_and_record`'s outputs, which touch the device state only
+        where the inputs' `greedy` flag is set."""
         params, layer_weights = weights
         model = nnx.merge(self.graphdef, params)
         host = inputs.unpack()
@@ -162,18 +180,17 @@ class ModelRunner:
             logits = jnp.zeros((host["sample_rows"].shape[0], self.vocab_size), jnp.float32)
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
-        return logits, hidden, k_pool, v_pool, expert_hist
+        if not self.fused_greedy:
+            return logits, hidden, k_pool, v_pool, expert_hist
+        greedy = _sample_and_record(
+            logits, sampling, output_counts, None, slot_tokens, plain=True, apply=host["greedy"] != 0
+        )
+        return logits, hidden, k_pool, v_pool, expert_hist, greedy
 
     @staticmethod
-    def _sample_fn(logits, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
-        """Sampling is its own program: it depends on the row count only, so few compile."""
-        fields = inputs.unpack()
-        sample_valid = fields.pop("sample_valid")
-        sampling = SamplingBatch(**fields)
-        out = sample(logits, sampling, output_counts, prompt_mask, plain)
-        output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, sample_valid)
-        slot_tokens = slot_tokens.at[jnp.where(sample_valid, sampling.penalty_slot, 0)].set(out.tokens)
-        return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
+    def _sample_fn(logits, inputs, output_counts, prompt_mask, slot_tokens):
+        """The general sampler is its own program: it depends on the row count only, so few compile."""
+        return _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain=False)
 
     # -- programs compiled aside (runtime/step_programs.py) -----------------------------------
 
@@ -192,22 +209,34 @@ class ModelRunner:
             page_table=ints(seqs, shape.width),
             write_slots=ints(shape.tokens),
             num_tokens=np.int32(0),
+            greedy=np.int32(0),
             num_decode_seqs=shape.decode,
             max_prefill_q_len=shape.max_q,
         )
         as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-        forward = self._forward.lower(*self._abstract_state, jax.tree.map(as_shape, inputs)).compile()
-        sampling = make_sampling_batch([], seqs)  # the usual suppressed-ids width
-        sampler_inputs = (
-            as_shape(forward.out_info[0]),  # the logits
-            jax.tree.map(as_shape, sampling_inputs(sampling, np.zeros(seqs, np.bool_))),
-            *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
-        )
-        for plain in (True, False) if self._plain_greedy_sampler else (False,):
-            key = (seqs, sampling.suppressed_ids.shape[1], plain)
-            if key not in self._sampler_shapes and key not in self._background_samplers:
-                self._background_samplers[key] = self._sample.lower(*sampler_inputs, plain=plain).compile()
+        sampling = jax.tree.map(as_shape, self._idle_sampling_for(seqs))  # the usual layout
+        forward = self._forward.lower(
+            *self._abstract_state, jax.tree.map(as_shape, inputs), sampling
+        ).compile()
+        key = (seqs, MIN_SUPPRESSED_WIDTH)
+        if key not in self._sampler_shapes and key not in self._background_samplers:
+            logits = as_shape(forward.out_info[0])
+            self._background_samplers[key] = self._sample.lower(
+                logits,
+                sampling,
+                *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
+            ).compile()
         return forward
+
+    def _idle_sampling_for(self, seqs: int) -> PackedArrays:
+        """Sampling inputs of `seqs` rows with nothing to sample, in the usual layout (suppressed-ids
+        width), on the device: what a forward takes when a step's own have another layout."""
+        idle = self._idle_sampling.get(seqs)
+        if idle is None:
+            empty = make_sampling_batch([], seqs)
+            idle = jax.device_put(sampling_inputs(empty, np.zeros(seqs, np.bool_)), self.slot_tokens.sharding)
+            self._idle_sampling[seqs] = idle
+        return idle
 
     def wait_for_background_compiles(self) -> None:
         """Block until the programs queued so far are compiled (the warm-up ends with this)."""
@@ -227,6 +256,11 @@ class ModelRunner:
         """Dispatch a step's forward; `sample` dispatches its sampling. Between the two the host
         may work on the previous step: a sampler with branches holds the host, on a GPU, until
         the forward before it has run."""
+        sampling = sampling_inputs(batch.sampling, batch.sample_valid)
+        idle = self._idle_sampling_for(len(batch.sample_valid))
+        # The forward takes the step's sampling inputs where their layout is the usual one.
+        usual = sampling.layout == idle.layout
+        fused = self.fused_greedy and usual and is_plain_greedy(batch.sampling)
         inputs = forward_inputs(
             input_ids=batch.input_ids,
             token_source=batch.token_source,
@@ -237,30 +271,39 @@ class ModelRunner:
             page_table=batch.page_table,
             write_slots=batch.write_slots,
             num_tokens=np.int32(batch.num_tokens),
+            greedy=np.int32(fused),
             num_decode_seqs=batch.num_decode_seqs,
             max_prefill_q_len=batch.max_prefill_q_len,
         )
-        inputs, sampling = jax.device_put((inputs, sampling_inputs(batch.sampling, batch.sample_valid)))
+        inputs, sampling = jax.device_put((inputs, sampling))
         shape = batch.step_shape()
         forward = self.step_programs.programs(shape) or self._forward
         programs_before = self._forward._cache_size()
-        logits, hidden, k_pool, v_pool, hist = forward(*self._forward_state(), inputs)
+        outputs = forward(*self._forward_state(), inputs, sampling if usual else idle)
+        logits, hidden, k_pool, v_pool, hist, *greedy = outputs
         if self._forward._cache_size() > programs_before:
             logger.info(
                 "New step program for (tokens, seqs, page-table width, decode rows, max q) %s", shape.key
             )
             self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        return DispatchedForward(batch, logits, hidden, sampling)
+        step = DispatchedForward(batch, logits, hidden, sampling)
+        if greedy:  # fused: the tables are the forward's outputs, changed only if `fused`
+            tokens, chosen, logprobs, self.output_counts, self.slot_tokens = greedy[0]
+            if fused:
+                step.greedy = StepOutput(tokens, chosen, logprobs, hidden)
+        return step
 
     def sample(self, step: DispatchedForward) -> StepOutput:
-        """Dispatch the sampling of a step whose forward is dispatched (`forward`)."""
+        """Dispatch the sampling of a step whose forward is dispatched (`forward`), unless its
+        forward sampled it (fused greedy)."""
+        if step.greedy is not None:
+            return step.greedy
         batch = step.batch
-        plain = self._plain_greedy_sampler and is_plain_greedy(batch.sampling)
-        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
+        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]))
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
-            sampler = functools.partial(self._sample, plain=plain)
+            sampler = self._sample
             self._sampler_shapes.add(sampler_key)
         tokens, chosen, logprobs, self.output_counts, self.slot_tokens = sampler(
             step.logits,
@@ -352,6 +395,26 @@ class ModelRunner:
     def num_step_programs(self) -> int:
         """Forward programs alone, the ones the bucket bound speaks of (inline and background)."""
         return self._forward._cache_size() + self.step_programs.num_compiled_here
+
+
+def _sample_and_record(
+    logits: jax.Array,
+    inputs: PackedArrays,
+    output_counts: jax.Array,
+    prompt_mask: jax.Array | None,
+    slot_tokens: jax.Array,
+    plain: bool,
+    apply: jax.Array | bool = True,
+) -> tuple[jax.Array, ...]:
+    """Sample a step's rows (`sample`), count each sampled token for the penalties and keep it for
+    the next step's forward; `apply` false (traced) leaves both tables as they were."""
+    fields = inputs.unpack()
+    valid = fields.pop("sample_valid") & apply
+    sampling = SamplingBatch(**fields)
+    out = sample(logits, sampling, output_counts, prompt_mask, plain)
+    output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, valid)
+    slot_tokens = slot_tokens.at[jnp.where(valid, sampling.penalty_slot, 0)].set(out.tokens)
+    return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
 
 
 def forward_inputs(*, num_decode_seqs: int, max_prefill_q_len: int, **arrays: Any) -> PackedArrays:

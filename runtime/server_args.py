@@ -27,6 +27,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the refe
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
 LAYER_LOOPS = ("scan", "unrolled")
+ON_OFF_AUTO = ("auto", "on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 # Attention backends of the reference: a launch line naming one still runs, on `auto`.
@@ -143,6 +144,7 @@ class ServerArgs:
     attention_backend: str = "auto"
     moe_backend: str = "auto"
     layer_loop: str = "scan"
+    fused_greedy_sampling: str = "auto"
     warmup: bool = False
     enable_compile_cache: bool = True
     borrow_compiled_programs: bool = True
@@ -181,6 +183,7 @@ class ServerArgs:
         _check_choice("--attention-backend", self.attention_backend, KERNEL_BACKENDS)
         _check_choice("--moe-backend", self.moe_backend, KERNEL_BACKENDS)
         _check_choice("--layer-loop", self.layer_loop, LAYER_LOOPS)
+        _check_choice("--fused-greedy-sampling", self.fused_greedy_sampling, ON_OFF_AUTO)
         _check_choice("--log-level", self.log_level.lower(), LOG_LEVELS)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}.")
@@ -317,6 +320,13 @@ class ServerArgs:
             help="How a step runs the decoder layers: scan (default; one compiled layer in a loop) or "
             "unrolled (each layer its own code and weight buffer: on a GPU faster prefill and mixed "
             "steps, slower batch-1 decode, four times the compile time; docs/benchmarks.md).",
+        )
+        kern.add_argument(
+            "--fused-greedy-sampling",
+            default=default("fused_greedy_sampling"),
+            choices=ON_OFF_AUTO,
+            help="Sample greedily inside each step's forward, so that an all-greedy step without "
+            "penalties dispatches one program instead of two (auto: on unless the backend is a CPU).",
         )
         kern.add_argument(
             "--warmup",

@@ -100,6 +100,17 @@ def _batched_ids(engine: Engine, prompts: list[list[int]], lengths: list[int]) -
     return [o.output_ids for o in outputs]
 
 
+def _mixed_ids(engine: Engine, prompts: list[list[int]], params: list[dict]) -> list[list[int]]:
+    """Output ids of requests with their own sampling parameters, submitted at once."""
+    requests = [
+        EngineRequest(
+            rid=f"m{time.monotonic_ns()}-{i}", input_ids=p, sampling_params=SamplingParams.from_dict(s)
+        )
+        for i, (p, s) in enumerate(zip(prompts, params, strict=True))
+    ]
+    return [o.output_ids for o in engine._run_blocking(requests)]
+
+
 def test_greedy_matches_hf_tiny(tiny, tiny_ref):
     prompts = prompts_of(tiny_ref)
     n = len(tiny_ref["greedy_0"])
@@ -281,20 +292,42 @@ def test_a_step_samples_after_the_previous_step_is_read(tiny, tiny_ref, monkeypa
     assert len(after_forward) >= 5
 
 
-def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypatch):
-    """The branch-free sampler a GPU uses for all-greedy steps (forced on here): HF's greedy
-    tokens, and a seeded sampled request draws as it does through the general sampler."""
+def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, tiny, tiny_ref, monkeypatch):
+    """The forward that also samples greedily (a GPU's default, forced on here): HF's greedy tokens
+    with no sampler dispatched; steps it must not sample (a sampled row, a penalty, a wide
+    suppressed-ids table) run the general sampler after it, and give what the unfused engine
+    (`tiny`) gives, the penalty and slot tables included."""
     prompts = prompts_of(tiny_ref)
     seeded = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "sampling_seed": 5, "ignore_eos": True}
-    general = tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"]
-    monkeypatch.setattr(tiny.runner, "_plain_greedy_sampler", True)
-    before = set(tiny.runner._sampler_shapes)
-    n = len(tiny_ref["greedy_0"])
-    for i, tokens in enumerate(_batched_ids(tiny, prompts, [n] * len(prompts))):
-        result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
-        assert result, f"prompt {i}: {result}"
-    assert any(plain for _, _, plain in tiny.runner._sampler_shapes - before)
-    assert tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"] == general
+    penalised = _greedy(12, frequency_penalty=1.5, presence_penalty=0.5)
+    # min_new_tokens bans EOS and the stop ids: eight ids make the suppressed-ids table wider.
+    wide = _greedy(12, min_new_tokens=6, stop_token_ids=list(range(3, 10)))
+    mixes = [
+        ([prompts[0], prompts[1]], [_greedy(12), seeded]),
+        ([prompts[0], prompts[2]], [_greedy(12), penalised]),
+        ([prompts[1], prompts[2]], [wide, _greedy(12)]),
+    ]
+    expected = [_mixed_ids(tiny, *mix) for mix in mixes]
+    # No programs compiled aside: every sampler dispatch goes through `_sample`.
+    fused = _engine(
+        tiny_llama_path, chunked_prefill_size=64, fused_greedy_sampling="on", borrow_compiled_programs=False
+    )
+    try:
+        assert fused.runner.fused_greedy and not tiny.runner.fused_greedy
+        dispatched = []
+        sampler = fused.runner._sample
+        monkeypatch.setattr(fused.runner, "_sample", lambda *a: dispatched.append(1) or sampler(*a))
+        n = len(tiny_ref["greedy_0"])
+        for i, tokens in enumerate(_batched_ids(fused, prompts, [n] * len(prompts))):
+            result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
+            assert result, f"prompt {i}: {result}"
+        assert not dispatched  # every step was all-greedy: the forwards sampled them
+        for mix, want in zip(mixes, expected, strict=True):
+            assert _mixed_ids(fused, *mix) == want, mix[1]
+        assert dispatched  # the mixed steps ran the general sampler
+        assert _pool_whole(fused)
+    finally:
+        fused.shutdown()
 
 
 def test_output_and_input_logprobs_match_hf(tiny, tiny_ref):
