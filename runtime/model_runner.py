@@ -13,6 +13,7 @@ its own programs compile aside (runtime/step_programs.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -108,7 +109,10 @@ class ModelRunner:
         # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4))
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
+        # A step its forward did not sample that is all greedy without penalties still takes a
+        # sampler with no branch off a CPU (a GPU reads each `lax.cond`'s predicate back).
+        self._plain_sampler = jax.default_backend() != "cpu"
         # Per row count, sampling inputs with nothing to sample in the usual layout, on the device:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
         # make the forward compile again).
@@ -116,9 +120,9 @@ class ModelRunner:
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
-        # (rows, suppressed-ids width) in _sample's cache
-        self._sampler_shapes: set[tuple[int, int]] = set()
-        self._background_samplers: dict[tuple[int, int], jax.stages.Compiled] = {}
+        # (rows, suppressed-ids width, plain) in _sample's cache
+        self._sampler_shapes: set[tuple[int, int, bool]] = set()
+        self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
         self.step_programs = StepPrograms(self._compile_shape, enabled=borrow_programs)
 
     def _commit_state(self) -> None:
@@ -188,9 +192,9 @@ class ModelRunner:
         return logits, hidden, k_pool, v_pool, expert_hist, greedy
 
     @staticmethod
-    def _sample_fn(logits, inputs, output_counts, prompt_mask, slot_tokens):
-        """The general sampler is its own program: it depends on the row count only, so few compile."""
-        return _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain=False)
+    def _sample_fn(logits, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
+        """The sampler is its own program: it depends on the row count only, so few compile."""
+        return _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain)
 
     # -- programs compiled aside (runtime/step_programs.py) -----------------------------------
 
@@ -218,14 +222,17 @@ class ModelRunner:
         forward = self._forward.lower(
             *self._abstract_state, jax.tree.map(as_shape, inputs), sampling
         ).compile()
-        key = (seqs, MIN_SUPPRESSED_WIDTH)
-        if key not in self._sampler_shapes and key not in self._background_samplers:
-            logits = as_shape(forward.out_info[0])
-            self._background_samplers[key] = self._sample.lower(
-                logits,
-                sampling,
-                *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
-            ).compile()
+        # With fused greedy sampling the forward serves the all-greedy steps of this layout.
+        plain_variants = (True, False) if self._plain_sampler and not self.fused_greedy else (False,)
+        for plain in plain_variants:
+            key = (seqs, MIN_SUPPRESSED_WIDTH, plain)
+            if key not in self._sampler_shapes and key not in self._background_samplers:
+                self._background_samplers[key] = self._sample.lower(
+                    as_shape(forward.out_info[0]),  # the logits
+                    sampling,
+                    *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
+                    plain=plain,
+                ).compile()
         return forward
 
     def _idle_sampling_for(self, seqs: int) -> PackedArrays:
@@ -234,7 +241,8 @@ class ModelRunner:
         idle = self._idle_sampling.get(seqs)
         if idle is None:
             empty = make_sampling_batch([], seqs)
-            idle = jax.device_put(sampling_inputs(empty, np.zeros(seqs, np.bool_)), self.slot_tokens.sharding)
+            # uncommitted, as a step's own are: the jit cache tells the two apart
+            idle = jax.device_put(sampling_inputs(empty, np.zeros(seqs, np.bool_)))
             self._idle_sampling[seqs] = idle
         return idle
 
@@ -300,10 +308,11 @@ class ModelRunner:
         if step.greedy is not None:
             return step.greedy
         batch = step.batch
-        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]))
+        plain = self._plain_sampler and is_plain_greedy(batch.sampling)
+        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
-            sampler = self._sample
+            sampler = functools.partial(self._sample, plain=plain)
             self._sampler_shapes.add(sampler_key)
         tokens, chosen, logprobs, self.output_counts, self.slot_tokens = sampler(
             step.logits,

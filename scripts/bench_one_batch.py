@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--attention-backend", default="auto", help="auto, pallas or reference (as the server flag)."
     )
     parser.add_argument("--layer-loop", default="scan", help="scan or unrolled (as the server flag).")
+    parser.add_argument(
+        "--fused-greedy-sampling", default="auto", help="auto, on or off (as the server flag)."
+    )
     parser.add_argument("--decode-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--decode-context", type=int, default=256, help="KV depth of each decode row.")
     parser.add_argument("--prefill-cases", nargs="*", default=["1x64", "1x128", "1x256", "1x512", "4x128"])
@@ -420,6 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             skip_tokenizer_init=args.load_format == "dummy",  # a config-only folder has no tokenizer
             attention_backend=args.attention_backend,
             layer_loop=args.layer_loop,
+            fused_greedy_sampling=args.fused_greedy_sampling,
         )
     )
     rows = []

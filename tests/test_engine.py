@@ -293,10 +293,10 @@ def test_a_step_samples_after_the_previous_step_is_read(tiny, tiny_ref, monkeypa
 
 
 def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, tiny, tiny_ref, monkeypatch):
-    """The forward that also samples greedily (a GPU's default, forced on here): HF's greedy tokens
-    with no sampler dispatched; steps it must not sample (a sampled row, a penalty, a wide
-    suppressed-ids table) run the general sampler after it, and give what the unfused engine
-    (`tiny`) gives, the penalty and slot tables included."""
+    """The forward that also samples greedily (a GPU's default, forced on here, with programs
+    compiled aside as served): HF's greedy tokens with no sampler dispatched; steps it must not
+    sample (a sampled row, a penalty, a wide suppressed-ids table) run the general sampler after
+    it and give the unfused engine's (`tiny`) tokens; a wide table compiles no forward again."""
     prompts = prompts_of(tiny_ref)
     seeded = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "sampling_seed": 5, "ignore_eos": True}
     penalised = _greedy(12, frequency_penalty=1.5, presence_penalty=0.5)
@@ -305,29 +305,51 @@ def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, t
     mixes = [
         ([prompts[0], prompts[1]], [_greedy(12), seeded]),
         ([prompts[0], prompts[2]], [_greedy(12), penalised]),
-        ([prompts[1], prompts[2]], [wide, _greedy(12)]),
     ]
-    expected = [_mixed_ids(tiny, *mix) for mix in mixes]
-    # No programs compiled aside: every sampler dispatch goes through `_sample`.
-    fused = _engine(
-        tiny_llama_path, chunked_prefill_size=64, fused_greedy_sampling="on", borrow_compiled_programs=False
-    )
+    wide_mix = ([prompts[1], prompts[2]], [wide, _greedy(12)])
+    expected = [_mixed_ids(tiny, *mix) for mix in [*mixes, wide_mix]]
+    fused = _engine(tiny_llama_path, chunked_prefill_size=64, fused_greedy_sampling="on")
     try:
-        assert fused.runner.fused_greedy and not tiny.runner.fused_greedy
-        dispatched = []
-        sampler = fused.runner._sample
-        monkeypatch.setattr(fused.runner, "_sample", lambda *a: dispatched.append(1) or sampler(*a))
+        runner = fused.runner
+        assert runner.fused_greedy and not tiny.runner.fused_greedy
+        general = []  # steps the forward did not sample
+        sample = runner.sample
+        monkeypatch.setattr(
+            runner, "sample", lambda step: general.append(step.greedy is None) or sample(step)
+        )
         n = len(tiny_ref["greedy_0"])
         for i, tokens in enumerate(_batched_ids(fused, prompts, [n] * len(prompts))):
             result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
             assert result, f"prompt {i}: {result}"
-        assert not dispatched  # every step was all-greedy: the forwards sampled them
-        for mix, want in zip(mixes, expected, strict=True):
+        assert general and not any(general)  # every step was all-greedy: the forwards sampled them
+        for mix, want in zip(mixes, expected[:-1], strict=True):
             assert _mixed_ids(fused, *mix) == want, mix[1]
-        assert dispatched  # the mixed steps ran the general sampler
+        assert any(general)  # the mixed steps ran the general sampler
+        # The wide table's steps: the same shapes as an all-greedy twin's, so no new forward.
+        _mixed_ids(fused, wide_mix[0], [_greedy(12)] * 2)
+        runner.wait_for_background_compiles()
+        programs = (runner._forward._cache_size(), runner.num_step_programs)
+        assert _mixed_ids(fused, *wide_mix) == expected[-1]
+        assert (runner._forward._cache_size(), runner.num_step_programs) == programs
         assert _pool_whole(fused)
     finally:
         fused.shutdown()
+
+
+def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypatch):
+    """Unfused, a GPU still samples all-greedy steps with a branch-free sampler program (forced on
+    here): HF's greedy tokens, and a seeded sampled request draws as through the general one."""
+    prompts = prompts_of(tiny_ref)
+    seeded = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "sampling_seed": 5, "ignore_eos": True}
+    general = tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"]
+    monkeypatch.setattr(tiny.runner, "_plain_sampler", True)
+    before = set(tiny.runner._sampler_shapes)
+    n = len(tiny_ref["greedy_0"])
+    for i, tokens in enumerate(_batched_ids(tiny, prompts, [n] * len(prompts))):
+        result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
+        assert result, f"prompt {i}: {result}"
+    assert any(plain for _, _, plain in tiny.runner._sampler_shapes - before)
+    assert tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"] == general
 
 
 def test_output_and_input_logprobs_match_hf(tiny, tiny_ref):
