@@ -426,11 +426,30 @@ def _sample_and_record(
     return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
 
 
+# A forward's packed host inputs, in the one order every caller packs them in (the layout is part
+# of a compiled program's signature).
+FORWARD_INPUTS = (
+    "input_ids",
+    "token_source",
+    "positions",
+    "sample_rows",
+    "cu_q_lens",
+    "kv_lens",
+    "page_table",
+    "write_slots",
+    "num_tokens",
+    "greedy",
+)
+
+
 def forward_inputs(*, num_decode_seqs: int, max_prefill_q_len: int, **arrays: Any) -> PackedArrays:
-    """A forward's host inputs (token ids, positions, attention metadata) as one transfer; the two
-    counts that select a program ride as static values."""
+    """A forward's host inputs (token ids, positions, attention metadata, the fused-greedy flag) as
+    one transfer; the two counts that select a program ride as static values."""
+    if set(arrays) != set(FORWARD_INPUTS):
+        raise TypeError(f"forward inputs are {FORWARD_INPUTS}, got {tuple(arrays)}")
     return PackedArrays.pack(
-        arrays, static={"num_decode_seqs": num_decode_seqs, "max_prefill_q_len": max_prefill_q_len}
+        {name: arrays[name] for name in FORWARD_INPUTS},
+        static={"num_decode_seqs": num_decode_seqs, "max_prefill_q_len": max_prefill_q_len},
     )
 
 
