@@ -9,17 +9,17 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). First come the serving figures with their host
-# profile (the served loop is host-bound on a GPU), then the decode step under the
-# XLA flags that might shorten it, each beside the step with no flags.
+# (docs/benchmarks.md, GPU section). First come the serving figures (fused greedy
+# sampling, not yet run on a GPU, against one sampler dispatch a step) with their host
+# profile: the served loop is host-bound on a GPU. Then step times and kernels.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_reference_b1 host_profile_b64 one_batch_decode
-    one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_auto profile_decode
-    one_batch_command_buffers kernel_tests bench_kernels one_batch_unrolled serving_pallas_b1 serving_pallas_b64
-    one_batch_pallas one_batch_reference)
+[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_reference_b1 serving_unfused_b64
+    host_profile_b64 one_batch_auto profile_decode kernel_tests bench_kernels one_batch_decode
+    one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
+    one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -36,9 +36,9 @@ env_report() {
 "transformers", transformers.__version__)'
 }
 
-serving() {  # backend, concurrency, [name of the run, for a run under other XLA_FLAGS]
+serving() {  # backend, concurrency, [name of a variant run], [its extra server flags]
     local name=${3:-$1_b$2}
-    $PY scripts/bench_serving.py --launch "$MODEL" --server-args "$SERVER_ARGS --attention-backend $1" \
+    $PY scripts/bench_serving.py --launch "$MODEL" --server-args "$SERVER_ARGS --attention-backend $1 ${4:-}" \
         --num-prompts "$2" --input-len-range 128 128 --output-len-range 256 256 --warmup-pass \
         --disable-tqdm --server-log "$results/server_$name.log" --output-file "$results/serving_$name.json"
 }
@@ -126,6 +126,9 @@ for step in "${steps[@]}"; do
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
     # The served batch-64 figure without XLA's CUDA graphs (its programs compile afresh: the flag
     # is part of the compile cache's key).
+    # Fused greedy sampling (the default on a GPU) against one sampler dispatch a step.
+    serving_unfused_b64) run_step serving_unfused_b64 300 \
+        bash -c 'serving reference 64 unfused_b64 "--fused-greedy-sampling off"' ;;
     serving_no_command_buffers_b64) run_step serving_no_command_buffers_b64 300 \
         env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
         bash -c 'serving reference 64 no_command_buffers_b64' ;;
