@@ -92,6 +92,7 @@ class Scheduler:
         self.policy = schedule_policy
         self.stream_interval = max(1, stream_interval)
         self.eos_ids = eos_ids
+        self._sorted_eos_ids = tuple(sorted(eos_ids))  # each sampled row carries them, every step
         max_pages_per_seq = -(-context_length // self.page_size)
         self.buckets = Buckets.build(
             max_running_requests, MAX_PREFILL_SEQS, chunked_prefill_size, max_pages_per_seq
@@ -479,7 +480,7 @@ class Scheduler:
             seed=req.seed,
             output_index=req.produced,
             penalty_slot=req.penalty_slot,
-            eos_ids=sorted(self.eos_ids),
+            eos_ids=self._sorted_eos_ids,
         )
 
     # -- reading results back ------------------------------------------------------------------------
