@@ -58,7 +58,7 @@ serving_host_profile() {
     "${bench[@]}" >/dev/null
     "${bench[@]}" --output-file "$results/serving_host_profile_b$1.json" &
     client=$!
-    sleep 0.3
+    sleep 0.8  # the client starts up first; the window should fall inside the measured pass
     # Two recordings of the same second: the GIL holders (Python work) and every thread's wall
     # time (--idle: the waits too, in dispatches, transfers and locks).
     ${PYSPY:-py-spy} record -p $server --gil --nonblocking --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500 &
