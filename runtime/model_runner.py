@@ -217,23 +217,29 @@ class ModelRunner:
             num_decode_seqs=shape.decode,
             max_prefill_q_len=shape.max_q,
         )
-        as_shape = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-        sampling = jax.tree.map(as_shape, self._idle_sampling_for(seqs))  # the usual layout
+        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
         forward = self._forward.lower(
-            *self._abstract_state, jax.tree.map(as_shape, inputs), sampling
+            *self._abstract_state, jax.tree.map(_shape_of, inputs), sampling
         ).compile()
-        # With fused greedy sampling the forward serves the all-greedy steps of this layout.
-        plain_variants = (True, False) if self._plain_sampler and not self.fused_greedy else (False,)
-        for plain in plain_variants:
+        self.compile_samplers(seqs)
+        return forward
+
+    def compile_samplers(self, seqs: int) -> None:
+        """Compile aside the sampler programs a step of `seqs` rows may take, where none is compiled
+        yet: the general one, and the branch-free one unless the forward samples greedily itself
+        (then a greedy warm-up never runs the general sampler, and a first sampled request would
+        compile it inline)."""
+        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
+        logits = jax.ShapeDtypeStruct((seqs, self.vocab_size), jnp.float32)
+        for plain in (True, False) if self._plain_sampler and not self.fused_greedy else (False,):
             key = (seqs, MIN_SUPPRESSED_WIDTH, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
-                    as_shape(forward.out_info[0]),  # the logits
+                    logits,
                     sampling,
-                    *self._abstract_sampler_state,  # output counts, prompt mask, slot tokens
-                    plain=plain,
+                    *self._abstract_sampler_state,
+                    plain=plain,  # counts, mask, slots
                 ).compile()
-        return forward
 
     def _idle_sampling_for(self, seqs: int) -> PackedArrays:
         """Sampling inputs of `seqs` rows with nothing to sample, in the usual layout (suppressed-ids
@@ -457,6 +463,11 @@ def sampling_inputs(sampling: SamplingBatch, sample_valid: np.ndarray) -> Packed
     """A host `SamplingBatch` and the rows to sample, as one transfer."""
     fields = {field.name: getattr(sampling, field.name) for field in dataclasses.fields(sampling)}
     return PackedArrays.pack({**fields, "sample_valid": sample_valid})
+
+
+def _shape_of(x: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype alone (uncommitted, as a step's packed inputs are)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype)
 
 
 def _abstract(tree: Any) -> Any:

@@ -124,11 +124,11 @@ for step in "${steps[@]}"; do
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
-    # The served batch-64 figure without XLA's CUDA graphs (its programs compile afresh: the flag
-    # is part of the compile cache's key).
     # Fused greedy sampling (the default on a GPU) against one sampler dispatch a step.
     serving_unfused_b64) run_step serving_unfused_b64 300 \
         bash -c 'serving reference 64 unfused_b64 "--fused-greedy-sampling off"' ;;
+    # The served batch-64 figure without XLA's CUDA graphs (its programs compile afresh: the flag
+    # is part of the compile cache's key).
     serving_no_command_buffers_b64) run_step serving_no_command_buffers_b64 300 \
         env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
         bash -c 'serving reference 64 no_command_buffers_b64' ;;

@@ -18,7 +18,7 @@ from flax import nnx
 
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest
-from runtime.sampling import SamplingParams
+from runtime.sampling import MIN_SUPPRESSED_WIDTH, SamplingParams
 from tests.conftest import greedy_agrees, load_reference, prompts_of
 from tests.fixture_spec import SMOLLM2, TINY_LLAMA, TINY_QWEN2_MOE
 
@@ -322,6 +322,14 @@ def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, t
             result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
             assert result, f"prompt {i}: {result}"
         assert general and not any(general)  # every step was all-greedy: the forwards sampled them
+        # What warm-up compiles after its greedy steps: the general sampler of a row count, which a
+        # first sampled request then runs without compiling inline.
+        key = (2, MIN_SUPPRESSED_WIDTH, False)  # two short prompts: every step of theirs has 2 rows
+        assert key not in runner._sampler_shapes and key not in runner._background_samplers
+        runner.compile_samplers(2)
+        inline = runner._sample._cache_size()
+        sampled = _mixed_ids(fused, prompts[:2], [{**seeded, "sampling_seed": i} for i in range(2)])
+        assert runner._sample._cache_size() == inline and all(len(ids) == 12 for ids in sampled)
         for mix, want in zip(mixes, expected[:-1], strict=True):
             assert _mixed_ids(fused, *mix) == want, mix[1]
         assert any(general)  # the mixed steps ran the general sampler
@@ -343,12 +351,13 @@ def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypat
     seeded = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "sampling_seed": 5, "ignore_eos": True}
     general = tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"]
     monkeypatch.setattr(tiny.runner, "_plain_sampler", True)
-    before = set(tiny.runner._sampler_shapes)
+    samplers = lambda: tiny.runner._sampler_shapes | set(tiny.runner._background_samplers)  # inline or aside
+    before = samplers()
     n = len(tiny_ref["greedy_0"])
     for i, tokens in enumerate(_batched_ids(tiny, prompts, [n] * len(prompts))):
         result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
         assert result, f"prompt {i}: {result}"
-    assert any(plain for _, _, plain in tiny.runner._sampler_shapes - before)
+    assert any(plain for _, _, plain in samplers() - before)
     assert tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"] == general
 
 
