@@ -17,7 +17,7 @@ results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_reference_b1 serving_unfused_b64
-    host_profile_b64 one_batch_auto profile_decode kernel_tests bench_kernels one_batch_decode
+    host_profile_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
     one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
     one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
 mkdir -p "$results"
@@ -105,6 +105,9 @@ for step in "${steps[@]}"; do
         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1" \
         $PY "${ONE_BATCH[@]}" --decode-batches 1 64 --prefill-cases --mixed-cases \
         --output-file "$results/one_batch_command_buffers.json" ;;
+    # The bare decode step with one sampler dispatch a step, beside one_batch_decode (fused).
+    one_batch_unfused) run_step one_batch_unfused 90 $PY "${ONE_BATCH[@]}" --fused-greedy-sampling off \
+        --decode-batches 1 64 --prefill-cases --mixed-cases --output-file "$results/one_batch_unfused.json" ;;
     # The decode steps alone under XLA flags, each beside one_batch_decode (no flags) on the
     # same machine: slice fusion hands a scanned layer's weight slice straight to the GEMM
     # instead of copying it first (b=64: 97 copies, 0.52 ms a step); no command buffers shows
