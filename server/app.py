@@ -3,11 +3,12 @@
 A handler parses and checks its body (`server.protocol`), expands it into
 `EngineRequest`s, has the engine validate every one of them, then submits them
 all. The engine calls back on its scheduler thread; `RequestGroup` carries each
-`RequestOutput` onto the event loop with `loop.call_soon_threadsafe`, where the
-handler turns it into JSON (`runtime.response`). Errors are found before a
-response starts, so a bad request is always a plain 4xx, streamed or not. When a
-client goes away, streamed or not, its unfinished requests are aborted so their
-KV pages return to the pool.
+`RequestOutput` onto the event loop (`server.output_relay`: one wake-up of the
+loop for all the outputs of a step), where the handler turns it into JSON
+(`runtime.response`). Errors are found before a response starts, so a bad
+request is always a plain 4xx, streamed or not. When a client goes away,
+streamed or not, its unfinished requests are aborted so their KV pages return
+to the pool.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from runtime.sampling import SamplingParams
 from server import protocol
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import RequestTimer, ServerMetrics
+from server.output_relay import OutputRelay
 from server.protocol import ExpandedRequests, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -195,13 +197,10 @@ class RequestGroup:
                 )
 
     def _callback(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[RequestOutput], None]:
-        queue = self.queue
+        queue, relay = self.queue, self.state.output_relay(loop)
 
         def on_output(output: RequestOutput) -> None:  # runs on the scheduler thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (index, output))
-            except RuntimeError:  # the event loop is closed: the server is gone
-                pass
+            relay.put(queue, (index, output))
 
         return on_output
 
@@ -279,6 +278,13 @@ class ServerState:
         self.inflight: dict[str, RequestGroup] = {}
         self.draining = False
         self.version = _version()
+        self._relay: OutputRelay | None = None
+
+    def output_relay(self, loop: asyncio.AbstractEventLoop) -> OutputRelay:
+        """The relay onto the loop serving the routes (made on first use, inside that loop)."""
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = OutputRelay(loop)
+        return self._relay
 
     @property
     def info(self) -> Any:
