@@ -287,8 +287,7 @@ class Engine:
                 for i in range(n)
             ]
             self._run_blocking(requests)
-        for n in {1, *buckets.decode_seqs} - {0}:  # greedy steps may not have needed these
-            self.runner.compile_samplers(n)
+            self.runner.compile_samplers(n)  # the greedy steps may not have needed them
         longest = min(WARMUP_MAX_PROMPT, self.model_info.context_length - params.max_new_tokens)
         smaller = 16
         for bucket in buckets.prefill_tokens:

@@ -59,6 +59,7 @@ class DispatchedForward:
     logits: jax.Array  # float32[S, V]
     hidden: jax.Array  # [T, H]
     sampling: PackedArrays  # the SamplingBatch and sample_valid, on the device (`sampling_inputs`)
+    plain_greedy: bool  # every row greedy without penalties (`is_plain_greedy`)
     greedy: StepOutput | None = None  # the step's tokens when the forward sampled them (fused greedy)
 
 
@@ -85,7 +86,8 @@ class ModelRunner:
         millisecond of host time (docs/benchmarks.md), and the general sampler's `lax.cond`s
         read their predicates back to the host. Other steps run the general sampler after.
         """
-        self.fused_greedy = jax.default_backend() != "cpu" if fused_greedy is None else fused_greedy
+        off_cpu = jax.default_backend() != "cpu"
+        self.fused_greedy = off_cpu if fused_greedy is None else fused_greedy
         self.graphdef, self.params = nnx.split(model)
         self.layer_weights = layer_weights
         self.pool = pool
@@ -112,7 +114,7 @@ class ModelRunner:
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
         # A step its forward did not sample that is all greedy without penalties still takes a
         # sampler with no branch off a CPU (a GPU reads each `lax.cond`'s predicate back).
-        self._plain_sampler = jax.default_backend() != "cpu"
+        self._plain_sampler = off_cpu
         # Per row count, sampling inputs with nothing to sample in the usual layout, on the device:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
         # make the forward compile again).
@@ -274,7 +276,8 @@ class ModelRunner:
         idle = self._idle_sampling_for(len(batch.sample_valid))
         # The forward takes the step's sampling inputs where their layout is the usual one.
         usual = sampling.layout == idle.layout
-        fused = self.fused_greedy and usual and is_plain_greedy(batch.sampling)
+        plain_greedy = is_plain_greedy(batch.sampling)
+        fused = self.fused_greedy and usual and plain_greedy
         inputs = forward_inputs(
             input_ids=batch.input_ids,
             token_source=batch.token_source,
@@ -301,7 +304,7 @@ class ModelRunner:
             )
             self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        step = DispatchedForward(batch, logits, hidden, sampling)
+        step = DispatchedForward(batch, logits, hidden, sampling, plain_greedy)
         if greedy:  # fused: the tables are the forward's outputs, changed only if `fused`
             tokens, chosen, logprobs, self.output_counts, self.slot_tokens = greedy[0]
             if fused:
@@ -314,7 +317,7 @@ class ModelRunner:
         if step.greedy is not None:
             return step.greedy
         batch = step.batch
-        plain = self._plain_sampler and is_plain_greedy(batch.sampling)
+        plain = self._plain_sampler and step.plain_greedy
         sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
