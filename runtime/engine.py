@@ -470,6 +470,7 @@ class Engine:
             max_req_input_len=self.model_info.context_length - 1,
             version=VERSION,
             num_compiled_programs=self.num_compiled_programs,
+            num_pending_compiles=self.runner.step_programs.num_pending if self.scheduler is not None else 0,
         )
         return info
 

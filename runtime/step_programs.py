@@ -81,6 +81,12 @@ class StepPrograms:
     def num_compiled_here(self) -> int:
         return len(self._programs)
 
+    @property
+    def num_pending(self) -> int:
+        """Shapes queued here whose programs are not compiled (nor failed) yet."""
+        with self._lock:
+            return len(self._queued - self._compiled - self._failed)
+
     def _loop(self) -> None:
         while (shape := self._queue.get()) is not None:
             started = time.monotonic()

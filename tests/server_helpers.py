@@ -142,11 +142,13 @@ def generate_ids(
 
 
 def wait_idle(server: ServerProcess, timeout: float = 120) -> dict[str, Any]:
-    """/get_server_info once nothing runs or waits (a finished HTTP answer may precede the bookkeeping)."""
+    """/get_server_info once nothing runs, waits or compiles in the background (a finished HTTP answer
+    may precede the bookkeeping; a borrowed step's own programs may still be compiling)."""
     deadline = time.monotonic() + timeout
     while True:
         info = server.get("/get_server_info").json()
-        if info.get("num_running_reqs", 0) == 0 and info.get("num_queue_reqs", 0) == 0:
+        busy = ("num_running_reqs", "num_queue_reqs", "num_pending_compiles")
+        if all(info.get(name, 0) == 0 for name in busy):
             return info
         assert time.monotonic() < deadline, f"server not idle after {timeout} s: {info}"
         time.sleep(0.1)

@@ -243,6 +243,7 @@ def compiled_programs(server: ServerProcess) -> int:
     info = wait_idle(server)
     count = info.get("num_compiled_programs")
     assert isinstance(count, int) and count > 0, f"/get_server_info has no num_compiled_programs: {info}"
+    assert info.get("num_pending_compiles") == 0, info  # none may land after the count
     return count
 
 
