@@ -205,26 +205,41 @@ class RequestGroup:
         return on_output
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every output in arrival order, until each request has delivered its last one."""
+        """Each request's outputs in arrival order, until each has delivered its last one.
+
+        Outputs are cumulative, so of several that wait for one request only the latest is
+        handed on (as the reference's tokenizer manager does): a stream that falls behind the
+        steps (64 streams a step at batch 64, on the event loop that shares the GIL with the
+        scheduler) catches up in one event instead of sending each step's.
+        """
         while not all(self.finished):
-            index, output = await self.queue.get()
-            if self.finished[index]:
-                continue
-            request = self.requests[index]
-            if self.timers is not None and self.state.metrics is not None:
-                self.state.metrics.observe(request, self.timers[index], output)
-            if output.finished:
-                self.finished[index] = True
-                self.state.inflight.pop(request.rid, None)
-                if self.log_requests:
-                    logger.info(
-                        "Finish: rid=%s finish_reason=%s completion_tokens=%d text=%s",
-                        request.rid,
-                        output.finish_reason,
-                        output.completion_tokens,
-                        _short(output.text),
-                    )
-            yield index, output
+            waiting = [await self.queue.get()]
+            while not self.queue.empty():
+                waiting.append(self.queue.get_nowait())
+            latest = {index: position for position, (index, _) in enumerate(waiting)}
+            for position, (index, output) in enumerate(waiting):
+                if latest[index] == position and self._take(index, output):
+                    yield index, output
+
+    def _take(self, index: int, output: RequestOutput) -> bool:
+        """Book an output of request `index` (metrics, its end); False if that request has ended."""
+        if self.finished[index]:
+            return False
+        request = self.requests[index]
+        if self.timers is not None and self.state.metrics is not None:
+            self.state.metrics.observe(request, self.timers[index], output)
+        if output.finished:
+            self.finished[index] = True
+            self.state.inflight.pop(request.rid, None)
+            if self.log_requests:
+                logger.info(
+                    "Finish: rid=%s finish_reason=%s completion_tokens=%d text=%s",
+                    request.rid,
+                    output.finish_reason,
+                    output.completion_tokens,
+                    _short(output.text),
+                )
+        return True
 
     def abort_unfinished(self) -> None:
         """Abort what is still running (client gone, server stopping); pages go back to the pool."""

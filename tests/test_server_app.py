@@ -4,6 +4,7 @@ here, so these tests take seconds; tests/test_server_e2e.py runs the real thing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import socket
@@ -20,6 +21,7 @@ import uvicorn
 
 import server.app as app_module
 from runtime.io_struct import EngineRequest, RequestOutput
+from runtime.sampling import SamplingParams
 from runtime.server_args import ServerArgs
 from server.app import FLUSH_CACHE_TEXT, create_app
 
@@ -323,6 +325,31 @@ def test_streaming_is_cumulative_and_matches(live: LiveServer) -> None:
     assert all(e["meta_info"]["finish_reason"] is None for e in events[:-2])
     assert events[-2]["meta_info"]["finish_reason"] == {"type": "length", "length": 6}
     assert all("index" not in e for e in events[:-1])
+
+
+def test_a_stream_behind_the_steps_gets_the_latest_output() -> None:
+    """Outputs are cumulative: those waiting for one request reach it as the newest one alone,
+    for every request of a batch, and nothing of the request's text or tokens is lost."""
+    engine = FakeEngine(ServerArgs(model_path="/models/fake", enable_metrics=True))
+    params = SamplingParams(max_new_tokens=30)
+    prompts = [[5, 6, 7], [8, 9]]
+    requests_ = [EngineRequest(f"behind-{i}", p, params, stream=True) for i, p in enumerate(prompts)]
+
+    async def consume() -> list[tuple[int, RequestOutput]]:
+        group = app_module.RequestGroup(app_module.ServerState(engine), requests_)
+        group.start()
+        while any(rid in engine.active or not engine.inbox.empty() for rid in ("behind-0", "behind-1")):
+            time.sleep(0.01)  # the event loop is held while every step of both requests runs
+        return [item async for item in group.outputs()]
+
+    try:
+        received = asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    assert sorted(index for index, _ in received) == [0, 1]  # one output each: the last
+    for index, output in received:
+        assert output.finished and output.output_ids == fake_tokens(prompts[index], 30)
+        assert output.text == engine.tokenizer.decode(fake_tokens(prompts[index], 30))
 
 
 def test_streamed_batch_has_index(live: LiveServer) -> None:
