@@ -30,6 +30,7 @@ from runtime.packed_inputs import PackedArrays
 from runtime.sampling import (
     MIN_SUPPRESSED_WIDTH,
     SamplingBatch,
+    full_logprobs,
     is_plain_greedy,
     make_sampling_batch,
     reset_penalty_rows,
@@ -47,7 +48,7 @@ class StepOutput:
 
     next_tokens: jax.Array  # int32[S]
     chosen_logprobs: jax.Array  # float32[S]
-    logprobs: jax.Array  # float32[S, V], log-softmax of the raw logits
+    logits: jax.Array  # float32[S, V], raw: `ModelRunner.full_logprobs` when a request asks
     hidden: jax.Array  # [T, H], final-norm hidden states of every token
 
 
@@ -122,6 +123,7 @@ class ModelRunner:
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
+        self._full_logprobs = jax.jit(full_logprobs)
         # (rows, suppressed-ids width, plain) in _sample's cache
         self._sampler_shapes: set[tuple[int, int, bool]] = set()
         self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
@@ -306,9 +308,9 @@ class ModelRunner:
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
         step = DispatchedForward(batch, logits, hidden, sampling, plain_greedy)
         if greedy:  # fused: the tables are the forward's outputs, changed only if `fused`
-            tokens, chosen, logprobs, self.output_counts, self.slot_tokens = greedy[0]
+            tokens, chosen, self.output_counts, self.slot_tokens = greedy[0]
             if fused:
-                step.greedy = StepOutput(tokens, chosen, logprobs, hidden)
+                step.greedy = StepOutput(tokens, chosen, logits, hidden)
         return step
 
     def sample(self, step: DispatchedForward) -> StepOutput:
@@ -323,14 +325,14 @@ class ModelRunner:
         if sampler is None:
             sampler = functools.partial(self._sample, plain=plain)
             self._sampler_shapes.add(sampler_key)
-        tokens, chosen, logprobs, self.output_counts, self.slot_tokens = sampler(
+        tokens, chosen, self.output_counts, self.slot_tokens = sampler(
             step.logits,
             step.sampling,
             self.output_counts,
             self.prompt_mask,
             self.slot_tokens,
         )
-        return StepOutput(tokens, chosen, logprobs, step.hidden)
+        return StepOutput(tokens, chosen, step.logits, step.hidden)
 
     # -- per-request device state -----------------------------------------------------------
 
@@ -363,9 +365,13 @@ class ModelRunner:
 
     def _token_logprobs_fn(self, params, hidden, rows, targets):
         model = nnx.merge(self.graphdef, params)
-        logits = model.compute_logits(hidden[rows])
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        logprobs = full_logprobs(model.compute_logits(hidden[rows]))
         return logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+
+    def full_logprobs(self, logits: jax.Array) -> np.ndarray:
+        """A step's log-softmax table `[S, V]` on the host, from its raw logits (`StepOutput.logits`):
+        made only for a step where a request asks for top logprobs or token_ids_logprob."""
+        return np.asarray(self._full_logprobs(logits))
 
     def prompt_logprobs(
         self, hidden: jax.Array, rows: list[int], targets: list[int]
@@ -405,7 +411,14 @@ class ModelRunner:
     @property
     def num_compiled_programs(self) -> int:
         """Programs in the jit caches: what XLA really compiled (or loaded from the disk cache)."""
-        jitted = (self._forward, self._sample, self._reset_penalties, self._readout, self._token_logprobs)
+        jitted = (
+            self._forward,
+            self._sample,
+            self._reset_penalties,
+            self._readout,
+            self._token_logprobs,
+            self._full_logprobs,
+        )
         aside = self.step_programs.num_compiled_here + len(self._background_samplers)
         return sum(fn._cache_size() for fn in jitted) + aside
 
@@ -432,7 +445,7 @@ def _sample_and_record(
     out = sample(logits, sampling, output_counts, prompt_mask, plain)
     output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, valid)
     slot_tokens = slot_tokens.at[jnp.where(valid, sampling.penalty_slot, 0)].set(out.tokens)
-    return out.tokens, out.chosen_logprob, out.logprobs, output_counts, slot_tokens
+    return out.tokens, out.chosen_logprob, output_counts, slot_tokens
 
 
 # A forward's packed host inputs, in the one order every caller packs them in (the layout is part

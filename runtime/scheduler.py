@@ -498,7 +498,7 @@ class Scheduler:
             r.request.return_logprob and (r.request.top_logprobs_num or r.request.token_ids_logprob)
             for r, _ in plan.sampled
         )
-        full = np.asarray(output.logprobs) if wants_full else None
+        full = self.runner.full_logprobs(output.logits) if wants_full else None
         self._prompt_logprobs(plan, output)
         self._hidden_states(plan, output)
         for req, row in plan.finished_prefill:
