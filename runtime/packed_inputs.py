@@ -6,6 +6,8 @@ and on a GPU the host's cost of those copies (Python, then one transfer each)
 is a large share of a decode step's host work: the serving loop is host-bound
 there. So the arrays travel bit-cast into one int32 buffer, and the program
 slices them back out; the slices are free (XLA fuses them into their users).
+The buffer goes to the program as a numpy array: the jit call copies it to the
+device for less host time than a `jax.device_put` of it first.
 
 The layout (names, shapes, dtypes) and any static values the program needs
 (`static`, e.g. how many rows decode) are the pytree's static part: a program
