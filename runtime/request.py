@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+
 from runtime.detokenizer import IncrementalDetokenizer
 from runtime.io_struct import EngineRequest, OutputCallback
 from runtime.radix_cache import TreeNode
@@ -50,6 +52,19 @@ class Req:
     input_ids_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
     hidden_states: list[list[float]] = dataclasses.field(default_factory=list)
     embedding: list[float] | None = None
+    # `pages` as int32 (`page_row`), and the list it was made from
+    _page_row: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32), repr=False)
+    _page_row_of: list[int] | None = dataclasses.field(default=None, repr=False)
+
+    def page_row(self) -> np.ndarray:
+        """`pages` as an int32 array, kept while they do not change: a decode row's page-table row
+        is copied in every step, and converting the list each time cost the serving loop about
+        0.2 ms a step at 64 rows of 100+ pages on the 2-core box. `pages` only grows or is
+        replaced by another list, so the same list at the same length is the same pages."""
+        if self._page_row_of is not self.pages or len(self._page_row) != len(self.pages):
+            self._page_row = np.asarray(self.pages, np.int32)
+            self._page_row_of = self.pages
+        return self._page_row
 
     @property
     def rid(self) -> str:

@@ -421,7 +421,7 @@ class Scheduler:
             positions[seq] = pos
             write_slots[seq] = req.pages[pos // ps] * ps + pos % ps
             kv_lens[seq] = pos + 1
-            page_table[seq, : len(req.pages)] = req.pages
+            page_table[seq, : len(req.pages)] = req.page_row()
             sample_rows[seq] = seq
             sample_valid[seq] = True
             rows[seq] = self._sampling_row(req)
@@ -437,10 +437,10 @@ class Scheduler:
             input_ids[offset : offset + take] = req.all_ids[start : start + take]
             span = np.arange(start, start + take)
             positions[offset : offset + take] = span
-            pages = np.asarray(req.pages, np.int32)
+            pages = req.page_row()
             write_slots[offset : offset + take] = pages[span // ps] * ps + span % ps
             kv_lens[seq] = start + take
-            page_table[seq, : len(req.pages)] = req.pages
+            page_table[seq, : len(pages)] = pages
             cu_q_lens[seq + 1] = offset + take
             sample_rows[seq] = offset + take - 1
             plan.chunks.append((req, start, take, offset))
