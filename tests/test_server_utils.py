@@ -88,3 +88,18 @@ def test_wait_for_server_notices_a_dead_process() -> None:
     process.wait()
     with pytest.raises(RuntimeError, match="code 3"):
         wait_for_server("http://127.0.0.1:9", timeout=30, process=process)
+
+
+def test_the_server_process_takes_short_gil_slices() -> None:
+    """The server's scheduler thread and event loop share the GIL: `main` shortens its slices
+    before anything else (launch_server.GIL_SWITCH_INTERVAL_S)."""
+    from server import launch_server
+
+    before = sys.getswitchinterval()
+    try:
+        with pytest.raises(SystemExit):
+            launch_server.main(["--help"])
+        assert sys.getswitchinterval() == pytest.approx(launch_server.GIL_SWITCH_INTERVAL_S)
+        assert launch_server.GIL_SWITCH_INTERVAL_S < before
+    finally:
+        sys.setswitchinterval(before)
