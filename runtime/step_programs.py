@@ -34,15 +34,24 @@ class StepPrograms:
     runner once they are ready.
     """
 
-    def __init__(self, compile_shape: Callable[[StepShape], Any], enabled: bool = True) -> None:
+    def __init__(
+        self,
+        compile_shape: Callable[[StepShape], Any],
+        enabled: bool = True,
+        compile_companions: Callable[[StepShape], None] | None = None,
+    ) -> None:
+        """`compile_companions(shape)`, when given, compiles here what a step of `shape` may run
+        after its forward (the samplers of its row count) once its forward compiled inline."""
         self.enabled = enabled
         self._compile_shape = compile_shape
+        self._compile_companions = compile_companions
         self._lock = threading.Lock()
         self._compiled: set[StepShape] = set()  # inline (the jit cache) or here
         self._programs: dict[StepShape, Any] = {}
         self._queued: set[StepShape] = set()
         self._failed: set[StepShape] = set()
-        self._queue: queue.Queue[StepShape | None] = queue.Queue()
+        self._companions_pending = 0
+        self._queue: queue.Queue[tuple[str, StepShape] | None] = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="step-compiler", daemon=True)
         self._thread.start()
@@ -61,7 +70,7 @@ class StepPrograms:
             first = need not in self._queued
             if first:
                 self._queued.add(need)
-                self._queue.put(need)
+                self._queue.put(("programs", need))
         if first:
             logger.info(
                 "Step %s runs on the compiled %s while its own programs compile", need.key, borrowed.key
@@ -69,9 +78,14 @@ class StepPrograms:
         return borrowed
 
     def note_compiled(self, shape: StepShape) -> None:
-        """A step of `shape` compiled inline."""
+        """A step of `shape` compiled inline; its companions compile here."""
         with self._lock:
             self._compiled.add(shape)
+            queue_companions = self._compile_companions is not None and not self._closed
+            if queue_companions:
+                self._companions_pending += 1
+        if queue_companions:
+            self._queue.put(("companions", shape))
 
     def programs(self, shape: StepShape) -> Any:
         """The programs compiled here for `shape`, or None."""
@@ -83,12 +97,17 @@ class StepPrograms:
 
     @property
     def num_pending(self) -> int:
-        """Shapes queued here whose programs are not compiled (nor failed) yet."""
+        """Shapes queued here whose programs are not compiled (nor failed) yet, and inline-compiled
+        shapes whose companions are not."""
         with self._lock:
-            return len(self._queued - self._compiled - self._failed)
+            return len(self._queued - self._compiled - self._failed) + self._companions_pending
 
     def _loop(self) -> None:
-        while (shape := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            kind, shape = item
+            if kind == "companions":
+                self._companions(shape)
+                continue
             started = time.monotonic()
             try:
                 programs = self._compile_shape(shape)
@@ -102,6 +121,16 @@ class StepPrograms:
                 self._compiled.add(shape)
             logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
 
+    def _companions(self, shape: StepShape) -> None:
+        assert self._compile_companions is not None
+        try:
+            self._compile_companions(shape)
+        except Exception:  # they compile inline when first run, where an error reaches the requests
+            logger.exception("Background compile of step %s's samplers failed", shape.key)
+        finally:
+            with self._lock:
+                self._companions_pending -= 1
+
     def wait(self, timeout: float = 600.0) -> bool:
         """Block until every queued shape is compiled (or failed); False if `timeout` passed first."""
         deadline = time.monotonic() + timeout
@@ -110,7 +139,7 @@ class StepPrograms:
                 if (
                     self._closed
                     or not self._thread.is_alive()
-                    or self._queued <= self._compiled | self._failed
+                    or (self._queued <= self._compiled | self._failed and not self._companions_pending)
                 ):
                     return True
             time.sleep(0.05)
@@ -123,9 +152,12 @@ class StepPrograms:
         if first:
             while True:
                 try:
-                    self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if item is not None and item[0] == "companions":
+                    with self._lock:
+                        self._companions_pending -= 1
             self._queue.put(None)
         if threading.current_thread() is not self._thread:  # a second caller (atexit) waits too
             self._thread.join()

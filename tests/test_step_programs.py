@@ -94,3 +94,26 @@ def test_disabled_never_borrows():
         assert programs.shape_for(decode_shape(4)) == decode_shape(4)
     finally:
         programs.close()
+
+
+def test_a_shape_compiled_inline_has_its_companions_compiled_here():
+    """What a step may run after an inline-compiled forward (the samplers of its row count)
+    compiles on this thread; the wait and the pending count include it, and a failure is logged."""
+    release, done = threading.Event(), []
+
+    def companions(shape: StepShape) -> None:
+        release.wait(10)
+        if shape == decode_shape(2):
+            raise RuntimeError("no")
+        done.append((shape, threading.current_thread().name))
+
+    programs = StepPrograms(lambda shape: None, compile_companions=companions)
+    try:
+        programs.note_compiled(HELD)
+        programs.note_compiled(decode_shape(2))
+        assert programs.num_pending == 2 and not programs.wait(timeout=0.1)
+        release.set()
+        assert programs.wait(timeout=10) and programs.num_pending == 0
+        assert done == [(HELD, "step-compiler")]
+    finally:
+        programs.close()
