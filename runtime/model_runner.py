@@ -113,6 +113,12 @@ class ModelRunner:
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
+        # A step its forward did not sample that is all greedy without penalties still takes a
+        # sampler with no branch off a CPU (a GPU reads each `lax.cond`'s predicate back). On a CPU
+        # it is the cheaper program too (batch-32 decode 76.3 -> 75.1 ms, batch 64 189.6 -> 182.9),
+        # but a second sampler per row count to trace and compile made the warm start slower
+        # than issue 9's 20 s (24.8-29.9 s against 12.1-25.3 s, on the 2-core box).
+        self._plain_sampler = off_cpu
         # Per row count, sampling inputs with nothing to sample in the usual layout, on the device:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
         # make the forward compile again).
@@ -236,7 +242,7 @@ class ModelRunner:
         compile it inline)."""
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
         logits = jax.ShapeDtypeStruct((seqs, self.vocab_size), jnp.float32)
-        for plain in (True, False) if not self.fused_greedy else (False,):
+        for plain in (True, False) if self._plain_sampler and not self.fused_greedy else (False,):
             key = (seqs, MIN_SUPPRESSED_WIDTH, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
@@ -321,10 +327,7 @@ class ModelRunner:
         if step.greedy is not None:
             return step.greedy
         batch = step.batch
-        # A step its forward did not sample that is all greedy without penalties takes a sampler
-        # with no branch: a GPU reads each `lax.cond`'s predicate back, and on a CPU it is the
-        # cheaper program (batch-32 decode step 76.3 -> 75.1 ms, batch 64 189.6 -> 182.9 ms).
-        plain = step.plain_greedy
+        plain = self._plain_sampler and step.plain_greedy
         sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
