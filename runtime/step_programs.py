@@ -132,7 +132,8 @@ class StepPrograms:
                 self._companions_pending -= 1
 
     def wait(self, timeout: float = 600.0) -> bool:
-        """Block until every queued shape is compiled (or failed); False if `timeout` passed first."""
+        """Block until every queued shape is compiled (or failed), and the companions of shapes
+        compiled inline; False if `timeout` passed first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
