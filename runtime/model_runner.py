@@ -62,6 +62,7 @@ class DispatchedForward:
     sampling: PackedArrays  # the SamplingBatch and sample_valid, on the device (`sampling_inputs`)
     plain_greedy: bool  # every row greedy without penalties (`is_plain_greedy`)
     greedy: StepOutput | None = None  # the step's tokens when the forward sampled them (fused greedy)
+    compiled_inline: bool = False  # the forward's program compiled for this step
 
 
 class ModelRunner:
@@ -308,13 +309,16 @@ class ModelRunner:
         programs_before = self._forward._cache_size()
         outputs = forward(*self._forward_state(), inputs, sampling if usual else idle)
         logits, hidden, k_pool, v_pool, hist, *greedy = outputs
-        if self._forward._cache_size() > programs_before:
+        compiled_inline = self._forward._cache_size() > programs_before
+        if compiled_inline:
             logger.info(
                 "New step program for (tokens, seqs, page-table width, decode rows, max q) %s", shape.key
             )
             self.step_programs.note_compiled(shape)
         self.pool.k_pool, self.pool.v_pool, self.expert_hist = k_pool, v_pool, hist
-        step = DispatchedForward(batch, logits, hidden, sampling, plain_greedy)
+        step = DispatchedForward(
+            batch, logits, hidden, sampling, plain_greedy, compiled_inline=compiled_inline
+        )
         if greedy:  # fused: the tables are the forward's outputs, changed only if `fused`
             tokens, chosen, self.output_counts, self.slot_tokens = greedy[0]
             if fused:
@@ -323,7 +327,14 @@ class ModelRunner:
 
     def sample(self, step: DispatchedForward) -> StepOutput:
         """Dispatch the sampling of a step whose forward is dispatched (`forward`), unless its
-        forward sampled it (fused greedy)."""
+        forward sampled it (fused greedy). After a forward compiled inline, the other samplers of
+        its row count compile aside (`StepPrograms.compile_companions_of`)."""
+        output = self._dispatch_sampler(step)
+        if step.compiled_inline:
+            self.step_programs.compile_companions_of(step.batch.step_shape())
+        return output
+
+    def _dispatch_sampler(self, step: DispatchedForward) -> StepOutput:
         if step.greedy is not None:
             return step.greedy
         batch = step.batch

@@ -41,7 +41,8 @@ class StepPrograms:
         compile_companions: Callable[[StepShape], None] | None = None,
     ) -> None:
         """`compile_companions(shape)`, when given, compiles here what a step of `shape` may run
-        after its forward (the samplers of its row count) once its forward compiled inline."""
+        after its forward (the samplers of its row count), for shapes whose forward compiled
+        inline (`compile_companions_of`)."""
         self.enabled = enabled
         self._compile_shape = compile_shape
         self._compile_companions = compile_companions
@@ -78,9 +79,14 @@ class StepPrograms:
         return borrowed
 
     def note_compiled(self, shape: StepShape) -> None:
-        """A step of `shape` compiled inline; its companions compile here."""
+        """A step of `shape` compiled inline."""
         with self._lock:
             self._compiled.add(shape)
+
+    def compile_companions_of(self, shape: StepShape) -> None:
+        """Compile here the companions of a shape that compiled inline, once its step has run the
+        ones it takes itself (compiled inline too, not twice)."""
+        with self._lock:
             queue_companions = self._compile_companions is not None and not self._closed
             if queue_companions:
                 self._companions_pending += 1

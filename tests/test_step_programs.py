@@ -110,7 +110,9 @@ def test_a_shape_compiled_inline_has_its_companions_compiled_here():
     programs = StepPrograms(lambda shape: None, compile_companions=companions)
     try:
         programs.note_compiled(HELD)
-        programs.note_compiled(decode_shape(2))
+        assert programs.num_pending == 0  # until its step has run its own sampler
+        programs.compile_companions_of(HELD)
+        programs.compile_companions_of(decode_shape(2))
         assert programs.num_pending == 2 and not programs.wait(timeout=0.1)
         release.set()
         assert programs.wait(timeout=10) and programs.num_pending == 0
