@@ -117,8 +117,9 @@ class ModelRunner:
         # A step its forward did not sample that is all greedy without penalties still takes a
         # sampler with no branch off a CPU (a GPU reads each `lax.cond`'s predicate back). On a CPU
         # it is the cheaper program too (batch-32 decode 76.3 -> 75.1 ms, batch 64 189.6 -> 182.9),
-        # but a second sampler per row count to trace and compile made the warm start slower
-        # than issue 9's 20 s (24.8-29.9 s against 12.1-25.3 s, on the 2-core box).
+        # but with a second sampler per row count to trace and compile the warm start took
+        # 24.8-29.9 s to ready against 12.1-25.3 s before (2-core box; measured while the aside
+        # sampler compiles still raced the inline ones, since fixed): issue 9 asks for 20 s.
         self._plain_sampler = off_cpu
         # Per row count, sampling inputs with nothing to sample in the usual layout, on the device:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
