@@ -48,7 +48,7 @@ class StepOutput:
 
     next_tokens: jax.Array  # int32[S]
     chosen_logprobs: jax.Array  # float32[S]
-    logits: jax.Array  # float32[S, V], raw: `ModelRunner.full_logprobs` when a request asks
+    logits: jax.Array  # [S, V] raw, in the model's dtype: `ModelRunner.full_logprobs` when asked
     hidden: jax.Array  # [T, H], final-norm hidden states of every token
 
 
@@ -57,9 +57,9 @@ class DispatchedForward:
     """A step whose forward is dispatched and whose sampling is not yet (device handles)."""
 
     batch: ScheduledBatch
-    logits: jax.Array  # float32[S, V]
+    logits: jax.Array  # [S, V], in the model's dtype
     hidden: jax.Array  # [T, H]
-    sampling: PackedArrays  # the SamplingBatch and sample_valid, on the device (`sampling_inputs`)
+    sampling: PackedArrays  # the SamplingBatch and sample_valid, on the host (`sampling_inputs`)
     plain_greedy: bool  # every row greedy without penalties (`is_plain_greedy`)
     greedy: StepOutput | None = None  # the step's tokens when the forward sampled them (fused greedy)
     compiled_inline: bool = False  # the forward's program compiled for this step
@@ -121,7 +121,7 @@ class ModelRunner:
         # 24.8-29.9 s to ready against 12.1-25.3 s before (2-core box; measured while the aside
         # sampler compiles still raced the inline ones, since fixed): issue 9 asks for 20 s.
         self._plain_sampler = off_cpu
-        # Per row count, sampling inputs with nothing to sample in the usual layout, on the device:
+        # Per row count, sampling inputs with nothing to sample in the usual layout, on the host:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
         # make the forward compile again).
         self._idle_sampling: dict[int, PackedArrays] = {}
