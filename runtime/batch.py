@@ -159,6 +159,22 @@ def borrowable_shape(need: StepShape, compiled: Iterable[StepShape]) -> StepShap
     return min(fits, key=lambda s: (s.tokens, s.width, s.prefill_seqs, s.max_q), default=None)
 
 
+def step_shape(
+    buckets: Buckets, page_size: int, num_decode: int, prefill_takes: list[int], kv_after: list[int]
+) -> StepShape:
+    """The padded shape of a step of `num_decode` decode rows and prefill chunks of `prefill_takes`
+    tokens, whose sequences hold `kv_after` tokens each once it ran (decode rows first)."""
+    decode = bucket_for(num_decode, buckets.decode_seqs)
+    if prefill_takes and num_decode:
+        wanted = min(max(num_decode, MIN_MIXED_DECODE_ROWS), buckets.decode_seqs[-1])
+        decode = bucket_for(wanted, buckets.decode_seqs)
+    prefill_tokens = bucket_for(sum(prefill_takes), buckets.prefill_tokens)
+    max_q = min(next_power_of_two(max(prefill_takes), 16), prefill_tokens) if prefill_takes else 0
+    width = bucket_for(max(-(-kv // page_size) for kv in kv_after), buckets.page_table_width)
+    prefill_seqs = bucket_for(len(prefill_takes), buckets.prefill_seqs)
+    return StepShape(decode, prefill_seqs, prefill_tokens, max_q, width)
+
+
 @dataclasses.dataclass
 class ScheduledBatch:
     """One step: decode rows first (one token each), then prefill chunks, all padded."""

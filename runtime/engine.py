@@ -25,6 +25,7 @@ from flax import nnx
 from models.layers import KernelBackends, unstack_layer_weights
 from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
+from runtime.batch import StepShape, step_shape
 from runtime.expert_stats import write_expert_distribution
 from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
@@ -269,9 +270,11 @@ class Engine:
         return leaves[0].dtype
 
     def warmup(self) -> None:
-        """Compile the common programs before serving: every decode-row bucket, and one prompt
-        per prefill bucket up to WARMUP_MAX_PROMPT tokens (a first chat request then finds its
-        prefill and its first decode widths compiled instead of waiting about a second each).
+        """Compile the common programs before serving, from their shapes alone: decode steps at
+        every row count, one prompt per prefill bucket up to WARMUP_MAX_PROMPT tokens with the
+        decode width it leads to (a first chat request then finds its programs compiled instead of
+        waiting about a second each), and the samplers of those row counts. Then one short request
+        runs the whole path. Running requests of each shape to compile them took twice as long.
 
         With the persistent compile cache warm this mostly loads programs from disk.
         """
@@ -279,33 +282,28 @@ class Engine:
         if self.scheduler is None:
             self.encode(input_ids=[[1, 2, 3]])
             return
-        buckets = self.scheduler.buckets
+        self.runner.compile_programs(self._warmup_shapes())
         params = SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True)
-        for n in (n for n in buckets.decode_seqs if n > 0):
-            requests = [
-                EngineRequest(rid=f"warmup-{n}-{i}", input_ids=[1 + i, 2, 3, 4], sampling_params=params)
-                for i in range(n)
-            ]
-            self._run_blocking(requests)
-            self.runner.compile_samplers(n)  # the greedy steps may not have needed them
-        longest = min(WARMUP_MAX_PROMPT, self.model_info.context_length - params.max_new_tokens)
-        smaller = 16
-        for bucket in buckets.prefill_tokens:
-            if smaller >= longest:
-                break
-            if bucket > smaller:  # a prompt that pads to this bucket, within the context
-                length = min(bucket, longest)
-                prompt = [1 + i % 100 for i in range(length)]
-                self.flush_cache()  # the prompts share their start: no prefix hit may shorten one
-                self._run_blocking(
-                    [EngineRequest(rid=f"warmup-p{length}", input_ids=prompt, sampling_params=params)]
-                )
-            smaller = bucket
+        self._run_blocking([EngineRequest(rid="warmup", input_ids=[1, 2, 3, 4], sampling_params=params)])
         self.runner.wait_for_background_compiles()
         self.flush_cache()
         logger.info(
             "Warm-up compiled %d programs in %.1f s", self.num_compiled_programs, time.monotonic() - started
         )
+
+    def _warmup_shapes(self) -> list[StepShape]:
+        """The step shapes `warmup` compiles."""
+        assert self.scheduler is not None
+        buckets, page_size = self.scheduler.buckets, self.server_args.page_size
+        shapes = {step_shape(buckets, page_size, n, [], [1]) for n in buckets.decode_seqs if n > 0}
+        longest = min(WARMUP_MAX_PROMPT, self.model_info.context_length - 1)  # and one new token
+        for bucket in (b for b in buckets.prefill_tokens if b > 0):
+            length = min(bucket, longest)
+            shapes.add(step_shape(buckets, page_size, 0, [length], [length]))
+            shapes.add(step_shape(buckets, page_size, 1, [], [length + 1]))
+            if length == longest:
+                break
+        return sorted(shapes, key=lambda shape: shape.key)
 
     # -- requests -------------------------------------------------------------------------------
 

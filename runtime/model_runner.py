@@ -212,8 +212,22 @@ class ModelRunner:
     # -- programs compiled aside (runtime/step_programs.py) -----------------------------------
 
     def _compile_shape(self, shape: StepShape) -> jax.stages.Compiled:
-        """The forward for `shape`, and the sampler for its row count if none is compiled yet, from
-        shapes alone: lowering needs no values, so this runs beside the steps."""
+        """The forward for `shape`, and the samplers for its row count if none is compiled yet."""
+        forward = self._compile_forward(shape)
+        self.compile_samplers(shape.decode + shape.prefill_seqs)
+        return forward
+
+    def compile_programs(self, shapes: list[StepShape]) -> None:
+        """Compile the forwards of `shapes` and the samplers of their row counts from shapes alone
+        (the warm-up: no step runs); steps of these shapes then run these programs."""
+        for shape in shapes:
+            self.step_programs.add(shape, self._compile_forward(shape))
+        for seqs in sorted({shape.decode + shape.prefill_seqs for shape in shapes}):
+            self.compile_samplers(seqs)
+
+    def _compile_forward(self, shape: StepShape) -> jax.stages.Compiled:
+        """The forward for `shape` from shapes alone: lowering needs no values, so this runs beside
+        the steps."""
         seqs = shape.decode + shape.prefill_seqs
         ints = lambda *dims: np.zeros(dims, np.int32)
         inputs = forward_inputs(
@@ -231,11 +245,7 @@ class ModelRunner:
             max_prefill_q_len=shape.max_q,
         )
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
-        forward = self._forward.lower(
-            *self._abstract_state, jax.tree.map(_shape_of, inputs), sampling
-        ).compile()
-        self.compile_samplers(seqs)
-        return forward
+        return self._forward.lower(*self._abstract_state, jax.tree.map(_shape_of, inputs), sampling).compile()
 
     def compile_samplers(self, seqs: int) -> None:
         """Compile aside the sampler programs a step of `seqs` rows may take, where none is compiled

@@ -20,14 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.batch import (
-    MIN_MIXED_DECODE_ROWS,
-    Buckets,
-    ScheduledBatch,
-    StepShape,
-    bucket_for,
-    next_power_of_two,
-)
+from runtime.batch import Buckets, ScheduledBatch, step_shape
 from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
@@ -383,21 +376,12 @@ class Scheduler:
         self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]]
     ) -> ScheduledBatch:
         ps = self.page_size
-        num_decode = bucket_for(len(decodes), self.buckets.decode_seqs)
-        if prefills and decodes:
-            wanted = min(max(len(decodes), MIN_MIXED_DECODE_ROWS), self.buckets.decode_seqs[-1])
-            num_decode = bucket_for(wanted, self.buckets.decode_seqs)
-        prefill_tokens = sum(take for _, take in prefills)
-        num_prefill = bucket_for(len(prefills), self.buckets.prefill_seqs)
-        padded_prefill_tokens = bucket_for(prefill_tokens, self.buckets.prefill_tokens)
-        max_q = next_power_of_two(max((take for _, take in prefills), default=0), 16) if prefills else 0
-        max_q = min(max_q, padded_prefill_tokens)
+        takes = [take for _, take in prefills]
         kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
-        width = bucket_for(max(-(-kv // ps) for kv in kv_after), self.buckets.page_table_width)
         shape = self.runner.step_programs.shape_for(
-            StepShape(num_decode, num_prefill, padded_prefill_tokens, max_q, width)
+            step_shape(self.buckets, ps, len(decodes), takes, kv_after)
         )
-        num_decode, num_prefill, max_q, width = shape.decode, shape.prefill_seqs, shape.max_q, shape.width
+        num_decode, max_q, width = shape.decode, shape.max_q, shape.width
         num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 
         input_ids = np.zeros(num_tokens, np.int32)
@@ -466,7 +450,7 @@ class Scheduler:
             kv_lens=kv_lens,
             page_table=page_table,
             write_slots=write_slots,
-            num_tokens=len(decodes) + prefill_tokens,
+            num_tokens=len(decodes) + sum(takes),
             num_decode_seqs=num_decode,
             max_prefill_q_len=max_q,
             sample_rows=sample_rows,

@@ -93,6 +93,12 @@ class StepPrograms:
         if queue_companions:
             self._queue.put(("companions", shape))
 
+    def add(self, shape: StepShape, programs: Any) -> None:
+        """Programs for `shape` compiled elsewhere (the warm-up's threads), to serve its steps."""
+        with self._lock:
+            self._programs[shape] = programs
+            self._compiled.add(shape)
+
     def programs(self, shape: StepShape) -> Any:
         """The programs compiled here for `shape`, or None."""
         return self._programs.get(shape)
@@ -122,9 +128,7 @@ class StepPrograms:
                 with self._lock:
                     self._failed.add(shape)
                 continue
-            with self._lock:
-                self._programs[shape] = programs
-                self._compiled.add(shape)
+            self.add(shape, programs)
             logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
 
     def _companions(self, shape: StepShape) -> None:

@@ -218,22 +218,14 @@ class Case:
 
 def build_batch(case: Case, runner: Any, buckets: Any, page_size: int, rng: np.random.Generator) -> Any:
     """The `ScheduledBatch` the scheduler would build for this case (same buckets, same padding)."""
-    from runtime.batch import MIN_MIXED_DECODE_ROWS, ScheduledBatch, bucket_for, next_power_of_two
+    from runtime.batch import ScheduledBatch, step_shape
     from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
 
     ps = page_size
-    num_decode = bucket_for(case.decode, buckets.decode_seqs)
-    if case.prefill and case.decode:
-        wanted = min(max(case.decode, MIN_MIXED_DECODE_ROWS), buckets.decode_seqs[-1])
-        num_decode = bucket_for(wanted, buckets.decode_seqs)
-    prefill_tokens = sum(case.prefill)
-    num_prefill = bucket_for(len(case.prefill), buckets.prefill_seqs)
-    padded_prefill = bucket_for(prefill_tokens, buckets.prefill_tokens)
-    max_q = min(next_power_of_two(max(case.prefill), 16), padded_prefill) if case.prefill else 0
-    num_tokens = num_decode + padded_prefill
-    num_seqs = num_decode + num_prefill
     kv_after = [case.context + 1] * case.decode + list(case.prefill)
-    width = bucket_for(max(-(-kv // ps) for kv in kv_after), buckets.page_table_width)
+    shape = step_shape(buckets, ps, case.decode, list(case.prefill), kv_after)
+    num_decode, max_q, width = shape.decode, shape.max_q, shape.width
+    num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 
     input_ids = np.zeros(num_tokens, np.int32)
     positions = np.zeros(num_tokens, np.int32)

@@ -10,6 +10,7 @@ from runtime.batch import (
     borrowable_shape,
     bucket_for,
     prefill_token_buckets,
+    step_shape,
     width_buckets,
 )
 
@@ -53,6 +54,16 @@ def test_buckets_build_lists_every_dimension():
     assert buckets.prefill_tokens == [0, *prefill_token_buckets(2048)]
     assert buckets.page_table_width == width_buckets(8, 128)
     assert buckets.max_programs() > len(buckets.page_table_width) * (len(buckets.decode_seqs) - 1)
+
+
+def test_step_shape_pads_each_size_to_its_bucket():
+    buckets = Buckets.build(max_running=48, max_prefill_seqs=16, chunk_tokens=2048, max_pages_per_seq=128)
+    # decode only: rows to a power of two, width from the longest row (300 tokens: 19 pages -> 20)
+    assert step_shape(buckets, 16, 3, [], [5, 300, 17]) == StepShape(4, 0, 0, 0, 20)
+    # one prompt: tokens to a quarter step (300 -> 320), its chunk to a power of two within them
+    assert step_shape(buckets, 16, 0, [300], [300]) == StepShape(0, 1, 320, 320, 20)
+    # mixed: decode rows pad to MIN_MIXED_DECODE_ROWS, three chunks to four sequences (149 -> 192)
+    assert step_shape(buckets, 16, 2, [40, 9, 100], [60, 61, 40, 9, 130]) == StepShape(8, 4, 192, 128, 12)
 
 
 def test_a_shape_holds_every_smaller_or_equal_step():

@@ -489,16 +489,23 @@ def test_launch_settings_that_would_serve_wrongly_are_refused(tiny_llama_path, t
     assert chat_template_text(str(tmp_path / "t.jinja")) == inline
 
 
-def test_warmup_compiles_the_prefill_a_first_long_prompt_needs(tiny_llama_path):
-    """The warm-up's prompts must not reuse each other's prefix, or their steps compile short
-    chunks and a first long prompt compiles its prefill while the client waits."""
+def test_warmup_compiles_the_programs_a_first_request_needs(tiny_llama_path):
+    """The warm-up compiles its shapes from the shapes alone (no step of them runs), and they are
+    the ones the scheduler builds: a first prompt of any length up to the warm-up's longest, and a
+    first batch of decode rows, compile nothing while the client waits."""
     engine = _engine(tiny_llama_path, chunked_prefill_size=512, warmup=True)
     try:
-        compiled = engine.runner.num_step_programs
-        length = min(300, engine.model_info.context_length - 8)
-        prompt = np.random.default_rng(5).integers(5, 200, length).tolist()
-        engine.generate(input_ids=prompt, sampling_params=_greedy(2))
-        assert engine.runner.num_step_programs == compiled
+        warmed = engine._warmup_shapes()
+        assert engine.runner.step_programs.num_compiled_here == len(warmed)
+        assert engine.runner._forward._cache_size() == 0  # the one warm-up request ran warmed programs
+        compiled = engine.runner.num_compiled_programs
+        rng = np.random.default_rng(5)
+        for length in (3, 40, 300, min(512, engine.model_info.context_length - 8)):
+            engine.generate(input_ids=rng.integers(5, 200, length).tolist(), sampling_params=_greedy(2))
+        batch = [rng.integers(5, 200, 6).tolist() for _ in range(5)]
+        engine.generate(input_ids=batch, sampling_params=_greedy(3))
+        assert engine.runner.num_compiled_programs - compiled <= 1  # the 5-prompt prefill step alone
+        assert engine.runner._forward._cache_size() <= 1
     finally:
         engine.shutdown()
 
