@@ -88,8 +88,7 @@ class ModelRunner:
         millisecond of host time (docs/benchmarks.md), and the general sampler's `lax.cond`s
         read their predicates back to the host. Other steps run the general sampler after.
         """
-        off_cpu = jax.default_backend() != "cpu"
-        self.fused_greedy = off_cpu if fused_greedy is None else fused_greedy
+        self.fused_greedy = jax.default_backend() != "cpu" if fused_greedy is None else fused_greedy
         self.graphdef, self.params = nnx.split(model)
         self.layer_weights = layer_weights
         self.pool = pool
@@ -114,13 +113,9 @@ class ModelRunner:
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
         self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
-        # A step its forward did not sample that is all greedy without penalties still takes a
-        # sampler with no branch off a CPU (a GPU reads each `lax.cond`'s predicate back). On a CPU
-        # it is the cheaper program too (batch-32 decode 76.3 -> 75.1 ms, batch 64 189.6 -> 182.9),
-        # but with a second sampler per row count to trace and compile the warm start took
-        # 24.8-29.9 s to ready against 12.1-25.3 s before (2-core box; measured while the aside
-        # sampler compiles still raced the inline ones, since fixed): issue 9 asks for 20 s.
-        self._plain_sampler = off_cpu
+        # A step its forward did not sample that is all greedy without penalties takes a sampler with
+        # no branch: off a CPU, each `lax.cond`'s predicate is read back to the host; on a CPU it is
+        # the cheaper program (2-core box, batch-32 decode 75.3 -> 73.5 ms, batch 64 172.5 -> 164.7).
         # Per row count, sampling inputs with nothing to sample in the usual layout, on the host:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
         # make the forward compile again).
@@ -254,7 +249,7 @@ class ModelRunner:
         compile it inline)."""
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
         logits = jax.ShapeDtypeStruct((seqs, self.vocab_size), jnp.float32)
-        for plain in (True, False) if self._plain_sampler and not self.fused_greedy else (False,):
+        for plain in (False,) if self.fused_greedy else (True, False):
             key = (seqs, MIN_SUPPRESSED_WIDTH, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
@@ -349,7 +344,7 @@ class ModelRunner:
         if step.greedy is not None:
             return step.greedy
         batch = step.batch
-        plain = self._plain_sampler and step.plain_greedy
+        plain = step.plain_greedy
         sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:

@@ -235,7 +235,7 @@ def test_compiled_programs_bounded(tiny, monkeypatch):
         key = batch.shape_key()
         shapes.add(key[:5])  # what the forward program is specialised on
         # the sampler's: rows (decode + prefill seqs), suppressed ids, branch-free or not
-        sample_shapes.add((key[1], key[5], tiny.runner._plain_sampler and is_plain_greedy(batch.sampling)))
+        sample_shapes.add((key[1], key[5], is_plain_greedy(batch.sampling)))
         return forward(batch)
 
     monkeypatch.setattr(tiny.runner, "forward", forward_and_note_shape)
@@ -348,20 +348,28 @@ def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, t
 
 
 def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypatch):
-    """Unfused, a GPU still samples all-greedy steps with a branch-free sampler program (forced on
-    here): HF's greedy tokens, and a seeded sampled request draws as through the general one."""
+    """Unfused, all-greedy steps take a branch-free sampler program and the others the general
+    one: HF's greedy tokens, and a seeded sampled request draws alike alone and beside greedy ones."""
     prompts = prompts_of(tiny_ref)
     seeded = {"temperature": 0.9, "top_p": 0.9, "max_new_tokens": 12, "sampling_seed": 5, "ignore_eos": True}
-    general = tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"]
-    monkeypatch.setattr(tiny.runner, "_plain_sampler", True)
-    samplers = lambda: tiny.runner._sampler_shapes | set(tiny.runner._background_samplers)  # inline or aside
-    before = samplers()
+    alone = tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"]
+    taken = []  # every dispatched sampler's key (rows, suppressed-ids width, branch-free)
+
+    class NotingKeys(dict):
+        def get(self, key, default=None):
+            taken.append(key)
+            return super().get(key, default)
+
+    monkeypatch.setattr(tiny.runner, "_background_samplers", NotingKeys(tiny.runner._background_samplers))
     n = len(tiny_ref["greedy_0"])
     for i, tokens in enumerate(_batched_ids(tiny, prompts, [n] * len(prompts))):
         result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
         assert result, f"prompt {i}: {result}"
-    assert any(plain for _, _, plain in samplers() - before)
-    assert tiny.generate(input_ids=prompts[1], sampling_params=seeded)["text"] == general
+    assert taken and all(plain for _, _, plain in taken)
+    taken.clear()
+    beside = tiny.generate(input_ids=[prompts[1], prompts[0]], sampling_params=[seeded, _greedy(12)])
+    assert beside[0]["text"] == alone
+    assert taken and not any(plain for _, _, plain in taken)
 
 
 def test_output_and_input_logprobs_match_hf(tiny, tiny_ref):
