@@ -296,7 +296,8 @@ class Engine:
         assert self.scheduler is not None
         buckets, page_size = self.scheduler.buckets, self.server_args.page_size
         shapes = {step_shape(buckets, page_size, n, [], [1]) for n in buckets.decode_seqs if n > 0}
-        longest = min(WARMUP_MAX_PROMPT, self.model_info.context_length - 1)  # and one new token
+        # a prompt's first chunk, and one new token within the context
+        longest = min(WARMUP_MAX_PROMPT, self.scheduler.chunk_tokens, self.model_info.context_length - 1)
         for bucket in (b for b in buckets.prefill_tokens if b > 0):
             length = min(bucket, longest)
             shapes.add(step_shape(buckets, page_size, 0, [length], [length]))

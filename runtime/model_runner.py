@@ -244,9 +244,9 @@ class ModelRunner:
 
     def compile_samplers(self, seqs: int) -> None:
         """Compile aside the sampler programs a step of `seqs` rows may take, where none is compiled
-        yet: the general one, and the branch-free one unless the forward samples greedily itself
-        (then a greedy warm-up never runs the general sampler, and a first sampled request would
-        compile it inline)."""
+        yet: the general one, and the branch-free one unless the forward samples greedily itself.
+        (Fused, greedy steps never run the general sampler, so a first sampled request would
+        otherwise compile it inline.)"""
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
         logits = jax.ShapeDtypeStruct((seqs, self.vocab_size), jnp.float32)
         for plain in (False,) if self.fused_greedy else (True, False):
