@@ -94,7 +94,7 @@ class StepPrograms:
             self._queue.put(("companions", shape))
 
     def add(self, shape: StepShape, programs: Any) -> None:
-        """Programs for `shape` compiled elsewhere (the warm-up's threads), to serve its steps."""
+        """Programs for `shape` compiled elsewhere (by the warm-up), to serve its steps."""
         with self._lock:
             self._programs[shape] = programs
             self._compiled.add(shape)
