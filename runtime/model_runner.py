@@ -24,7 +24,7 @@ from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
 from models.layers import unstack_layer_weights
-from runtime.batch import ScheduledBatch, StepShape
+from runtime.batch import ScheduledBatch, StepShape, sampler_rows
 from runtime.kv_pool import KVPool
 from runtime.packed_inputs import PackedArrays
 from runtime.sampling import (
@@ -124,7 +124,7 @@ class ModelRunner:
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn)
         self._full_logprobs = jax.jit(full_logprobs)
-        # (rows, suppressed-ids width, plain) in _sample's cache
+        # (sampler rows, suppressed-ids width, plain) in _sample's cache
         self._sampler_shapes: set[tuple[int, int, bool]] = set()
         self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
         self.step_programs = StepPrograms(
@@ -188,8 +188,11 @@ class ModelRunner:
         )
         if getattr(type(model), "kind", "causal_lm") == "causal_lm":
             logits = model.compute_logits(hidden[host["sample_rows"]])
+            rows = sampler_rows(logits.shape[0])
+            logits = jnp.pad(logits, ((0, rows - logits.shape[0]), (0, 0)))  # padding rows, not sampled
         else:  # reward / classifier heads pool instead of sampling; the sampler gets dummy rows
-            logits = jnp.zeros((host["sample_rows"].shape[0], self.vocab_size), jnp.float32)
+            rows = sampler_rows(host["sample_rows"].shape[0])
+            logits = jnp.zeros((rows, self.vocab_size), jnp.float32)
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
         if not self.fused_greedy:
@@ -239,18 +242,19 @@ class ModelRunner:
             num_decode_seqs=shape.decode,
             max_prefill_q_len=shape.max_q,
         )
-        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
+        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(sampler_rows(seqs)))  # the usual layout
         return self._forward.lower(*self._abstract_state, jax.tree.map(_shape_of, inputs), sampling).compile()
 
     def compile_samplers(self, seqs: int) -> None:
-        """Compile aside the sampler programs a step of `seqs` rows may take, where none is compiled
-        yet: the general one, and the branch-free one unless the forward samples greedily itself.
-        (Fused, greedy steps never run the general sampler, so a first sampled request would
-        otherwise compile it inline.)"""
-        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(seqs))  # the usual layout
-        logits = jax.ShapeDtypeStruct((seqs, self.vocab_size), jnp.float32)
+        """Compile aside the sampler programs a step of `seqs` sequences may take (`sampler_rows`),
+        where none is compiled yet: the general one, and the branch-free one unless the forward
+        samples greedily itself. (Fused, greedy steps never run the general sampler, so a first
+        sampled request would otherwise compile it inline.)"""
+        rows = sampler_rows(seqs)
+        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(rows))  # the usual layout
+        logits = jax.ShapeDtypeStruct((rows, self.vocab_size), jnp.float32)
         for plain in (False,) if self.fused_greedy else (True, False):
-            key = (seqs, MIN_SUPPRESSED_WIDTH, plain)
+            key = (rows, MIN_SUPPRESSED_WIDTH, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
                     logits,
@@ -259,14 +263,14 @@ class ModelRunner:
                     plain=plain,  # counts, mask, slots
                 ).compile()
 
-    def _idle_sampling_for(self, seqs: int) -> PackedArrays:
-        """Sampling inputs of `seqs` rows with nothing to sample, in the usual layout (suppressed-ids
-        width), on the host as a step's own are (the jit cache tells host and device arrays
-        apart): what a forward takes when a step's own have another layout."""
-        idle = self._idle_sampling.get(seqs)
+    def _idle_sampling_for(self, rows: int) -> PackedArrays:
+        """Sampling inputs of `rows` rows (`sampler_rows`) with nothing to sample, in the usual
+        layout (suppressed-ids width), on the host as a step's own are (the jit cache tells host and
+        device arrays apart): what a forward takes when a step's own have another layout."""
+        idle = self._idle_sampling.get(rows)
         if idle is None:
-            idle = sampling_inputs(make_sampling_batch([], seqs), np.zeros(seqs, np.bool_))
-            self._idle_sampling[seqs] = idle
+            idle = sampling_inputs(make_sampling_batch([], rows), np.zeros(rows, np.bool_))
+            self._idle_sampling[rows] = idle
         return idle
 
     def wait_for_background_compiles(self) -> None:
@@ -345,7 +349,7 @@ class ModelRunner:
             return step.greedy
         batch = step.batch
         plain = step.plain_greedy
-        sampler_key = (int(batch.kv_lens.shape[0]), int(batch.sampling.suppressed_ids.shape[1]), plain)
+        sampler_key = (len(batch.sample_valid), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
             sampler = functools.partial(self._sample, plain=plain)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.batch import Buckets, ScheduledBatch, step_shape
+from runtime.batch import Buckets, ScheduledBatch, sampler_rows, step_shape
 from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
@@ -392,7 +392,7 @@ class Scheduler:
         kv_lens = np.zeros(num_seqs, np.int32)
         page_table = np.zeros((num_seqs, width), np.int32)
         sample_rows = np.zeros(num_seqs, np.int32)
-        sample_valid = np.zeros(num_seqs, np.bool_)
+        sample_valid = np.zeros(sampler_rows(num_seqs), np.bool_)
         rows: list[SamplingRow] = [PADDING_ROW] * num_seqs
 
         cu_q_lens[1 : num_decode + 1] = np.arange(1, num_decode + 1)
@@ -441,7 +441,7 @@ class Scheduler:
             offset += take
         cu_q_lens[num_decode + len(prefills) + 1 :] = offset
         plan.sample_rows = sample_rows
-        sampling = make_sampling_batch(rows, num_seqs)
+        sampling = make_sampling_batch(rows, len(sample_valid))
         return ScheduledBatch(
             input_ids=input_ids,
             token_source=token_source,

@@ -218,7 +218,7 @@ class Case:
 
 def build_batch(case: Case, runner: Any, buckets: Any, page_size: int, rng: np.random.Generator) -> Any:
     """The `ScheduledBatch` the scheduler would build for this case (same buckets, same padding)."""
-    from runtime.batch import ScheduledBatch, step_shape
+    from runtime.batch import ScheduledBatch, sampler_rows, step_shape
     from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
 
     ps = page_size
@@ -234,7 +234,7 @@ def build_batch(case: Case, runner: Any, buckets: Any, page_size: int, rng: np.r
     kv_lens = np.zeros(num_seqs, np.int32)
     page_table = np.zeros((num_seqs, width), np.int32)
     sample_rows = np.zeros(num_seqs, np.int32)
-    sample_valid = np.zeros(num_seqs, np.bool_)
+    sample_valid = np.zeros(sampler_rows(num_seqs), np.bool_)
     next_page = 1
 
     def take_pages(count: int) -> np.ndarray:
@@ -287,7 +287,7 @@ def build_batch(case: Case, runner: Any, buckets: Any, page_size: int, rng: np.r
         max_prefill_q_len=max_q,
         sample_rows=sample_rows,
         sample_valid=sample_valid,
-        sampling=make_sampling_batch([greedy] * real_rows, num_seqs),
+        sampling=make_sampling_batch([greedy] * real_rows, len(sample_valid)),
     )
 
 

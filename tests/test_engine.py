@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from runtime.batch import sampler_rows
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest
 from runtime.sampling import MIN_SUPPRESSED_WIDTH, SamplingParams, is_plain_greedy
@@ -234,8 +235,8 @@ def test_compiled_programs_bounded(tiny, monkeypatch):
     def forward_and_note_shape(batch):
         key = batch.shape_key()
         shapes.add(key[:5])  # what the forward program is specialised on
-        # the sampler's: rows (decode + prefill seqs), suppressed ids, branch-free or not
-        sample_shapes.add((key[1], key[5], is_plain_greedy(batch.sampling)))
+        # the sampler's: rows (decode + prefill seqs, to a power of two), suppressed ids, branch-free
+        sample_shapes.add((sampler_rows(key[1]), key[5], is_plain_greedy(batch.sampling)))
         return forward(batch)
 
     monkeypatch.setattr(tiny.runner, "forward", forward_and_note_shape)
@@ -259,6 +260,9 @@ def test_compiled_programs_bounded(tiny, monkeypatch):
     print(f"{samplers} new sampling programs for {len(sample_shapes)} sampler shapes")
     aside_samplers = set(tiny.runner._background_samplers)  # (rows, width, plain)
     assert samplers <= len(sample_shapes | aside_samplers) < len(shapes)
+    # Mixed steps (9, 10, 12... sequences) share the samplers of the power-of-two row counts.
+    assert any(seqs & (seqs - 1) for _, seqs, *_ in shapes), "no mixed step met"
+    assert all(rows & (rows - 1) == 0 for rows, _, _ in tiny.runner._sampler_shapes | aside_samplers)
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tiny, tiny_ref):
