@@ -197,8 +197,8 @@ class ScheduledBatch:
     num_decode_seqs: int  # padded decode rows (static)
     max_prefill_q_len: int  # static
     sample_rows: np.ndarray  # int32[S]: flat index of each sequence's last token
-    sample_valid: np.ndarray  # bool[S]: the row's token is really wanted this step
-    sampling: SamplingBatch  # numpy arrays, one row per sequence
+    sample_valid: np.ndarray  # bool[R], R = sampler_rows(S): the row's token is really wanted
+    sampling: SamplingBatch  # numpy arrays of R rows: one per sequence, then padding
 
     @property
     def num_padded_tokens(self) -> int:

@@ -46,9 +46,9 @@ logger = logging.getLogger(__name__)
 class StepOutput:
     """Device handles of one step; reading any of them waits for that step alone."""
 
-    next_tokens: jax.Array  # int32[S]
-    chosen_logprobs: jax.Array  # float32[S]
-    logits: jax.Array  # [S, V] raw, in the model's dtype: `ModelRunner.full_logprobs` when asked
+    next_tokens: jax.Array  # int32[R], R = sampler_rows(S): one per sequence, then padding
+    chosen_logprobs: jax.Array  # float32[R]
+    logits: jax.Array  # [R, V] raw, in the model's dtype: `ModelRunner.full_logprobs` when asked
     hidden: jax.Array  # [T, H], final-norm hidden states of every token
 
 
@@ -57,7 +57,7 @@ class DispatchedForward:
     """A step whose forward is dispatched and whose sampling is not yet (device handles)."""
 
     batch: ScheduledBatch
-    logits: jax.Array  # [S, V], in the model's dtype
+    logits: jax.Array  # [R, V] (R = sampler_rows(S), padded with zero rows), in the model's dtype
     hidden: jax.Array  # [T, H]
     sampling: PackedArrays  # the SamplingBatch and sample_valid, on the host (`sampling_inputs`)
     plain_greedy: bool  # every row greedy without penalties (`is_plain_greedy`)
@@ -398,7 +398,7 @@ class ModelRunner:
         return logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
 
     def full_logprobs(self, logits: jax.Array) -> np.ndarray:
-        """A step's log-softmax table `[S, V]` on the host, from its raw logits (`StepOutput.logits`):
+        """A step's log-softmax table `[R, V]` on the host, from its raw logits (`StepOutput.logits`):
         made only for a step where a request asks for top logprobs or token_ids_logprob."""
         return np.asarray(self._full_logprobs(logits))
 
