@@ -186,13 +186,12 @@ class ModelRunner:
         hidden, k_pool, v_pool, expert_counts = model(
             input_ids, host["positions"], k_pool, v_pool, meta, layer_weights
         )
+        seqs = host["sample_rows"].shape[0]
         if getattr(type(model), "kind", "causal_lm") == "causal_lm":
             logits = model.compute_logits(hidden[host["sample_rows"]])
-            rows = sampler_rows(logits.shape[0])
-            logits = jnp.pad(logits, ((0, rows - logits.shape[0]), (0, 0)))  # padding rows, not sampled
+            logits = jnp.pad(logits, ((0, sampler_rows(seqs) - seqs), (0, 0)))  # padding rows, not sampled
         else:  # reward / classifier heads pool instead of sampling; the sampler gets dummy rows
-            rows = sampler_rows(host["sample_rows"].shape[0])
-            logits = jnp.zeros((rows, self.vocab_size), jnp.float32)
+            logits = jnp.zeros((sampler_rows(seqs), self.vocab_size), jnp.float32)
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
         if not self.fused_greedy:
