@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.batch import Buckets, ScheduledBatch, sampler_rows, step_shape
+from runtime.batch import Buckets, ScheduledBatch, StepShape, sampler_rows, step_shape
 from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
@@ -96,6 +97,7 @@ class Scheduler:
         self.by_rid: dict[str, Req] = {}
         self.free_slots = list(range(max_running_requests, 0, -1))
         self._pending: tuple[_Plan, StepOutput] | None = None
+        self._widened: StepShape | None = None  # the decode shape whose next width was asked for
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
         self._hold_admission = False
@@ -378,9 +380,11 @@ class Scheduler:
         ps = self.page_size
         takes = [take for _, take in prefills]
         kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
-        shape = self.runner.step_programs.shape_for(
-            step_shape(self.buckets, ps, len(decodes), takes, kv_after)
-        )
+        need = step_shape(self.buckets, ps, len(decodes), takes, kv_after)
+        if not prefills and need != self._widened:
+            self._widened = need
+            self._prepare_next_width(need, decodes)
+        shape = self.runner.step_programs.shape_for(need)
         num_decode, max_q, width = shape.decode, shape.max_q, shape.width
         num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 
@@ -457,6 +461,17 @@ class Scheduler:
             sample_valid=sample_valid,
             sampling=sampling,
         )
+
+    def _prepare_next_width(self, shape: StepShape, decodes: list[Req]) -> None:
+        """Have the next page-table width of this decode step compiled aside now, when a row will
+        grow into it: the step that first needs it then finds it ready instead of compiling it
+        inline, which stalls every request (an H100's first burst of 64 x 256 tokens met four
+        such widths among its eight inline compiles: docs/benchmarks.md, fourth GPU session)."""
+        widths = self.buckets.page_table_width
+        wider = [w for w in widths if w > shape.width]
+        longest = max(r.prompt_len + r.max_new_tokens - 1 for r in decodes)
+        if wider and -(-longest // self.page_size) > shape.width:
+            self.runner.step_programs.prepare(dataclasses.replace(shape, width=wider[0]))
 
     def _sampling_row(self, req: Req) -> SamplingRow:
         return SamplingRow(

@@ -8,6 +8,11 @@ to a larger compiled program costs a little more on that step alone. So a step
 whose shape a compiled program holds (`batch.borrowable_shape`) runs padded to
 it, while its own programs compile on this module's thread and serve the next
 step of that shape. A step that nothing compiled holds still compiles inline.
+
+Some shapes can be seen coming: a decode batch's contexts grow into the next
+page-table width. The scheduler asks for those ahead (`prepare`), and a step
+whose shape is still compiling here when it arrives waits for it rather than
+compiling it a second time inline.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class StepPrograms:
         self._compile_shape = compile_shape
         self._compile_companions = compile_companions
         self._lock = threading.Lock()
+        self._compiled_here = threading.Condition(self._lock)  # a queued shape compiled or failed
         self._compiled: set[StepShape] = set()  # inline (the jit cache) or here
         self._programs: dict[StepShape, Any] = {}
         self._queued: set[StepShape] = set()
@@ -61,12 +67,28 @@ class StepPrograms:
 
     def shape_for(self, need: StepShape) -> StepShape:
         """The shape to pad a step to: its own when compiled or when nothing compiled holds it,
-        else the cheapest compiled shape that holds it, while its own compiles here."""
+        else the cheapest compiled shape that holds it, while its own compiles here. A shape
+        queued here (`prepare`) that nothing compiled holds is waited for: its compile started
+        first, and compiling it inline as well would only slow both."""
         with self._lock:
             if not self.enabled or self._closed or need in self._compiled or need in self._failed:
                 return need
             borrowed = borrowable_shape(need, self._compiled)
             if borrowed is None:
+                if need in self._queued:
+                    started = time.monotonic()
+                    while not (
+                        need in self._compiled
+                        or need in self._failed
+                        or self._closed
+                        or not self._thread.is_alive()
+                    ):
+                        self._compiled_here.wait(timeout=1.0)
+                    logger.info(
+                        "Step %s waited %.2f s for its programs compiling aside",
+                        need.key,
+                        time.monotonic() - started,
+                    )
                 return need
             first = need not in self._queued
             if first:
@@ -77,6 +99,15 @@ class StepPrograms:
                 "Step %s runs on the compiled %s while its own programs compile", need.key, borrowed.key
             )
         return borrowed
+
+    def prepare(self, shape: StepShape) -> None:
+        """Compile `shape`'s programs here before a step needs them, unless compiled or queued."""
+        with self._lock:
+            if not self.enabled or self._closed or shape in self._compiled | self._queued | self._failed:
+                return
+            self._queued.add(shape)
+            self._queue.put(("programs", shape))
+        logger.info("Compiling step %s ahead of its first step", shape.key)
 
     def note_compiled(self, shape: StepShape) -> None:
         """A step of `shape` compiled inline."""
@@ -98,6 +129,7 @@ class StepPrograms:
         with self._lock:
             self._programs[shape] = programs
             self._compiled.add(shape)
+            self._compiled_here.notify_all()
 
     def programs(self, shape: StepShape) -> Any:
         """The programs compiled here for `shape`, or None."""
@@ -127,6 +159,7 @@ class StepPrograms:
                 logger.exception("Background compile of step %s failed; it will compile inline", shape.key)
                 with self._lock:
                     self._failed.add(shape)
+                    self._compiled_here.notify_all()
                 continue
             self.add(shape, programs)
             logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
@@ -160,6 +193,7 @@ class StepPrograms:
         """Drop what is queued, let a compile in flight finish (it cannot be interrupted), stop."""
         with self._lock:
             first, self._closed = not self._closed, True
+            self._compiled_here.notify_all()
         if first:
             while True:
                 try:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from runtime.batch import sampler_rows
+from runtime.batch import StepShape, sampler_rows
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest
 from runtime.sampling import MIN_SUPPRESSED_WIDTH, SamplingParams, is_plain_greedy
@@ -525,6 +525,32 @@ def test_warmup_compiles_the_programs_a_first_request_needs(tiny_llama_path):
         engine.generate(input_ids=batch, sampling_params=_greedy(3))
         new = engine.runner.step_programs._compiled - set(warmed)
         assert all(shape.prefill_seqs > 0 for shape in new), new  # their prefill alone, not the decode
+    finally:
+        engine.shutdown()
+
+
+def test_a_decode_batch_gets_its_next_width_compiled_before_it_grows_into_it(tiny_llama_path):
+    """A decode step whose rows will outgrow its page-table width has the next width compiled
+    aside: the step that first needs it runs that program (waiting for it if its compile is still
+    under way) and compiles nothing inline."""
+    engine = _engine(tiny_llama_path)
+    inline: list[StepShape] = []
+    programs = engine.runner.step_programs
+    note_compiled = programs.note_compiled
+    programs.note_compiled = lambda shape: inline.append(shape) or note_compiled(shape)
+    try:
+        page_size = engine.server_args.page_size
+        prompt = np.random.default_rng(3).integers(5, 200, 6 * page_size).tolist()
+        # 6 pages at the first decode (width 8), then past 8 pages: width 12
+        engine.generate(input_ids=prompt, sampling_params=_greedy(3 * page_size))
+        first, wider = (
+            StepShape(decode=1, prefill_seqs=0, prefill_tokens=0, max_q=0, width=w) for w in (8, 12)
+        )
+        assert first in inline  # no warm-up: the first decode shape compiled inline
+        assert wider in programs._programs and wider not in inline, inline
+        # a request that stays inside its width asks for nothing wider
+        engine.generate(input_ids=prompt[:page_size], sampling_params=_greedy(2))
+        assert programs.num_compiled_here == 1
     finally:
         engine.shutdown()
 

@@ -119,3 +119,46 @@ def test_a_shape_compiled_inline_has_its_companions_compiled_here():
         assert done == [(HELD, "step-compiler")]
     finally:
         programs.close()
+
+
+def test_a_prepared_shape_is_waited_for_not_compiled_twice():
+    """A shape asked for ahead (`prepare`) that a step needs while it still compiles here, with
+    nothing compiled to hold it: the step waits for it and runs its programs."""
+    release, compiled = threading.Event(), []
+
+    def slow(shape: StepShape) -> str:
+        release.wait(10)
+        compiled.append(shape)
+        return f"program {shape.key}"
+
+    programs = StepPrograms(slow)
+    try:
+        wider = decode_shape(4, width=24)
+        programs.prepare(wider)
+        programs.prepare(wider)  # queued once
+        assert programs.num_pending == 1
+        threading.Timer(0.3, release.set).start()
+        began = time.monotonic()
+        assert programs.shape_for(wider) == wider
+        assert time.monotonic() - began >= 0.25
+        assert programs.programs(wider) == "program (4, 4, 24, 4, 0)" and compiled == [wider]
+        programs.prepare(wider)  # compiled: nothing to do
+        programs.note_compiled(HELD)
+        programs.prepare(HELD)
+        assert programs.wait(timeout=1) and compiled == [wider]
+    finally:
+        programs.close()
+
+
+def test_close_wakes_a_step_waiting_for_a_prepared_shape():
+    release = threading.Event()
+    programs = StepPrograms(lambda shape: release.wait(10))
+    try:
+        programs.prepare(decode_shape(2))  # in flight until released
+        programs.prepare(decode_shape(4))  # queued behind it, dropped by close
+        threading.Timer(0.3, programs.close).start()
+        threading.Timer(0.5, release.set).start()
+        assert programs.shape_for(decode_shape(4)) == decode_shape(4)
+    finally:
+        release.set()
+        programs.close()
