@@ -37,6 +37,11 @@ from kernels_pallas.float32_parts import (
 
 # Finite, so that a fully masked row gives zeros instead of NaN from (-inf) - (-inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# XLA's CPU backend scatters into a bfloat16 array through float32 and back, copying the whole
+# array: a one-token KV write copied the whole pool (2-core box, a 67 MB pool: 38 ms a write,
+# 0.006 ms into uint16). So a bfloat16 pool on a CPU holds its values' bits as uint16
+# (`runtime/kv_pool.py: pool_storage_dtype`); `to_pool` and `from_pool` convert at its edge.
+BFLOAT16_BITS = jnp.dtype(jnp.uint16)
 
 
 @functools.partial(
@@ -72,14 +77,26 @@ def write_kv(
     """
     page_size = k_pool.shape[2]
     pages, offsets = meta.write_slots // page_size, meta.write_slots % page_size
-    k_pool = k_pool.at[layer, pages, offsets].set(k.astype(k_pool.dtype), mode="promise_in_bounds")
-    v_pool = v_pool.at[layer, pages, offsets].set(v.astype(v_pool.dtype), mode="promise_in_bounds")
+    k_pool = k_pool.at[layer, pages, offsets].set(to_pool(k, k_pool.dtype), mode="promise_in_bounds")
+    v_pool = v_pool.at[layer, pages, offsets].set(to_pool(v, v_pool.dtype), mode="promise_in_bounds")
     return k_pool, v_pool
+
+
+def to_pool(x: jax.Array, pool_dtype: Any) -> jax.Array:
+    """K or V values as a pool of `pool_dtype` stores them (bfloat16 bits in a uint16 pool)."""
+    if pool_dtype == BFLOAT16_BITS:
+        return lax.bitcast_convert_type(x.astype(jnp.bfloat16), BFLOAT16_BITS)
+    return x.astype(pool_dtype)
+
+
+def from_pool(x: jax.Array) -> jax.Array:
+    """Values read from a pool, as K or V again (uint16 holds bfloat16 bits)."""
+    return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BFLOAT16_BITS else x
 
 
 def _gather_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> jax.Array:
     """`[S, P]` page ids -> `[S, P * page_size, kv_heads, head_dim]` for one layer."""
-    pages = pool[layer, page_table]
+    pages = from_pool(pool[layer, page_table])
     seqs, width, page_size, kv_heads, head_dim = pages.shape
     return pages.reshape(seqs, width * page_size, kv_heads, head_dim)
 
@@ -141,8 +158,16 @@ def _decode_attention_few_rows(q, k_pool, v_pool, layer, meta, sm_scale):
     kv_heads = k_pool.shape[3]
     page_table = meta.page_table[:num_decode]
     kv_len = page_table.shape[1] * k_pool.shape[2]
-    keys = k_pool[layer, page_table].astype(jnp.float32).reshape(num_decode, kv_len * kv_heads, head_dim)
-    values = v_pool[layer, page_table].astype(jnp.float32).reshape(num_decode, kv_len * kv_heads, head_dim)
+    keys = (
+        from_pool(k_pool[layer, page_table])
+        .astype(jnp.float32)
+        .reshape(num_decode, kv_len * kv_heads, head_dim)
+    )
+    values = (
+        from_pool(v_pool[layer, page_table])
+        .astype(jnp.float32)
+        .reshape(num_decode, kv_len * kv_heads, head_dim)
+    )
     q_rows = q[:num_decode].astype(jnp.float32)
     scores = lax.dot_general(q_rows, keys, (((2,), (2,)), ((0,), (0,)))) * sm_scale  # [seqs, heads, keys]
     scores = scores.reshape(num_decode, kv_heads, -1, kv_len * kv_heads)  # keys: (position, kv head)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.ragged_paged_attention import BFLOAT16_BITS
+
 RESERVED_PAGE = 0
 
 
@@ -203,6 +205,14 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.flatnonzero(edges == -1) - starts
 
 
+def pool_storage_dtype(dtype: Any, platform: str) -> jnp.dtype:
+    """The pool arrays' dtype for K/V values of `dtype`: their own, except bfloat16 on a CPU,
+    kept as its bits in uint16 (`ragged_paged_attention.BFLOAT16_BITS`: XLA's CPU backend
+    copies a whole bfloat16 array to scatter into it)."""
+    dtype = jnp.dtype(dtype)
+    return BFLOAT16_BITS if dtype == jnp.bfloat16 and platform == "cpu" else dtype
+
+
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: Any) -> int:
     """Bytes of K plus V that one token occupies across all layers."""
     itemsize = np.dtype(dtype).itemsize
@@ -298,11 +308,13 @@ class KVPool:
         self.page_size = page_size
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = jnp.dtype(dtype)  # of the K/V values
         self.allocator = PageAllocator(num_pages)
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
-        self.k_pool: jax.Array = jnp.zeros(shape, self.dtype, device=sharding)
-        self.v_pool: jax.Array = jnp.zeros(shape, self.dtype, device=sharding)
+        platform = next(iter(sharding.device_set)).platform if sharding is not None else jax.default_backend()
+        storage = pool_storage_dtype(self.dtype, platform)
+        self.k_pool: jax.Array = jnp.zeros(shape, storage, device=sharding)
+        self.v_pool: jax.Array = jnp.zeros(shape, storage, device=sharding)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:

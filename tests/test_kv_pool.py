@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels_pallas.ragged_paged_attention import from_pool, to_pool
 from runtime.kv_pool import (
     KVPool,
     PageAllocator,
     available_memory_bytes,
     kv_bytes_per_token,
     pages_for_budget,
+    pool_storage_dtype,
 )
 
 
@@ -201,14 +203,20 @@ def test_available_memory_on_cpu_reads_meminfo():
 def test_kv_pool_arrays():
     pool = KVPool(num_layers=2, num_pages=5, page_size=4, num_kv_heads=2, head_dim=8, dtype=jnp.bfloat16)
     assert pool.k_pool.shape == pool.v_pool.shape == (2, 5, 4, 2, 8) == pool.shape
-    assert pool.k_pool.dtype == jnp.bfloat16
+    assert pool.dtype == jnp.bfloat16
+    # on a CPU the bfloat16 values are kept as their bits (XLA's CPU scatter copies a bfloat16 array)
+    assert pool.k_pool.dtype == pool_storage_dtype(jnp.bfloat16, jax.default_backend())
+    assert pool_storage_dtype(jnp.bfloat16, "cpu") == jnp.uint16
+    assert pool_storage_dtype(jnp.bfloat16, "gpu") == jnp.bfloat16
+    assert pool_storage_dtype(jnp.float32, "cpu") == jnp.float32
     assert not bool(jnp.any(pool.k_pool)) and not bool(jnp.any(pool.v_pool))
     assert pool.max_total_tokens == 4 * 4
     assert pool.allocator.num_total == 4
     assert pool.nbytes == 2 * 2 * 5 * 4 * 2 * 8 * 2
     # The runner swaps the arrays after each donated step.
-    pool.k_pool = pool.k_pool.at[0, 1].set(1.0)
-    assert float(pool.k_pool[0, 1].sum()) == 4 * 2 * 8
+    pool.k_pool = pool.k_pool.at[0, 1].set(to_pool(jnp.full((4, 2, 8), 1.5), pool.k_pool.dtype))
+    assert from_pool(pool.k_pool[0, 1]).dtype == jnp.bfloat16
+    assert float(from_pool(pool.k_pool[0, 1]).astype(jnp.float32).sum()) == 1.5 * 4 * 2 * 8
 
 
 def test_kv_pool_with_sharding():
