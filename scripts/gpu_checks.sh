@@ -16,8 +16,8 @@ set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_reference_b1 serving_unfused_b64
-    host_profile_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
+[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_first_burst_b64 serving_reference_b1
+    serving_unfused_b64 host_profile_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
     one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
     one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
 mkdir -p "$results"
@@ -36,10 +36,11 @@ env_report() {
 "transformers", transformers.__version__)'
 }
 
-serving() {  # backend, concurrency, [name of a variant run], [its extra server flags]
-    local name=${3:-$1_b$2}
+serving() {  # backend, concurrency, [name of a variant run], [its extra server flags], [no: no warm pass]
+    local name=${3:-$1_b$2} warm=--warmup-pass
+    [ "${5:-}" = no ] && warm=
     $PY scripts/bench_serving.py --launch "$MODEL" --server-args "$SERVER_ARGS --attention-backend $1 ${4:-}" \
-        --num-prompts "$2" --input-len-range 128 128 --output-len-range 256 256 --warmup-pass \
+        --num-prompts "$2" --input-len-range 128 128 --output-len-range 256 256 $warm \
         --disable-tqdm --server-log "$results/server_$name.log" --output-file "$results/serving_$name.json"
 }
 # A server of its own at this concurrency, a warm pass, then py-spy on the server during the
@@ -127,6 +128,11 @@ for step in "${steps[@]}"; do
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
+    # A fresh server's first burst, measured (no warm pass), the compile cache warm from the step
+    # above: the shapes its warm-up does not compile (the fourth GPU session: 4204-4643 tok/s
+    # against 10791-11767 once compiled; the decode widths now compile ahead, aside).
+    serving_first_burst_b64) run_step serving_first_burst_b64 300 \
+        bash -c 'serving reference 64 first_burst_b64 "" no' ;;
     # Fused greedy sampling (the default on a GPU) against one sampler dispatch a step.
     serving_unfused_b64) run_step serving_unfused_b64 300 \
         bash -c 'serving reference 64 unfused_b64 "--fused-greedy-sampling off"' ;;
