@@ -34,14 +34,10 @@ from kernels_pallas.float32_parts import (
     product_terms,
     swizzled,
 )
+from kernels_pallas.pool_storage import from_pool, to_pool
 
 # Finite, so that a fully masked row gives zeros instead of NaN from (-inf) - (-inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-# XLA's CPU backend scatters into a bfloat16 array through float32 and back, copying the whole
-# array: a one-token KV write copied the whole pool (2-core box, a 67 MB pool: 38 ms a write,
-# 0.006 ms into uint16). So a bfloat16 pool on a CPU holds its values' bits as uint16
-# (`runtime/kv_pool.py: pool_storage_dtype`); `to_pool` and `from_pool` convert at its edge.
-BFLOAT16_BITS = jnp.dtype(jnp.uint16)
 
 
 @functools.partial(
@@ -80,18 +76,6 @@ def write_kv(
     k_pool = k_pool.at[layer, pages, offsets].set(to_pool(k, k_pool.dtype), mode="promise_in_bounds")
     v_pool = v_pool.at[layer, pages, offsets].set(to_pool(v, v_pool.dtype), mode="promise_in_bounds")
     return k_pool, v_pool
-
-
-def to_pool(x: jax.Array, pool_dtype: Any) -> jax.Array:
-    """K or V values as a pool of `pool_dtype` stores them (bfloat16 bits in a uint16 pool)."""
-    if pool_dtype == BFLOAT16_BITS:
-        return lax.bitcast_convert_type(x.astype(jnp.bfloat16), BFLOAT16_BITS)
-    return x.astype(pool_dtype)
-
-
-def from_pool(x: jax.Array) -> jax.Array:
-    """Values read from a pool, as K or V again (uint16 holds bfloat16 bits)."""
-    return lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == BFLOAT16_BITS else x
 
 
 def _gather_pages(pool: jax.Array, layer: jax.Array, page_table: jax.Array) -> jax.Array:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.ragged_paged_attention import BFLOAT16_BITS
+from kernels_pallas.pool_storage import BFLOAT16_BITS
 
 RESERVED_PAGE = 0
 
@@ -207,7 +207,7 @@ def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def pool_storage_dtype(dtype: Any, platform: str) -> jnp.dtype:
     """The pool arrays' dtype for K/V values of `dtype`: their own, except bfloat16 on a CPU,
-    kept as its bits in uint16 (`ragged_paged_attention.BFLOAT16_BITS`: XLA's CPU backend
+    kept as its bits in uint16 (`kernels_pallas/pool_storage.py`: XLA's CPU backend
     copies a whole bfloat16 array to scatter into it)."""
     dtype = jnp.dtype(dtype)
     return BFLOAT16_BITS if dtype == jnp.bfloat16 and platform == "cpu" else dtype

@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 # Prefill sequences per step: enough that a burst of short prompts fills the chunk budget
 # (with 8, 32 prompts of 32-256 tokens left steps of ~1200 tokens padded to 2048).
 MAX_PREFILL_SEQS = 16
+# A decode batch's next page-table width compiles aside from this many pages before its deepest
+# row needs it (64 tokens at 16 a page: 0.3 s of batch-64 steps on an H100, 5 s of batch-32 steps
+# on the 2-core box; a program loads from a warm compile cache in 0.1-0.3 s).
+AHEAD_PAGES = 4
 # Rows that sample nothing (padding, unfinished prefill chunks) take the cheapest path: greedy.
 PADDING_ROW = SamplingRow(params=SamplingParams(temperature=0.0), seed=0, output_index=0, penalty_slot=0)
 
@@ -97,7 +101,6 @@ class Scheduler:
         self.by_rid: dict[str, Req] = {}
         self.free_slots = list(range(max_running_requests, 0, -1))
         self._pending: tuple[_Plan, StepOutput] | None = None
-        self._widened: StepShape | None = None  # the decode shape whose next width was asked for
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
         self._hold_admission = False
@@ -381,10 +384,9 @@ class Scheduler:
         takes = [take for _, take in prefills]
         kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
         need = step_shape(self.buckets, ps, len(decodes), takes, kv_after)
-        if not prefills and need != self._widened:
-            self._widened = need
-            self._prepare_next_width(need, decodes)
         shape = self.runner.step_programs.shape_for(need)
+        if not prefills:
+            self._prepare_next_width(need, decodes, max(kv_after))
         num_decode, max_q, width = shape.decode, shape.max_q, shape.width
         num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 
@@ -462,16 +464,25 @@ class Scheduler:
             sampling=sampling,
         )
 
-    def _prepare_next_width(self, shape: StepShape, decodes: list[Req]) -> None:
-        """Have the next page-table width of this decode step compiled aside now, when a row will
-        grow into it: the step that first needs it then finds it ready instead of compiling it
-        inline, which stalls every request (an H100's first burst of 64 x 256 tokens met four
-        such widths among its eight inline compiles: docs/benchmarks.md, fourth GPU session)."""
-        widths = self.buckets.page_table_width
-        wider = [w for w in widths if w > shape.width]
-        longest = max(r.prompt_len + r.max_new_tokens - 1 for r in decodes)
-        if wider and -(-longest // self.page_size) > shape.width:
-            self.runner.step_programs.prepare(dataclasses.replace(shape, width=wider[0]))
+    def _prepare_next_width(self, shape: StepShape, decodes: list[Req], deepest: int) -> None:
+        """Have the next page-table width of this decode step compiled aside once its deepest row
+        is within AHEAD_PAGES of outgrowing the width and a row may still grow past it: the step
+        that first needs it then finds it ready instead of compiling it inline, which stalls
+        every request (an H100's first burst of 64 x 256 tokens met four such widths among its
+        eight inline compiles: docs/benchmarks.md, fourth GPU session). Only after this step's
+        own shape is compiled, so as not to compile beside its inline compile."""
+        capacity = shape.width * self.page_size
+        if (
+            deepest + AHEAD_PAGES * self.page_size <= capacity
+            or shape.width == self.buckets.page_table_width[-1]
+        ):
+            return
+        if not any(r.prompt_len + r.max_new_tokens - 1 > capacity for r in decodes):
+            return  # every row ends within this width
+        programs = self.runner.step_programs
+        if programs.is_compiled(shape):
+            wider = next(w for w in self.buckets.page_table_width if w > shape.width)
+            programs.prepare(dataclasses.replace(shape, width=wider))
 
     def _sampling_row(self, req: Req) -> SamplingRow:
         return SamplingRow(

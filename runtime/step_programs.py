@@ -10,9 +10,10 @@ it, while its own programs compile on this module's thread and serve the next
 step of that shape. A step that nothing compiled holds still compiles inline.
 
 Some shapes can be seen coming: a decode batch's contexts grow into the next
-page-table width. The scheduler asks for those ahead (`prepare`), and a step
-whose shape is still compiling here when it arrives waits for it rather than
-compiling it a second time inline.
+page-table width. The scheduler asks for those ahead (`prepare`). A step whose
+shape is compiling here when it arrives waits for it rather than compiling it a
+second time inline; one whose shape is still queued compiles inline, and the
+queue then skips it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class StepPrograms:
         self._compiled: set[StepShape] = set()  # inline (the jit cache) or here
         self._programs: dict[StepShape, Any] = {}
         self._queued: set[StepShape] = set()
+        self._compiling: StepShape | None = None  # the shape this thread compiles now
         self._failed: set[StepShape] = set()
         self._companions_pending = 0
         self._queue: queue.Queue[tuple[str, StepShape] | None] = queue.Queue()
@@ -68,27 +70,15 @@ class StepPrograms:
     def shape_for(self, need: StepShape) -> StepShape:
         """The shape to pad a step to: its own when compiled or when nothing compiled holds it,
         else the cheapest compiled shape that holds it, while its own compiles here. A shape
-        queued here (`prepare`) that nothing compiled holds is waited for: its compile started
-        first, and compiling it inline as well would only slow both."""
+        that nothing compiled holds and that this thread is compiling now (`prepare`) is waited
+        for: its compile started first, and compiling it inline as well would only slow both."""
         with self._lock:
             if not self.enabled or self._closed or need in self._compiled or need in self._failed:
                 return need
             borrowed = borrowable_shape(need, self._compiled)
             if borrowed is None:
-                if need in self._queued:
-                    started = time.monotonic()
-                    while not (
-                        need in self._compiled
-                        or need in self._failed
-                        or self._closed
-                        or not self._thread.is_alive()
-                    ):
-                        self._compiled_here.wait(timeout=1.0)
-                    logger.info(
-                        "Step %s waited %.2f s for its programs compiling aside",
-                        need.key,
-                        time.monotonic() - started,
-                    )
+                if need == self._compiling:
+                    self._wait_for(need)
                 return need
             first = need not in self._queued
             if first:
@@ -100,10 +90,27 @@ class StepPrograms:
             )
         return borrowed
 
+    def _wait_for(self, need: StepShape) -> None:
+        """Under the lock: wait until `need` is compiled here, its compile failed or this thread
+        stopped."""
+        started = time.monotonic()
+        while not (
+            need in self._compiled or need in self._failed or self._closed or not self._thread.is_alive()
+        ):
+            self._compiled_here.wait(timeout=1.0)
+        logger.info(
+            "Step %s waited %.2f s for its programs compiling aside", need.key, time.monotonic() - started
+        )
+
+    def is_compiled(self, shape: StepShape) -> bool:
+        with self._lock:
+            return shape in self._compiled
+
     def prepare(self, shape: StepShape) -> None:
         """Compile `shape`'s programs here before a step needs them, unless compiled or queued."""
         with self._lock:
-            if not self.enabled or self._closed or shape in self._compiled | self._queued | self._failed:
+            known = shape in self._compiled or shape in self._queued or shape in self._failed
+            if not self.enabled or self._closed or known:
                 return
             self._queued.add(shape)
             self._queue.put(("programs", shape))
@@ -152,6 +159,10 @@ class StepPrograms:
             if kind == "companions":
                 self._companions(shape)
                 continue
+            with self._lock:
+                if shape in self._compiled:  # a step compiled it inline while it was queued
+                    continue
+                self._compiling = shape
             started = time.monotonic()
             try:
                 programs = self._compile_shape(shape)
@@ -159,8 +170,11 @@ class StepPrograms:
                 logger.exception("Background compile of step %s failed; it will compile inline", shape.key)
                 with self._lock:
                     self._failed.add(shape)
+                    self._compiling = None
                     self._compiled_here.notify_all()
                 continue
+            with self._lock:
+                self._compiling = None
             self.add(shape, programs)
             logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
 

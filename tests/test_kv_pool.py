@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.ragged_paged_attention import from_pool, to_pool
+from kernels_pallas.pool_storage import from_pool, to_pool
 from runtime.kv_pool import (
     KVPool,
     PageAllocator,

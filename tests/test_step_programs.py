@@ -122,11 +122,12 @@ def test_a_shape_compiled_inline_has_its_companions_compiled_here():
 
 
 def test_a_prepared_shape_is_waited_for_not_compiled_twice():
-    """A shape asked for ahead (`prepare`) that a step needs while it still compiles here, with
+    """A shape asked for ahead (`prepare`) that a step needs while this thread compiles it, with
     nothing compiled to hold it: the step waits for it and runs its programs."""
-    release, compiled = threading.Event(), []
+    started, release, compiled = threading.Event(), threading.Event(), []
 
     def slow(shape: StepShape) -> str:
+        started.set()
         release.wait(10)
         compiled.append(shape)
         return f"program {shape.key}"
@@ -136,7 +137,7 @@ def test_a_prepared_shape_is_waited_for_not_compiled_twice():
         wider = decode_shape(4, width=24)
         programs.prepare(wider)
         programs.prepare(wider)  # queued once
-        assert programs.num_pending == 1
+        assert programs.num_pending == 1 and started.wait(10)
         threading.Timer(0.3, release.set).start()
         began = time.monotonic()
         assert programs.shape_for(wider) == wider
@@ -147,18 +148,54 @@ def test_a_prepared_shape_is_waited_for_not_compiled_twice():
         programs.prepare(HELD)
         assert programs.wait(timeout=1) and compiled == [wider]
     finally:
+        release.set()
+        programs.close()
+
+
+def test_a_prepared_shape_still_queued_compiles_inline_and_leaves_the_queue():
+    """Waiting for a shape queued behind others could take several compiles: it compiles inline
+    (one), and this thread then skips it."""
+    started, release, compiled = threading.Event(), threading.Event(), []
+
+    def slow(shape: StepShape) -> str:
+        started.set()
+        release.wait(10)
+        compiled.append(shape)
+        return "program"
+
+    programs = StepPrograms(slow)
+    try:
+        first, behind = decode_shape(64, width=24), decode_shape(2, width=24)
+        programs.prepare(first)
+        programs.prepare(behind)
+        assert started.wait(10)
+        began = time.monotonic()
+        assert programs.shape_for(behind) == behind  # no wait: the caller compiles it
+        assert time.monotonic() - began < 0.2
+        programs.note_compiled(behind)
+        release.set()
+        assert programs.wait(timeout=10) and compiled == [first]
+    finally:
+        release.set()
         programs.close()
 
 
 def test_close_wakes_a_step_waiting_for_a_prepared_shape():
-    release = threading.Event()
-    programs = StepPrograms(lambda shape: release.wait(10))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(shape: StepShape) -> None:
+        started.set()
+        release.wait(10)
+
+    programs = StepPrograms(slow)
     try:
         programs.prepare(decode_shape(2))  # in flight until released
-        programs.prepare(decode_shape(4))  # queued behind it, dropped by close
+        assert started.wait(10)
         threading.Timer(0.3, programs.close).start()
-        threading.Timer(0.5, release.set).start()
-        assert programs.shape_for(decode_shape(4)) == decode_shape(4)
+        threading.Timer(0.6, release.set).start()
+        began = time.monotonic()
+        assert programs.shape_for(decode_shape(2)) == decode_shape(2)
+        assert 0.25 <= time.monotonic() - began < 0.55  # woken by close, before the compile ends
     finally:
         release.set()
         programs.close()
