@@ -16,8 +16,8 @@ set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_first_burst_b64 serving_reference_b1
-    serving_unfused_b64 host_profile_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
+[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 offline_b64 serving_first_burst_b64
+    serving_reference_b1 serving_unfused_b64 host_profile_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
     one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
     one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
 mkdir -p "$results"
@@ -128,6 +128,11 @@ for step in "${steps[@]}"; do
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
+    # serving_reference_b64's workload in one process, no HTTP server: how much of the served
+    # step's host time is the server's (the fourth GPU session: ITL 4.94 ms against a 2.68 ms step).
+    offline_b64) run_step offline_b64 240 $PY scripts/bench_offline.py --model-path "$MODEL" \
+        --server-args "$SERVER_ARGS --attention-backend reference" --num-prompts 64 --input-len-range 128 128 \
+        --output-len-range 256 256 --warmup-pass --repeats 2 --output-file "$results/offline_b64.json" ;;
     # A fresh server's first burst, measured (no warm pass), the compile cache warm from the step
     # above: the shapes its warm-up does not compile (the fourth GPU session: 4204-4643 tok/s
     # against 10791-11767 once compiled; the decode widths now compile ahead, aside).
