@@ -173,9 +173,9 @@ class StepPrograms:
                     self._compiling = None
                     self._compiled_here.notify_all()
                 continue
+            self.add(shape, programs)  # before `_compiling` clears: a step then finds it compiled
             with self._lock:
                 self._compiling = None
-            self.add(shape, programs)
             logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
 
     def _companions(self, shape: StepShape) -> None:
