@@ -112,6 +112,19 @@ def requests_from_args(args: Any, vocab_size: int) -> list[BenchRequest]:
     )
 
 
+def workload_json(args: Any, vocab_size: int) -> dict[str, Any]:
+    """The parsed `add_workload_args` flags as a result file records them."""
+    return {
+        "num_prompts": args.num_prompts,
+        "input_len_range": list(args.input_len_range),
+        "output_len_range": list(args.output_len_range),
+        "shared_prefix_len": args.shared_prefix_len,
+        "shared_prefix_groups": args.shared_prefix_groups,
+        "seed": args.seed,
+        "vocab_size": vocab_size,
+    }
+
+
 def model_config(model_path: str | Path) -> dict[str, Any]:
     """config.json of an HF model folder."""
     return json.loads((Path(model_path) / "config.json").read_text())
@@ -187,11 +200,15 @@ def load_note() -> str:
     return f"load average: {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write a result file (its folder is created), keys in insertion order."""
+def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
+    """Write a result file (its folder is created), keys in insertion order, and say so; no path,
+    no file (a script's `--output-file` is optional)."""
+    if path is None:
+        return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

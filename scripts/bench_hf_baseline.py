@@ -35,6 +35,7 @@ from bench_common import (  # noqa: E402
     model_config,
     requests_from_args,
     sample_random_requests,
+    workload_json,
     write_json,
 )
 
@@ -178,14 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_path": args.model_path,
         "threads": args.threads,
         "machine": machine_info(),
-        "workload": {
-            "num_prompts": args.num_prompts,
-            "input_len_range": list(args.input_len_range),
-            "output_len_range": list(args.output_len_range),
-            "seed": args.seed,
-            "shared_prefix_len": args.shared_prefix_len,
-            "vocab_size": vocab,
-        },
+        "workload": workload_json(args, vocab),
     }
     rows = []
     if "single" in args.modes:
@@ -213,9 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append([label, 1, decode["decode_tok_s"], decode["load"]])
     print(result["peer"], f"{args.threads} threads,", Path(args.model_path).name)
     print(format_table(["mode", "prompts", "output tok/s", "load"], rows))
-    if args.output_file:
-        write_json(args.output_file, result)
-        print(f"wrote {args.output_file}")
+    write_json(args.output_file, result)
     return result
 
 

@@ -34,6 +34,7 @@ from bench_common import (  # noqa: E402
     machine_info,
     requests_from_args,
     vocab_size_of,
+    workload_json,
     write_json,
 )
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from runtime.server_args import parse_server_args
 
     server_args = parse_server_args(["--model-path", args.model_path, *shlex.split(args.server_args)])
-    workload = requests_from_args(args, vocab_size_of(args.model_path))
+    vocab = vocab_size_of(args.model_path)
+    workload = requests_from_args(args, vocab)
     started = time.monotonic()
     engine = Engine(server_args)
     ready = time.monotonic() - started
@@ -94,14 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "server_args": args.server_args,
         "machine": machine_info(),
         "start_to_ready_s": ready,
-        "workload": {
-            "num_prompts": args.num_prompts,
-            "input_len_range": list(args.input_len_range),
-            "output_len_range": list(args.output_len_range),
-            "seed": args.seed,
-            "shared_prefix_len": args.shared_prefix_len,
-            "warmup_pass": args.warmup_pass,
-        },
+        "workload": {**workload_json(args, vocab), "warmup_pass": args.warmup_pass},
         "passes": passes,
     }
     rows = [
@@ -116,9 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     print(format_table(["pass", "output tokens", "seconds", "output tok/s", "compiled"], rows))
     print(f"engine ready in {ready:.1f} s; {load_note()}")
-    if args.output_file:
-        write_json(args.output_file, result)
-        print(f"wrote {args.output_file}")
+    write_json(args.output_file, result)
     return result
 
 

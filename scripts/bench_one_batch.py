@@ -498,9 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "decode_context": args.decode_context,
         "cases": results,
     }
-    if args.output_file:
-        write_json(args.output_file, payload)
-        print(f"wrote {args.output_file}")
+    write_json(args.output_file, payload)
     return payload
 
 

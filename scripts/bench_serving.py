@@ -62,6 +62,7 @@ from bench_common import (  # noqa: E402
     sample_random_requests,
     summarize,
     vocab_size_of,
+    workload_json,
     write_json,
 )
 
@@ -524,13 +525,7 @@ async def bench(
         "load_before": load_before,
         "load_after": load_after,
         "workload": {
-            "num_prompts": args.num_prompts,
-            "input_len_range": list(args.input_len_range),
-            "output_len_range": list(args.output_len_range),
-            "shared_prefix_len": args.shared_prefix_len,
-            "shared_prefix_groups": args.shared_prefix_groups,
-            "seed": args.seed,
-            "vocab_size": vocab,
+            **workload_json(args, vocab),
             "request_rate": args.request_rate,
             "max_concurrency": args.max_concurrency,
             "temperature": args.temperature,
@@ -649,9 +644,7 @@ def run(args: argparse.Namespace, log: TextIO | None) -> dict[str, Any]:
     print(f"({payload['load_after']})")
     if payload["errors"]:
         print(f"errors: {payload['errors']}", file=sys.stderr)
-    if args.output_file:
-        write_json(args.output_file, payload)
-        print(f"wrote {args.output_file}")
+    write_json(args.output_file, payload)
     return payload
 
 

@@ -121,81 +121,76 @@ def test_a_shape_compiled_inline_has_its_companions_compiled_here():
         programs.close()
 
 
+class HeldCompile:
+    """A stand-in compile that holds until released: `started` once it runs, `compiled` after."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+        self.compiled: list[StepShape] = []
+
+    def __call__(self, shape: StepShape) -> str:
+        self.started.set()
+        self.release.wait(10)
+        self.compiled.append(shape)
+        return f"program {shape.key}"
+
+
 def test_a_prepared_shape_is_waited_for_not_compiled_twice():
     """A shape asked for ahead (`prepare`) that a step needs while this thread compiles it, with
     nothing compiled to hold it: the step waits for it and runs its programs."""
-    started, release, compiled = threading.Event(), threading.Event(), []
-
-    def slow(shape: StepShape) -> str:
-        started.set()
-        release.wait(10)
-        compiled.append(shape)
-        return f"program {shape.key}"
-
-    programs = StepPrograms(slow)
+    held = HeldCompile()
+    programs = StepPrograms(held)
     try:
         wider = decode_shape(4, width=24)
         programs.prepare(wider)
         programs.prepare(wider)  # queued once
-        assert programs.num_pending == 1 and started.wait(10)
-        threading.Timer(0.3, release.set).start()
+        assert programs.num_pending == 1 and held.started.wait(10)
+        threading.Timer(0.3, held.release.set).start()
         began = time.monotonic()
         assert programs.shape_for(wider) == wider
         assert time.monotonic() - began >= 0.25
-        assert programs.programs(wider) == "program (4, 4, 24, 4, 0)" and compiled == [wider]
+        assert programs.programs(wider) == "program (4, 4, 24, 4, 0)" and held.compiled == [wider]
         programs.prepare(wider)  # compiled: nothing to do
         programs.note_compiled(HELD)
         programs.prepare(HELD)
-        assert programs.wait(timeout=1) and compiled == [wider]
+        assert programs.wait(timeout=1) and held.compiled == [wider]
     finally:
-        release.set()
+        held.release.set()
         programs.close()
 
 
 def test_a_prepared_shape_still_queued_compiles_inline_and_leaves_the_queue():
     """Waiting for a shape queued behind others could take several compiles: it compiles inline
     (one), and this thread then skips it."""
-    started, release, compiled = threading.Event(), threading.Event(), []
-
-    def slow(shape: StepShape) -> str:
-        started.set()
-        release.wait(10)
-        compiled.append(shape)
-        return "program"
-
-    programs = StepPrograms(slow)
+    held = HeldCompile()
+    programs = StepPrograms(held)
     try:
         first, behind = decode_shape(64, width=24), decode_shape(2, width=24)
         programs.prepare(first)
         programs.prepare(behind)
-        assert started.wait(10)
+        assert held.started.wait(10)
         began = time.monotonic()
         assert programs.shape_for(behind) == behind  # no wait: the caller compiles it
         assert time.monotonic() - began < 0.2
         programs.note_compiled(behind)
-        release.set()
-        assert programs.wait(timeout=10) and compiled == [first]
+        held.release.set()
+        assert programs.wait(timeout=10) and held.compiled == [first]
     finally:
-        release.set()
+        held.release.set()
         programs.close()
 
 
 def test_close_wakes_a_step_waiting_for_a_prepared_shape():
-    started, release = threading.Event(), threading.Event()
-
-    def slow(shape: StepShape) -> None:
-        started.set()
-        release.wait(10)
-
-    programs = StepPrograms(slow)
+    held = HeldCompile()
+    programs = StepPrograms(held)
     try:
         programs.prepare(decode_shape(2))  # in flight until released
-        assert started.wait(10)
+        assert held.started.wait(10)
         threading.Timer(0.3, programs.close).start()
-        threading.Timer(0.6, release.set).start()
+        threading.Timer(0.6, held.release.set).start()
         began = time.monotonic()
         assert programs.shape_for(decode_shape(2)) == decode_shape(2)
         assert 0.25 <= time.monotonic() - began < 0.55  # woken by close, before the compile ends
     finally:
-        release.set()
+        held.release.set()
         programs.close()
