@@ -142,16 +142,8 @@ def _decode_attention_few_rows(q, k_pool, v_pool, layer, meta, sm_scale):
     kv_heads = k_pool.shape[3]
     page_table = meta.page_table[:num_decode]
     kv_len = page_table.shape[1] * k_pool.shape[2]
-    keys = (
-        from_pool(k_pool[layer, page_table])
-        .astype(jnp.float32)
-        .reshape(num_decode, kv_len * kv_heads, head_dim)
-    )
-    values = (
-        from_pool(v_pool[layer, page_table])
-        .astype(jnp.float32)
-        .reshape(num_decode, kv_len * kv_heads, head_dim)
-    )
+    keys = _gather_pages(k_pool, layer, page_table).astype(jnp.float32).reshape(num_decode, -1, head_dim)
+    values = _gather_pages(v_pool, layer, page_table).astype(jnp.float32).reshape(num_decode, -1, head_dim)
     q_rows = q[:num_decode].astype(jnp.float32)
     scores = lax.dot_general(q_rows, keys, (((2,), (2,)), ((0,), (0,)))) * sm_scale  # [seqs, heads, keys]
     scores = scores.reshape(num_decode, kv_heads, -1, kv_len * kv_heads)  # keys: (position, kv head)
