@@ -28,14 +28,16 @@ from models.pooling import Pooling, load_pooling
 from runtime.batch import StepShape, step_shape
 from runtime.expert_stats import write_expert_distribution
 from runtime.host_memory import keep_freed_memory
-from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
+from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
 from runtime.model_runner import ModelRunner
 from runtime.request import Req
+from runtime.request_checks import ModelInfo, RequestLimits, check_request
 from runtime.response import embedding_response, generate_response
 from runtime.sampling import SamplingParams
 from runtime.scheduler import Scheduler
 from runtime.server_args import ServerArgs
+from runtime.tokenizer import load_tokenizer, tokenize
 from runtime.xla_cpu import set_xla_cpu_flags
 
 logger = logging.getLogger(__name__)
@@ -45,18 +47,6 @@ set_xla_cpu_flags()
 VERSION = "0.1.0"
 WARMUP_MAX_PROMPT = 512  # longest prompt bucket the start-up warm-up compiles
 CLASSIFY_SUFFIX = "ForSequenceClassification"
-
-
-@dataclasses.dataclass
-class ModelInfo:
-    model_path: str
-    tokenizer_path: str | None
-    is_generation: bool
-    embedding_kind: str | None  # "embed", "classify" or None for generation models
-    context_length: int
-    vocab_size: int
-    served_model_name: str
-    architecture: str
 
 
 def _enable_compile_cache(directory: str) -> None:
@@ -92,21 +82,6 @@ def _eos_ids(config: Any, tokenizer: Any, model_path: str) -> frozenset[int]:
     return frozenset(ids)
 
 
-def chat_template_text(value: str) -> str:
-    """`--chat-template`: a Jinja file, or the template itself. SGLang's named templates
-    (`chatml`, `llama-2`, ...) are not available here: a name is refused rather than used as
-    a template that would drop every message."""
-    path = Path(value)
-    if path.is_file():
-        return path.read_text()
-    if "{{" in value or "{%" in value:
-        return value
-    raise ValueError(
-        f"--chat-template {value!r} is neither a file nor a Jinja template; named templates are "
-        "not available in this server: pass a .jinja file (or leave it out to use the tokenizer's)."
-    )
-
-
 class Engine:
     """Owns the model and the scheduler thread; thread-safe entry points for the server."""
 
@@ -124,7 +99,7 @@ class Engine:
             self.model.kernel_backends = KernelBackends(
                 attention=args.attention_backend, moe=args.moe_backend
             )
-        self.tokenizer = None if args.skip_tokenizer_init else self._load_tokenizer()
+        self.tokenizer = load_tokenizer(args)
         self.model_info = self._model_info(loaded.architecture)
         if self.model_info.is_generation and args.is_embedding:
             raise ValueError(f"{args.model_path} is a generation model: --is-embedding cannot serve it.")
@@ -145,14 +120,6 @@ class Engine:
             self.warmup()
 
     # -- construction ---------------------------------------------------------------------------
-
-    def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(self.server_args.tokenizer_path)
-        if self.server_args.chat_template:
-            tokenizer.chat_template = chat_template_text(self.server_args.chat_template)
-        return tokenizer
 
     def _model_info(self, architecture: str) -> ModelInfo:
         args = self.server_args
@@ -309,63 +276,21 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError(
-                "The server was launched with --skip-tokenizer-init: send input_ids instead of text."
-            )
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return tokenize(self.tokenizer, text)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The facts `check_request` needs (the HTTP process gets a copy of them)."""
+        return RequestLimits(
+            model_info=self.model_info,
+            kv_capacity=self.pool.max_total_tokens if self.scheduler is not None else None,
+            allow_auto_truncate=self.server_args.allow_auto_truncate,
+            has_tokenizer=self.tokenizer is not None,
+        )
 
     def validate_request(self, req: EngineRequest) -> None:
         """Every check that can fail a request, with the message the client sees."""
-        info = self.model_info
-        if req.kind == "generate" and not info.is_generation:
-            raise ValueError(
-                "This model is an embedding model: /generate is not served. Use /encode or /classify."
-            )
-        if req.kind != "generate" and info.is_generation:
-            raise ValueError(
-                "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
-                "when launching the server or try another model."
-            )
-        if not req.input_ids:
-            raise ValueError("input_ids cannot be empty.")
-        for token in req.input_ids:
-            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < info.vocab_size:
-                raise ValueError(f"Token id {token} is outside the vocabulary (size {info.vocab_size}).")
-        context = info.context_length
-        if len(req.input_ids) >= context and req.kind == "generate" or len(req.input_ids) > context:
-            if self.server_args.allow_auto_truncate:
-                req.input_ids = req.input_ids[: context - 1]
-            else:
-                raise ValueError(
-                    f"The input ({len(req.input_ids)} tokens) is longer than the model's context length "
-                    f"({context} tokens)."
-                )
-        params = req.sampling_params
-        if self.scheduler is not None and len(req.input_ids) >= self.pool.max_total_tokens:
-            raise ValueError(
-                f"The input ({len(req.input_ids)} tokens) does not fit the KV cache "
-                f"({self.pool.max_total_tokens} tokens, --max-total-tokens)."
-            )
-        if req.kind == "generate" and params.max_new_tokens is not None:
-            total = len(req.input_ids) + params.max_new_tokens
-            if total > context:
-                raise ValueError(
-                    f"Requested token count exceeds the model's maximum context length of {context} tokens. "
-                    f"You requested a total of {total} tokens: {len(req.input_ids)} tokens from the input "
-                    f"messages and {params.max_new_tokens} tokens for the completion. Please reduce the "
-                    "number of tokens in the input messages or the completion to fit within the limit."
-                )
-        params.verify(info.vocab_size)
-        if self.tokenizer is None and params.stop:
-            raise ValueError("stop strings need a tokenizer: the server runs with --skip-tokenizer-init.")
-        if req.return_logprob and req.top_logprobs_num < 0:
-            raise ValueError(f"top_logprobs_num must be at least 0, got {req.top_logprobs_num}.")
-        if req.return_logprob and req.logprob_start_len >= len(req.input_ids):
-            raise ValueError(
-                f"logprob_start_len ({req.logprob_start_len}) must be less than the input length "
-                f"({len(req.input_ids)})."
-            )
+        check_request(req, self.request_limits)
         with self._rid_lock:
             if req.rid in self._inflight:
                 raise ValueError(f"Request id {req.rid!r} is already in flight.")
@@ -388,19 +313,7 @@ class Engine:
             return
         assert self.scheduler is not None
         if self.scheduler.error is not None:
-            deliver(
-                RequestOutput(
-                    req.rid,
-                    [],
-                    None,
-                    True,
-                    {"type": "abort", "message": "engine failed"},
-                    len(req.input_ids),
-                    0,
-                    0,
-                    error=f"The engine failed: {self.scheduler.error}",
-                )
-            )
+            deliver(failed_output(req, f"The engine failed: {self.scheduler.error}", reason="engine failed"))
             return
         if req.kind == "classify":
             req = self._score_last_non_pad(req)

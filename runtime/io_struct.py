@@ -60,4 +60,22 @@ class RequestOutput:
     error_status: int = 500  # the HTTP status of `error`: 400 when the request itself is at fault
 
 
+def failed_output(
+    request: EngineRequest, error: str, status: int = 500, reason: str | None = None
+) -> RequestOutput:
+    """The final output of a request that the engine could not run: aborted, with `error`."""
+    return RequestOutput(
+        request.rid,
+        [],
+        None,
+        True,
+        {"type": "abort", "message": reason or error},
+        len(request.input_ids),
+        0,
+        0,
+        error=error,
+        error_status=status,
+    )
+
+
 OutputCallback = Callable[[RequestOutput], None]

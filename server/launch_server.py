@@ -1,4 +1,7 @@
-"""`python -m server.launch_server --model-path PATH [flags]`: build the engine, serve HTTP.
+"""`python -m server.launch_server --model-path PATH [flags]`: start the engine's process, serve HTTP.
+
+The engine (model, scheduler) runs in a process of its own (server/engine_worker.py);
+this one tokenizes, checks requests and does the HTTP.
 
 Readiness is announced (`The server is fired up and ready to roll!`, the line
 SGLang's tooling waits for) only after one real request has gone through the
@@ -131,14 +134,25 @@ def _defer_signals_to_exit() -> None:
 
 
 def run_server(server_args: ServerArgs) -> int:
-    """Serve until a signal; returns the process exit code."""
-    from runtime.engine import Engine
+    """Serve until a signal (or the engine process's death); returns the process exit code."""
     from server.app import create_app
+    from server.engine_client import EngineClient, EngineStartError
+
+    server: DrainingServer | None = None
+    engine_died = threading.Event()
+
+    def on_engine_exit() -> None:
+        engine_died.set()
+        if server is not None:
+            server.should_exit = True
 
     try:
-        engine = Engine(server_args)
-    except (ValueError, FileNotFoundError) as exc:  # a wrong path or an unservable model: say so plainly
-        logger.error("Cannot serve %s: %s", server_args.model_path, exc)
+        engine = EngineClient(server_args, on_exit=on_engine_exit)
+    except EngineStartError as exc:
+        if exc.expected:  # a wrong path or an unservable model: say so plainly
+            logger.error("Cannot serve %s: %s", server_args.model_path, exc)
+        else:
+            logger.error("The engine failed to start: %s", exc)
         return 1
     try:
         app = create_app(engine)
@@ -161,6 +175,8 @@ def run_server(server_args: ServerArgs) -> int:
             timeout_graceful_shutdown=math.ceil(DRAIN_TIMEOUT) + ABORT_GRACE,
         )
         server = DrainingServer(config, begin_drain)
+        if engine_died.is_set():
+            return 1
         announcer = threading.Thread(
             target=_announce_when_ready,
             args=(server, server_args, bool(engine.model_info.is_generation)),
@@ -170,7 +186,7 @@ def run_server(server_args: ServerArgs) -> int:
         announcer.start()
         _defer_signals_to_exit()
         server.run()
-        return 1 if server.warmup_failed else 0
+        return 1 if server.warmup_failed or engine_died.is_set() else 0
     finally:
         engine.shutdown()
         logger.info("Engine stopped.")

@@ -497,7 +497,7 @@ def test_offline_generate_expands_n(tiny, tiny_ref):
 def test_launch_settings_that_would_serve_wrongly_are_refused(tiny_llama_path, tmp_path):
     """A context past the model's positions, and a chat template given by a name this server
     does not know (it would become the template text and drop every message)."""
-    from runtime.engine import chat_template_text
+    from runtime.tokenizer import chat_template_text
 
     with pytest.raises(ValueError, match="longer than the model's"):
         _engine(tiny_llama_path, context_length=10**6)

@@ -1,0 +1,234 @@
+"""The HTTP process's handle on an engine that runs in a process of its own.
+
+It offers the app what `Engine` does (validate, submit with a callback, abort,
+the control calls) over the pipe `server/engine_worker.py` serves. Requests are
+checked here, against the engine's `RequestLimits`, so a bad one costs no round
+trip. A reader thread hands each arriving batch of outputs to the requests'
+callbacks and each reply to the control call that waits for it. If the engine
+process dies, every request in flight ends with an error and `on_exit` runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from runtime.io_struct import EngineRequest, OutputCallback, failed_output
+from runtime.request_checks import check_request
+from runtime.server_args import ServerArgs
+from runtime.tokenizer import load_tokenizer, tokenize
+from server.engine_worker import (
+    ABORT,
+    ABORT_ALL,
+    CALL,
+    FAILED,
+    OUTPUTS,
+    REPLY,
+    SHUTDOWN,
+    SUBMIT,
+    run_engine_worker,
+)
+from server.output_deltas import DeltaDecoder, OutputDelta
+
+logger = logging.getLogger("sglax.engine_client")
+
+SHUTDOWN_TIMEOUT = 60  # seconds for the engine process to stop before it is killed
+# Exceptions a control call may raise that keep their type across the pipe (the routes map them
+# to a 400 or a 501); anything else arrives as a RuntimeError.
+KEPT_EXCEPTIONS: dict[str, type[Exception]] = {
+    "ValueError": ValueError,
+    "NotImplementedError": NotImplementedError,
+}
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not start; `expected` when the model or its path is at fault."""
+
+    def __init__(self, message: str, expected: bool) -> None:
+        super().__init__(message)
+        self.expected = expected
+
+
+class EngineClient:
+    """`Engine`'s serving API, answered by an engine process it starts and stops."""
+
+    def __init__(self, server_args: ServerArgs, on_exit: Callable[[], None] | None = None) -> None:
+        context = multiprocessing.get_context("spawn")  # a forked JAX runtime is not safe to use
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=run_engine_worker, args=(child_conn, server_args), name="sglax-engine"
+        )
+        self._process.start()
+        child_conn.close()  # so that the engine's death reads as the end of the pipe here
+        self.tokenizer = load_tokenizer(server_args)  # while the engine process loads the model
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            message = f"the engine process exited (code {self._process.exitcode})"
+            raise EngineStartError(message, False) from None
+        if message[0] == FAILED:
+            self._process.join()
+            raise EngineStartError(message[1], message[2])
+        _, self.server_args, self.request_limits = message
+        self.model_info = self.request_limits.model_info
+        self.error: str | None = None
+        self._on_exit = on_exit
+        self._lock = threading.Lock()  # guards the two tables below and the pipe's sending end
+        self._callbacks: dict[str, tuple[EngineRequest, OutputCallback]] = {}
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count()
+        self._deltas = DeltaDecoder()  # the reader thread's alone
+        self._closing = False
+        self._reader = threading.Thread(target=self._read, name="sglax-engine-reader", daemon=True)
+        self._reader.start()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return tokenize(self.tokenizer, text)
+
+    def validate_request(self, req: EngineRequest) -> None:
+        check_request(req, self.request_limits)
+        if req.rid in self._callbacks:
+            raise ValueError(f"Request id {req.rid!r} is already in flight.")
+
+    def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
+        """Queue a validated request; `callback` runs on the reader thread for each output."""
+        with self._lock:
+            if req.rid in self._callbacks:
+                raise ValueError(f"Request id {req.rid!r} is already in flight.")
+            if self.error is None:
+                self._callbacks[req.rid] = (req, callback)
+                self._conn.send((SUBMIT, req))
+                return
+        callback(failed_output(req, self.error, reason="engine failed"))
+
+    def abort(self, rid: str) -> None:
+        self._send((ABORT, rid))
+
+    def abort_all(self) -> None:
+        self._send((ABORT_ALL,))
+
+    # -- control calls (blocking: the app runs them off its event loop) ----------------------------
+
+    def flush_cache(self) -> bool:
+        return self._call("flush_cache")
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("stats")
+
+    def get_server_info(self) -> dict[str, Any]:
+        return self._call("get_server_info")
+
+    def start_expert_distribution_record(self) -> None:
+        self._call("start_expert_distribution_record")
+
+    def stop_expert_distribution_record(self) -> None:
+        self._call("stop_expert_distribution_record")
+
+    def dump_expert_distribution_record(self, directory: str | Path = ".") -> str:
+        return self._call("dump_expert_distribution_record", str(directory))
+
+    def start_profile(self, output_dir: str | None = None, num_steps: int | None = None) -> str:
+        return self._call("start_profile", output_dir, num_steps)
+
+    def stop_profile(self) -> str:
+        return self._call("stop_profile")
+
+    def update_weights_from_disk(
+        self, model_path: str, load_format: str | None = None
+    ) -> tuple[bool, str, int]:
+        success, message, paused = self._call("update_weights_from_disk", model_path, load_format)
+        if success:  # the engine's copies changed there; keep this side's in step
+            self.model_info.model_path = model_path
+            self.server_args.model_path = model_path
+        return success, message, paused
+
+    def _call(self, name: str, *args: Any) -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self.error is not None:
+                raise RuntimeError(self.error)
+            call_id = next(self._call_ids)
+            self._calls[call_id] = future
+            self._conn.send((CALL, call_id, name, args))
+        return future.result()
+
+    # -- the pipe ----------------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        with self._lock:
+            if self.error is None:
+                self._conn.send(message)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                message = self._conn.recv()
+                if message[0] == OUTPUTS:
+                    self._deliver(message[1])
+                elif message[0] == REPLY:
+                    self._answer(*message[1:])
+        except (EOFError, OSError):
+            pass
+        self._engine_gone()
+
+    def _deliver(self, deltas: list[OutputDelta]) -> None:
+        outputs = [self._deltas.decode(delta) for delta in deltas]
+        with self._lock:
+            owners = [
+                self._callbacks.pop(o.rid, None) if o.finished else self._callbacks.get(o.rid)
+                for o in outputs
+            ]
+        for output, owner in zip(outputs, owners, strict=True):
+            if owner is not None:
+                owner[1](output)
+
+    def _answer(self, call_id: int, ok: bool, value: Any) -> None:
+        with self._lock:
+            future = self._calls.pop(call_id)
+        if ok:
+            future.set_result(value)
+        else:
+            type_name, message = value
+            future.set_exception(KEPT_EXCEPTIONS.get(type_name, RuntimeError)(message))
+
+    def _engine_gone(self) -> None:
+        """The pipe closed: end every request and call in flight with an error."""
+        self._process.join(timeout=SHUTDOWN_TIMEOUT)
+        with self._lock:
+            closing = self._closing
+            self.error = f"The engine process exited (code {self._process.exitcode})."
+            callbacks, self._callbacks = self._callbacks, {}
+            calls, self._calls = self._calls, {}
+        if not closing:
+            logger.error("%s Requests in flight end with an error.", self.error)
+        for request, callback in callbacks.values():
+            callback(failed_output(request, self.error, reason="engine failed"))
+        for future in calls.values():
+            future.set_exception(RuntimeError(self.error))
+        if not closing and self._on_exit is not None:
+            self._on_exit()
+
+    def shutdown(self) -> None:
+        """Stop the engine process (it finishes its current step first) and wait for it."""
+        with self._lock:
+            self._closing = True
+            if self.error is None:
+                try:
+                    self._conn.send((SHUTDOWN,))
+                except OSError:
+                    pass
+        self._process.join(timeout=SHUTDOWN_TIMEOUT)
+        if self._process.is_alive():
+            logger.warning("The engine process did not stop in %d s; killing it.", SHUTDOWN_TIMEOUT)
+            self._process.kill()
+            self._process.join()
+        self._reader.join(timeout=SHUTDOWN_TIMEOUT)

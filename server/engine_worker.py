@@ -1,0 +1,163 @@
+"""The engine's process: an `Engine` served over one pipe to the HTTP process.
+
+Why a process of its own: the scheduler thread's host work sits between two
+device steps, and in one process it shares the GIL with the event loop, which
+writes every stream's event of every step (64 a step at batch 64). On a GPU the
+served batch-64 step took twice the bare one for that reason (docs/benchmarks.md).
+Here the scheduler's process does nothing else; a step's outputs cross the pipe
+as one message, and the HTTP process does the HTTP.
+
+The pipe carries tuples whose first item says what they are:
+- to the engine: (SUBMIT, EngineRequest), (ABORT, rid), (ABORT_ALL,),
+  (CALL, call_id, method name, args), (SHUTDOWN,);
+- from the engine: (READY, server_args, RequestLimits) or (FAILED, message, expected),
+  then (OUTPUTS, [OutputDelta, ...]) (server/output_deltas.py) and
+  (REPLY, call_id, ok, value or (type name, message)).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from runtime.io_struct import EngineRequest, RequestOutput, failed_output
+from runtime.server_args import ServerArgs
+from server.output_deltas import DeltaEncoder
+
+logger = logging.getLogger("sglax.engine_worker")
+
+SUBMIT, ABORT, ABORT_ALL, CALL, SHUTDOWN = "submit", "abort", "abort_all", "call", "shutdown"
+READY, FAILED, OUTPUTS, REPLY = "ready", "failed", "outputs", "reply"
+# The engine methods the HTTP process may call; each answers between two steps or, for a
+# weight update, after the running requests have finished.
+CONTROL_METHODS = frozenset(
+    {
+        "flush_cache",
+        "stats",
+        "get_server_info",
+        "start_expert_distribution_record",
+        "stop_expert_distribution_record",
+        "dump_expert_distribution_record",
+        "start_profile",
+        "stop_profile",
+        "update_weights_from_disk",
+    }
+)
+
+
+def run_engine_worker(conn: Connection, server_args: ServerArgs) -> None:
+    """The engine process's entry point: build the engine, then serve the pipe until told to stop."""
+    from server.launch_server import GIL_SWITCH_INTERVAL_S, configure_logging
+
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    configure_logging(server_args.log_level)
+    # The HTTP process owns the signals: it drains on SIGTERM or Ctrl-C (which reach this whole
+    # process group), then stops this process through the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from runtime.engine import Engine
+
+    try:
+        engine = Engine(server_args)
+    except (ValueError, FileNotFoundError) as exc:  # a wrong path or an unservable model
+        conn.send((FAILED, str(exc), True))
+        return
+    except Exception as exc:
+        logger.exception("The engine failed to start")
+        conn.send((FAILED, f"{type(exc).__name__}: {exc}", False))
+        return
+    EngineWorker(engine, conn).serve()
+
+
+class EngineWorker:
+    """Reads the HTTP process's messages on the main thread; a sender thread returns the outputs."""
+
+    def __init__(self, engine: Any, conn: Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self._outbox: list[RequestOutput] = []
+        self._outbox_changed = threading.Condition()
+        self._closed = False
+        self._deltas = DeltaEncoder()  # the sender thread's alone
+        self._sender = threading.Thread(target=self._send_outputs, name="sglax-output-sender", daemon=True)
+
+    def serve(self) -> None:
+        self._sender.start()
+        self._send((READY, self.engine.server_args, self.engine.request_limits))
+        try:
+            while True:
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError):  # the HTTP process is gone: stop with it
+                    logger.warning("The HTTP process closed the pipe; stopping the engine.")
+                    break
+                kind = message[0]
+                if kind == SUBMIT:
+                    self._submit(message[1])
+                elif kind == ABORT:
+                    self.engine.abort(message[1])
+                elif kind == ABORT_ALL:
+                    self.engine.abort_all()
+                elif kind == CALL:
+                    # On a thread: a call may wait long (a weight update waits for the running
+                    # requests), and submits and aborts must still get through meanwhile.
+                    threading.Thread(target=self._call, args=message[1:], daemon=True).start()
+                elif kind == SHUTDOWN:
+                    break
+        finally:
+            self.engine.shutdown()
+            self._close_outbox()
+
+    def _submit(self, request: EngineRequest) -> None:
+        try:
+            self.engine.submit(request, self._queue_output)
+        except ValueError as exc:  # its id is still in flight here (the HTTP side checks this too)
+            self._queue_output(failed_output(request, str(exc), status=400))
+
+    def _call(self, call_id: int, name: str, args: tuple) -> None:
+        try:
+            if name not in CONTROL_METHODS:
+                raise NotImplementedError(f"{name} is not an engine control method.")
+            reply = (REPLY, call_id, True, getattr(self.engine, name)(*args))
+        except Exception as exc:
+            reply = (REPLY, call_id, False, (type(exc).__name__, str(exc)))
+        self._send(reply)
+
+    # -- outputs: one message for all that a step produced ------------------------------------------
+
+    def _queue_output(self, output: RequestOutput) -> None:
+        """On the scheduler thread: keep the output; wake the sender if it is not already awake."""
+        with self._outbox_changed:
+            self._outbox.append(output)
+            if len(self._outbox) == 1:
+                self._outbox_changed.notify()
+
+    def _send_outputs(self) -> None:
+        while True:
+            with self._outbox_changed:
+                while not self._outbox and not self._closed:
+                    self._outbox_changed.wait()
+                batch, self._outbox = self._outbox, []
+            if batch:
+                self._send((OUTPUTS, [self._deltas.encode(output) for output in batch]))
+            elif self._closed:
+                return
+
+    def _close_outbox(self) -> None:
+        """Send what is left (the final outputs of requests aborted at shutdown), then stop the sender."""
+        with self._outbox_changed:
+            self._closed = True
+            self._outbox_changed.notify()
+        self._sender.join(timeout=10)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            with self._send_lock:
+                self.conn.send(message)
+        except (BrokenPipeError, OSError):  # the HTTP process is gone; the main loop sees it too
+            pass
