@@ -65,8 +65,14 @@ class EngineClient:
             target=run_engine_worker, args=(child_conn, server_args), name="sglax-engine"
         )
         self._process.start()
+        logger.info("Engine process %d started.", self._process.pid)
         child_conn.close()  # so that the engine's death reads as the end of the pipe here
-        self.tokenizer = load_tokenizer(server_args)  # while the engine process loads the model
+        try:
+            self.tokenizer = load_tokenizer(server_args)  # while the engine process loads the model
+        except Exception as exc:
+            self._process.kill()
+            self._process.join()
+            raise EngineStartError(f"cannot load the tokenizer: {exc}", True) from exc
         try:
             message = self._conn.recv()
         except EOFError:

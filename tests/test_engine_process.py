@@ -1,0 +1,185 @@
+"""The engine in its own process: the client's outputs equal the in-process engine's, outputs
+cross the pipe as deltas, control calls keep their errors, and the server goes down with an
+engine process that dies (or never starts) instead of hanging its clients."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from runtime.engine import Engine
+from runtime.io_struct import EngineRequest, RequestOutput
+from runtime.sampling import SamplingParams
+from runtime.server_args import ServerArgs
+from server.engine_client import EngineClient
+from server.output_deltas import DeltaDecoder, DeltaEncoder
+from server.utils import find_free_port, terminate_process
+from tests.server_helpers import start_server
+
+ENGINE_STARTED = re.compile(r"Engine process (\d+) started\.")
+
+
+def _output(rid: str, ids: list[int], text: str | None, finished: bool = False) -> RequestOutput:
+    return RequestOutput(rid, ids, text, finished, None, 3, len(ids), 0)
+
+
+def test_deltas_rebuild_every_cumulative_output() -> None:
+    """Interleaved requests, a text that stops being a prefix (a trimmed stop), no text at all."""
+    stream = [
+        _output("a", [5], "x"),
+        _output("b", [7], None),
+        _output("a", [5, 6], "xy"),
+        _output("b", [7, 8, 9], None),
+        _output("a", [5, 6, 4], "xyz!"),
+        _output("b", [7, 8, 9, 1], None, finished=True),
+        _output("a", [5, 6, 4, 2], "xq", finished=True),  # not an extension of "xyz!"
+        _output("a", [3], "new"),  # the id may come back (a new request); nothing of the old is kept
+    ]
+    encoder, decoder = DeltaEncoder(), DeltaDecoder()
+    previous: dict[str, list[int]] = {}
+    sizes = []
+    for sent in stream:
+        delta = encoder.encode(copy.deepcopy(sent))
+        sizes.append(len(delta[0].output_ids))
+        got = decoder.decode(copy.deepcopy(delta))
+        assert (got.output_ids, got.text, got.finished) == (sent.output_ids, sent.text, sent.finished)
+        assert got.output_ids is not previous.get(sent.rid), "an earlier output's list must not change"
+        previous[sent.rid] = got.output_ids
+    assert sizes == [1, 1, 1, 2, 1, 1, 1, 1]  # only the new ids travel
+    assert encoder.encode(_output("b", [4], "t"))[1:] == (0, 0)  # finished requests were forgotten
+
+
+def _requests() -> list[EngineRequest]:
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=20, ignore_eos=True)
+    stopped = SamplingParams(temperature=0.0, max_new_tokens=40, min_new_tokens=4, stop=["e"])
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, sampling_seed=3)
+    return [
+        EngineRequest(rid="greedy", input_ids=[1, 5, 9, 14], sampling_params=greedy, stream=True),
+        EngineRequest(rid="stopped", input_ids=[3, 8, 2], sampling_params=stopped, stream=True),
+        EngineRequest(
+            rid="sampled",
+            input_ids=[4, 4, 7, 30, 2],
+            sampling_params=sampled,
+            stream=True,
+            return_logprob=True,
+            top_logprobs_num=2,
+        ),
+        EngineRequest(rid="whole", input_ids=[9, 9, 9], sampling_params=greedy),
+    ]
+
+
+def _comparable(output: RequestOutput) -> dict[str, Any]:
+    """An output's fields, less its latency, with logprobs rounded: the two engines may run a
+    step at different padded shapes (one borrows a compiled program the other compiled)."""
+    fields = {k: v for k, v in vars(output).items() if k != "e2e_latency"}
+    return json.loads(json.dumps(fields), parse_float=lambda text: round(float(text), 4))
+
+
+def _run(engine: Any, requests_: list[EngineRequest]) -> dict[str, list[dict[str, Any]]]:
+    """Every output of each request, comparable."""
+    seen: dict[str, list[dict[str, Any]]] = {r.rid: [] for r in requests_}
+    done = threading.Semaphore(0)
+
+    def note(output: RequestOutput) -> None:
+        seen[output.rid].append(_comparable(output))
+        if output.finished:
+            done.release()
+
+    for request in requests_:
+        engine.validate_request(request)
+        engine.submit(request, note)
+    for _ in requests_:
+        assert done.acquire(timeout=300)
+    return seen
+
+
+def test_engine_client_streams_what_the_engine_streams(tiny_llama_path: Path) -> None:
+    args = dict(model_path=str(tiny_llama_path), max_total_tokens=4096, random_seed=0)
+    engine = Engine(ServerArgs(**args))
+    try:
+        expected = _run(engine, _requests())
+    finally:
+        engine.shutdown()
+    client = EngineClient(ServerArgs(**args))
+    try:
+        got = _run(client, _requests())
+        assert got == expected
+        assert {rid: len(outputs) > 1 for rid, outputs in got.items()} == {
+            "greedy": True,
+            "stopped": True,
+            "sampled": True,
+            "whole": False,
+        }
+        assert got["stopped"][-1]["finish_reason"]["type"] == "stop", got["stopped"][-1]
+        # Checks and control calls answer as the engine's do, across the pipe.
+        long_params = SamplingParams(max_new_tokens=1500)
+        long_one = EngineRequest(rid="dup", input_ids=[1], sampling_params=long_params)
+        finished = threading.Event()
+        client.submit(long_one, lambda output: finished.set() if output.finished else None)
+        with pytest.raises(ValueError, match="already in flight"):
+            client.validate_request(EngineRequest(rid="dup", input_ids=[1]))
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            client.validate_request(EngineRequest(rid="bad", input_ids=[10**9]))
+        with pytest.raises(ValueError, match="no MoE layers"):
+            client.start_expert_distribution_record()
+        assert client.flush_cache() is False  # a request runs
+        client.abort("dup")
+        assert finished.wait(60)
+        assert client.stats()["num_running_reqs"] == 0
+        assert client.flush_cache() is True
+    finally:
+        client.shutdown()
+    assert client._process.exitcode == 0
+
+
+def _engine_pid(log_path: Path) -> int:
+    match = ENGINE_STARTED.search(log_path.read_text())
+    assert match, log_path.read_text()[-2000:]
+    return int(match.group(1))
+
+
+def test_a_dead_engine_fails_its_requests_and_stops_the_server(tiny_llama_path: Path, tmp_path: Path) -> None:
+    server = start_server(tiny_llama_path, log_dir=tmp_path)
+    try:
+        params = {"max_new_tokens": 1500, "ignore_eos": True}
+        body = {"input_ids": [1, 2, 3], "sampling_params": params, "stream": True}
+        with requests.post(server.url + "/generate", json=body, stream=True, timeout=120) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line)
+            os.kill(_engine_pid(server.log_path), signal.SIGKILL)
+            events = [line for line in lines if line]
+        assert events[-1] == b"data: [DONE]"
+        assert "engine process exited" in json.loads(events[-2][len(b"data: ") :])["error"]["message"]
+        assert server.process.wait(timeout=120) == 1
+    finally:
+        server.stop()
+
+
+def test_a_model_the_engine_cannot_serve_exits_with_one(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"]}))
+    argv = [sys.executable, "-m", "server.launch_server", "--model-path", str(tmp_path)]
+    argv += ["--port", str(find_free_port("127.0.0.1")), "--skip-tokenizer-init"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=120)
+    finally:
+        terminate_process(process)
+    assert process.returncode == 1
+    assert b"Cannot serve" in output, output[-2000:]
+    started = time.monotonic()
+    pid = int(ENGINE_STARTED.search(output.decode()).group(1))
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() - started < 10:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), "the engine process outlived the server"
