@@ -44,7 +44,8 @@ serving() {  # backend, concurrency, [name of a variant run], [its extra server 
         --disable-tqdm --server-log "$results/server_$name.log" --output-file "$results/serving_$name.json"
 }
 # A server of its own at this concurrency, a warm pass, then py-spy on the server during the
-# measured pass: which host pieces (scheduler thread, event loop) a decode step waits on.
+# measured pass: which host pieces (scheduler thread, event loop) a decode step waits on. The
+# scheduler runs in the engine's process, a child of the server's: --subprocesses records both.
 serving_host_profile() {
     local port=30123 server client spy
     $PY -m server.launch_server --model-path "$MODEL" --port $port $SERVER_ARGS \
@@ -62,9 +63,10 @@ serving_host_profile() {
     sleep 0.8  # the client starts up first; the window should fall inside the measured pass
     # Two recordings of the same second: the GIL holders (Python work) and every thread's wall
     # time (--idle: the waits too, in dispatches, transfers and locks).
-    ${PYSPY:-py-spy} record -p $server --gil --nonblocking --threads --format raw -o "$results/host_b$1.txt" -d 1 -r 500 &
+    ${PYSPY:-py-spy} record -p $server --subprocesses --gil --nonblocking --threads --format raw \
+        -o "$results/host_b$1.txt" -d 1 -r 500 &
     spy=$!
-    ${PYSPY:-py-spy} record -p $server --idle --nonblocking --threads --format raw \
+    ${PYSPY:-py-spy} record -p $server --subprocesses --idle --nonblocking --threads --format raw \
         -o "$results/host_idle_b$1.txt" -d 1 -r 500
     wait $spy $client
     kill $server

@@ -12,25 +12,35 @@ the event loop take turns at, which a decode step waits on once the device is
 fast; with `--idle` instead, every thread's wall time, waits included (where a
 thread sits in a call that released the GIL: a dispatch, a transfer, a lock).
 `--lines` keeps each frame's file:line, to tell apart the calls of one function
-(docs/profiling.md).
+(docs/profiling.md). Record the server with `--subprocesses`: the scheduler runs in the
+engine's process, a child of the HTTP one; each thread is then named with its process id.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import re
 from pathlib import Path
+
+
+# py-spy --subprocesses starts each stack with the process chain, `process PID:"COMMAND";` per
+# level (a command line may hold a `;` itself).
+PROCESS_PREFIX = re.compile(r'(?:process (\d+):"[^"]*";)*')
 
 
 def read_stacks(path: Path, lines: bool = False) -> list[tuple[str, list[str], int]]:
     """`(thread, frames outermost first, samples)` of each line; frames lose their file:line
-    unless `lines`."""
+    unless `lines`. With --subprocesses, a thread is named with its process's id."""
     stacks = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        thread, *frames = stack.split(";")
+        processes = PROCESS_PREFIX.match(stack)
+        thread, *frames = stack[processes.end() :].split(";")
+        if processes.group(1):
+            thread = f"process {processes.group(1)} {thread}"
         stacks.append((thread, [frame if lines else frame.split(" (")[0] for frame in frames], int(count)))
     return stacks
 

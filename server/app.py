@@ -2,9 +2,10 @@
 
 A handler parses and checks its body (`server.protocol`), expands it into
 `EngineRequest`s, has the engine validate every one of them, then submits them
-all. The engine calls back on its scheduler thread; `RequestGroup` carries each
-`RequestOutput` onto the event loop (`server.output_relay`: one wake-up of the
-loop for all the outputs of a step), where the handler turns it into JSON
+all. The engine calls back on another thread (the engine client's reader, or an
+in-process engine's scheduler); `RequestGroup` carries each `RequestOutput`
+onto the event loop (`server.output_relay`: one wake-up of the loop for all the
+outputs of a step), where the handler turns it into JSON
 (`runtime.response`). Errors are found before a response starts, so a bad
 request is always a plain 4xx, streamed or not. When a client goes away,
 streamed or not, its unfinished requests are aborted so their KV pages return
@@ -199,7 +200,7 @@ class RequestGroup:
     def _callback(self, loop: asyncio.AbstractEventLoop, index: int) -> Callable[[RequestOutput], None]:
         queue, relay = self.queue, self.state.output_relay(loop)
 
-        def on_output(output: RequestOutput) -> None:  # runs on the scheduler thread
+        def on_output(output: RequestOutput) -> None:  # runs on the engine's thread, not the loop
             relay.put(queue, (index, output))
 
         return on_output
@@ -209,8 +210,8 @@ class RequestGroup:
 
         Outputs are cumulative, so of several that wait for one request only the latest is
         handed on (as the reference's tokenizer manager does): a stream that falls behind the
-        steps (64 streams a step at batch 64, on the event loop that shares the GIL with the
-        scheduler) catches up in one event instead of sending each step's.
+        steps (64 streams a step at batch 64) catches up in one event instead of sending each
+        step's.
         """
         while not all(self.finished):
             waiting = [await self.queue.get()]

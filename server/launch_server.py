@@ -35,12 +35,12 @@ READY_MESSAGE = "The server is fired up and ready to roll!"
 DRAIN_TIMEOUT = float(os.environ.get("SGLAX_DRAIN_TIMEOUT", "30"))
 ABORT_GRACE = 5  # seconds after the drain for aborted requests' last events to reach their clients
 WARMUP_TIMEOUT = float(os.environ.get("SGLAX_WARMUP_TIMEOUT", "600"))
-# How long a thread may hold the GIL while another waits (CPython's default is 5 ms). The
-# scheduler thread and the event loop share it: while the loop streams a step's events (64 at
-# batch 64), a scheduler that waits the default slice out to dispatch the next step leaves the
-# device idle. Serving a tiny model at batch 64 on the 2-core box (host-bound, as a GPU's loop
-# is), five alternating pairs: 7167 -> 10306 output tok/s on average (4 of 5 pairs better);
-# a CPU-bound SmolLM2 run: 376 / 371 tok/s, unchanged.
+# How long a thread may hold the GIL while another waits (CPython's default is 5 ms), in both
+# processes: the engine's scheduler thread shares it with the output sender, the event loop with
+# the engine client's reader. Measured when the scheduler and the event loop shared one process:
+# serving a tiny model at batch 64 on the 2-core box (host-bound, as a GPU's loop is), five
+# alternating pairs: 7167 -> 10306 output tok/s on average (4 of 5 pairs better); a CPU-bound
+# SmolLM2 run: 376 / 371 tok/s, unchanged.
 GIL_SWITCH_INTERVAL_S = 0.0005
 LOG_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
 LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"

@@ -1,10 +1,11 @@
-"""Outputs from the scheduler thread onto the event loop, one wake-up of the loop per batch.
+"""Outputs from the engine's thread onto the event loop, one wake-up of the loop per batch.
 
 `loop.call_soon_threadsafe` wakes the loop through its self-pipe: a system call on
-the scheduler thread for every output, and a decode step delivers one output per
-running request (64 a step at batch 64, where the host's time per step is what a
-GPU waits on). The relay keeps what arrives while the loop has not taken it yet and
-wakes the loop once for all of it; each queue still gets its items in order.
+the calling thread (the engine client's reader, or an in-process engine's
+scheduler) for every output, and a decode step delivers one output per running
+request (64 a step at batch 64). The relay keeps what arrives while the loop has
+not taken it yet and wakes the loop once for all of it; each queue still gets its
+items in order.
 """
 
 from __future__ import annotations

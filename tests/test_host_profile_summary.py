@@ -51,3 +51,24 @@ def test_lines_keep_each_call_site_apart(tmp_path):
     assert ["50", "83%", "process (s.py:9)"] in lines
     assert ["10", "17%", "schedule (s.py:5)"] in lines
     assert "  process\n" not in result.stdout
+
+
+def test_subprocess_recordings_name_each_thread_with_its_process(tmp_path):
+    """py-spy --subprocesses: the HTTP process and the engine's child, whose command holds a `;`."""
+    http = 'process 10:"python -m server.launch_server --port 1"'
+    engine = 'process 11:"python -c from multiprocessing.spawn import spawn_main; spawn_main(fd=6)"'
+    path = tmp_path / "host.txt"
+    path.write_text(
+        f"{http};thread (10): MainThread;run (app.py:10);send (h.py:3) 30\n"
+        f"{http};{engine};thread (12): sglax-scheduler;loop (s.py:1);process (s.py:9) 70\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "scripts/host_profile_summary.py", str(path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "process 11 thread (12): sglax-scheduler: 70 samples (70%)" in result.stdout
+    assert "process 10 thread (10): MainThread: 30 samples (30%)" in result.stdout
+    assert "spawn_main" not in result.stdout
