@@ -23,7 +23,6 @@ import collections
 import re
 from pathlib import Path
 
-
 # py-spy --subprocesses starts each stack with the process chain, `process PID:"COMMAND";` per
 # level (a command line may hold a `;` itself).
 PROCESS_PREFIX = re.compile(r'(?:process (\d+):"[^"]*";)*')
