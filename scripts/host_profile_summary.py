@@ -24,8 +24,9 @@ import re
 from pathlib import Path
 
 # py-spy --subprocesses starts each stack with the process chain, `process PID:"COMMAND";` per
-# level (a command line may hold a `;` itself).
-PROCESS_PREFIX = re.compile(r'(?:process (\d+):"[^"]*";)*')
+# level; a command line may hold `;` and `"` itself, so each ends where the next level or the
+# thread begins.
+PROCESS_PREFIX = re.compile(r'(?:process (\d+):".*?";(?=process \d+:"|thread \())*')
 
 
 def read_stacks(path: Path, lines: bool = False) -> list[tuple[str, list[str], int]]:

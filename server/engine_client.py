@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.io_struct import EngineRequest, OutputCallback, failed_output
+from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
 from runtime.request_checks import check_request
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer, tokenize
@@ -68,20 +68,12 @@ class EngineClient:
         logger.info("Engine process %d started.", self._process.pid)
         child_conn.close()  # so that the engine's death reads as the end of the pipe here
         try:
-            self.tokenizer = load_tokenizer(server_args)  # while the engine process loads the model
-        except Exception as exc:
+            message = self._start(server_args)
+        except BaseException:  # Ctrl-C included: the engine process must not outlive the start
             self._process.kill()
             self._process.join()
-            raise EngineStartError(f"cannot load the tokenizer: {exc}", True) from exc
-        try:
-            message = self._conn.recv()
-        except EOFError:
-            self._process.join()
-            message = f"the engine process exited (code {self._process.exitcode})"
-            raise EngineStartError(message, False) from None
-        if message[0] == FAILED:
-            self._process.join()
-            raise EngineStartError(message[1], message[2])
+            self._conn.close()
+            raise
         _, self.server_args, self.request_limits = message
         self.model_info = self.request_limits.model_info
         self.error: str | None = None
@@ -94,6 +86,24 @@ class EngineClient:
         self._closing = False
         self._reader = threading.Thread(target=self._read, name="sglax-engine-reader", daemon=True)
         self._reader.start()
+
+    def _start(self, server_args: ServerArgs) -> tuple:
+        """Load the tokenizer while the engine process loads the model; its READY message."""
+        try:
+            self.tokenizer = load_tokenizer(server_args)
+        except Exception as exc:
+            raise EngineStartError(f"cannot load the tokenizer: {exc}", True) from exc
+        try:
+            message = self._conn.recv()
+        except EOFError:
+            self._process.join()
+            raise EngineStartError(
+                f"the engine process exited (code {self._process.exitcode})", False
+            ) from None
+        if message[0] == FAILED:
+            self._process.join()
+            raise EngineStartError(message[1], message[2])
+        return message
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -110,11 +120,11 @@ class EngineClient:
         with self._lock:
             if req.rid in self._callbacks:
                 raise ValueError(f"Request id {req.rid!r} is already in flight.")
-            if self.error is None:
-                self._callbacks[req.rid] = (req, callback)
-                self._conn.send((SUBMIT, req))
+            self._callbacks[req.rid] = (req, callback)
+            if self._send_locked((SUBMIT, req)):
                 return
-        callback(failed_output(req, self.error, reason="engine failed"))
+            del self._callbacks[req.rid]
+        callback(failed_output(req, self.error or "The engine process exited.", reason="engine failed"))
 
     def abort(self, rid: str) -> None:
         self._send((ABORT, rid))
@@ -160,21 +170,32 @@ class EngineClient:
     def _call(self, name: str, *args: Any) -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self.error is not None:
-                raise RuntimeError(self.error)
             call_id = next(self._call_ids)
             self._calls[call_id] = future
-            self._conn.send((CALL, call_id, name, args))
+            sent = self._send_locked((CALL, call_id, name, args))
+            if not sent:
+                self._calls.pop(call_id, None)
+                raise RuntimeError(self.error or "The engine process is gone.")
         return future.result()
 
     # -- the pipe ----------------------------------------------------------------------------------
 
     def _send(self, message: tuple) -> None:
         with self._lock:
-            if self.error is None:
-                self._conn.send(message)
+            self._send_locked(message)
+
+    def _send_locked(self, message: tuple) -> bool:
+        """Send unless the engine is gone (then False); the caller holds the lock."""
+        if self.error is not None:
+            return False
+        try:
+            self._conn.send(message)
+        except OSError:  # the engine died; the reader is about to find out
+            return False
+        return True
 
     def _read(self) -> None:
+        """Deliver outputs and replies until the pipe closes (or holds what cannot be read)."""
         try:
             while True:
                 message = self._conn.recv()
@@ -184,6 +205,9 @@ class EngineClient:
                     self._answer(*message[1:])
         except (EOFError, OSError):
             pass
+        except Exception:  # a message that does not unpickle: nothing after it can be trusted
+            logger.exception("Unreadable message from the engine process; stopping it.")
+            self._process.kill()
         self._engine_gone()
 
     def _deliver(self, deltas: list[OutputDelta]) -> None:
@@ -195,11 +219,20 @@ class EngineClient:
             ]
         for output, owner in zip(outputs, owners, strict=True):
             if owner is not None:
-                owner[1](output)
+                self._run_callback(owner[1], output)
+
+    @staticmethod
+    def _run_callback(callback: OutputCallback, output: RequestOutput) -> None:
+        try:
+            callback(output)
+        except Exception:  # one request's handler must not stop every other request's outputs
+            logger.exception("Output callback of request %s failed", output.rid)
 
     def _answer(self, call_id: int, ok: bool, value: Any) -> None:
         with self._lock:
-            future = self._calls.pop(call_id)
+            future = self._calls.pop(call_id, None)
+        if future is None:
+            return
         if ok:
             future.set_result(value)
         else:
@@ -207,19 +240,21 @@ class EngineClient:
             future.set_exception(KEPT_EXCEPTIONS.get(type_name, RuntimeError)(message))
 
     def _engine_gone(self) -> None:
-        """The pipe closed: end every request and call in flight with an error."""
-        self._process.join(timeout=SHUTDOWN_TIMEOUT)
+        """The pipe closed: end every request and call in flight with an error, once."""
         with self._lock:
             closing = self._closing
-            self.error = f"The engine process exited (code {self._process.exitcode})."
+            self.error = "The engine process exited."
             callbacks, self._callbacks = self._callbacks, {}
             calls, self._calls = self._calls, {}
+        self._process.join(timeout=SHUTDOWN_TIMEOUT)  # only this thread joins it
+        error = f"The engine process exited (code {self._process.exitcode})."
+        self.error = error
         if not closing:
-            logger.error("%s Requests in flight end with an error.", self.error)
+            logger.error("%s Requests in flight end with an error.", error)
         for request, callback in callbacks.values():
-            callback(failed_output(request, self.error, reason="engine failed"))
+            self._run_callback(callback, failed_output(request, error, reason="engine failed"))
         for future in calls.values():
-            future.set_exception(RuntimeError(self.error))
+            future.set_exception(RuntimeError(error))
         if not closing and self._on_exit is not None:
             self._on_exit()
 
@@ -227,14 +262,9 @@ class EngineClient:
         """Stop the engine process (it finishes its current step first) and wait for it."""
         with self._lock:
             self._closing = True
-            if self.error is None:
-                try:
-                    self._conn.send((SHUTDOWN,))
-                except OSError:
-                    pass
-        self._process.join(timeout=SHUTDOWN_TIMEOUT)
-        if self._process.is_alive():
+            self._send_locked((SHUTDOWN,))
+        self._reader.join(timeout=SHUTDOWN_TIMEOUT)  # it ends once the engine process has exited
+        if self._reader.is_alive():
             logger.warning("The engine process did not stop in %d s; killing it.", SHUTDOWN_TIMEOUT)
             self._process.kill()
-            self._process.join()
-        self._reader.join(timeout=SHUTDOWN_TIMEOUT)
+            self._reader.join()

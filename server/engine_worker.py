@@ -3,9 +3,11 @@
 Why a process of its own: the scheduler thread's host work sits between two
 device steps, and in one process it shares the GIL with the event loop, which
 writes every stream's event of every step (64 a step at batch 64). On a GPU the
-served batch-64 step took twice the bare one for that reason (docs/benchmarks.md).
-Here the scheduler's process does nothing else; a step's outputs cross the pipe
-as one message, and the HTTP process does the HTTP.
+served batch-64 step took about twice the bare one, and the event loop's share
+of that is what this split removes (docs/benchmarks.md). Here the scheduler's
+process does nothing else; a step's outputs cross the pipe in one message or a
+few (the sender takes what has arrived when it wakes), and the HTTP process
+does the HTTP.
 
 The pipe carries tuples whose first item says what they are:
 - to the engine: (SUBMIT, EngineRequest), (ABORT, rid), (ABORT_ALL,),
@@ -18,17 +20,20 @@ The pipe carries tuples whose first item says what they are:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from runtime.io_struct import EngineRequest, RequestOutput, failed_output
+from runtime.io_struct import EngineRequest, RequestOutput
 from runtime.server_args import ServerArgs
 from server.output_deltas import DeltaEncoder
 
 logger = logging.getLogger("sglax.engine_worker")
+
+ORPHAN_POLL_S = 0.5
 
 SUBMIT, ABORT, ABORT_ALL, CALL, SHUTDOWN = "submit", "abort", "abort_all", "call", "shutdown"
 READY, FAILED, OUTPUTS, REPLY = "ready", "failed", "outputs", "reply"
@@ -55,10 +60,12 @@ def run_engine_worker(conn: Connection, server_args: ServerArgs) -> None:
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     configure_logging(server_args.log_level)
-    # The HTTP process owns the signals: it drains on SIGTERM or Ctrl-C (which reach this whole
-    # process group), then stops this process through the pipe.
+    # The HTTP process owns the signals: it drains on SIGTERM or Ctrl-C (a terminal's Ctrl-C, or a
+    # signal to the process group, reaches this process too), then stops this one through the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    started = threading.Event()
+    threading.Thread(target=_exit_if_orphaned, args=(started,), name="orphan-watch", daemon=True).start()
     from runtime.engine import Engine
 
     try:
@@ -70,7 +77,18 @@ def run_engine_worker(conn: Connection, server_args: ServerArgs) -> None:
         logger.exception("The engine failed to start")
         conn.send((FAILED, f"{type(exc).__name__}: {exc}", False))
         return
+    finally:
+        started.set()
     EngineWorker(engine, conn).serve()
+
+
+def _exit_if_orphaned(started: threading.Event) -> None:
+    """While the engine loads (minutes, maybe, holding a GPU), nothing reads the pipe: if the HTTP
+    process dies meanwhile, exit rather than load on for nobody. Once serving, the pipe's end says it."""
+    parent = os.getppid()
+    while not started.wait(ORPHAN_POLL_S):
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 class EngineWorker:
@@ -110,14 +128,19 @@ class EngineWorker:
                 elif kind == SHUTDOWN:
                     break
         finally:
-            self.engine.shutdown()
-            self._close_outbox()
+            try:
+                self.engine.shutdown()
+            finally:
+                self._close_outbox()
 
     def _submit(self, request: EngineRequest) -> None:
         try:
             self.engine.submit(request, self._queue_output)
-        except ValueError as exc:  # its id is still in flight here (the HTTP side checks this too)
-            self._queue_output(failed_output(request, str(exc), status=400))
+        except ValueError as exc:
+            # Its id is in flight here. The HTTP side refuses ids it has in flight, and it forgets
+            # one only after its final output, so this cannot happen; an output for this id would
+            # end the other request's stream there.
+            logger.error("Request %s dropped: %s", request.rid, exc)
 
     def _call(self, call_id: int, name: str, args: tuple) -> None:
         try:
@@ -126,7 +149,10 @@ class EngineWorker:
             reply = (REPLY, call_id, True, getattr(self.engine, name)(*args))
         except Exception as exc:
             reply = (REPLY, call_id, False, (type(exc).__name__, str(exc)))
-        self._send(reply)
+        try:
+            self._send(reply)
+        except Exception as exc:  # a value that does not pickle: the caller must not wait forever
+            self._send((REPLY, call_id, False, ("RuntimeError", f"{name}'s answer cannot be sent: {exc}")))
 
     # -- outputs: one message for all that a step produced ------------------------------------------
 
@@ -144,12 +170,15 @@ class EngineWorker:
                     self._outbox_changed.wait()
                 batch, self._outbox = self._outbox, []
             if batch:
-                self._send((OUTPUTS, [self._deltas.encode(output) for output in batch]))
+                try:
+                    self._send((OUTPUTS, [self._deltas.encode(output) for output in batch]))
+                except Exception:  # an output that does not pickle (a bug): keep serving the rest
+                    logger.exception("Outputs of %d requests could not be sent", len(batch))
             elif self._closed:
                 return
 
     def _close_outbox(self) -> None:
-        """Send what is left (the final outputs of requests aborted at shutdown), then stop the sender."""
+        """Send what the sender has not sent yet, then stop it."""
         with self._outbox_changed:
             self._closed = True
             self._outbox_changed.notify()

@@ -144,6 +144,20 @@ def test_engine_client_streams_what_the_engine_streams(tiny_llama_path: Path) ->
     assert client._process.exitcode == 0
 
 
+def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether process `pid` has exited (a zombie counts as exited) within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _engine_pid(log_path: Path) -> int:
     match = ENGINE_STARTED.search(log_path.read_text())
     assert match, log_path.read_text()[-2000:]
@@ -178,8 +192,27 @@ def test_a_model_the_engine_cannot_serve_exits_with_one(tmp_path: Path) -> None:
         terminate_process(process)
     assert process.returncode == 1
     assert b"Cannot serve" in output, output[-2000:]
-    started = time.monotonic()
     pid = int(ENGINE_STARTED.search(output.decode()).group(1))
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() - started < 10:
-        time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{pid}"), "the engine process outlived the server"
+    assert _gone_within(pid, 10), "the engine process outlived the server"
+
+
+def test_the_engine_process_does_not_outlive_a_server_killed_while_it_loads(
+    tiny_llama_path: Path, tmp_path: Path
+) -> None:
+    argv = [sys.executable, "-m", "server.launch_server", "--model-path", str(tiny_llama_path)]
+    argv += ["--port", str(find_free_port("127.0.0.1")), "--max-total-tokens", "4096"]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ENGINE_STARTED.search(log_path.read_text()):
+            assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()[-2000:]
+            time.sleep(0.05)
+        process.kill()  # the engine is still importing or loading: nothing reads its pipe yet
+        process.wait()
+        pid = _engine_pid(log_path)
+        assert _gone_within(pid, 15), "the engine process outlived the server"
+        assert "ready to roll" not in log_path.read_text()
+    finally:
+        terminate_process(process)

@@ -54,8 +54,8 @@ def test_lines_keep_each_call_site_apart(tmp_path):
 
 
 def test_subprocess_recordings_name_each_thread_with_its_process(tmp_path):
-    """py-spy --subprocesses: the HTTP process and the engine's child, whose command holds a `;`."""
-    http = 'process 10:"python -m server.launch_server --port 1"'
+    """py-spy --subprocesses: the HTTP process and the engine's child, whose commands hold `;` and `"`."""
+    http = 'process 10:"python -m server.launch_server --chat-template {{ "a";b }}"'
     engine = 'process 11:"python -c from multiprocessing.spawn import spawn_main; spawn_main(fd=6)"'
     path = tmp_path / "host.txt"
     path.write_text(
