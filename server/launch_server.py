@@ -201,7 +201,12 @@ def main(argv: list[str] | None = None) -> None:
         server_args = ServerArgs.from_cli_args(args)
     except ValueError as exc:
         parser.error(str(exc))
-    sys.exit(run_server(server_args))
+    try:
+        code = run_server(server_args)
+    except KeyboardInterrupt:  # Ctrl-C before serving began (uvicorn handles it afterwards)
+        logger.info("Interrupted while starting; the engine process was stopped.")
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":
