@@ -32,7 +32,7 @@ from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, fail
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
 from runtime.model_runner import ModelRunner
 from runtime.request import Req
-from runtime.request_checks import ModelInfo, RequestLimits, check_request
+from runtime.request_checks import ModelInfo, RequestLimits, check_not_in_flight, check_request
 from runtime.response import embedding_response, generate_response
 from runtime.sampling import SamplingParams
 from runtime.scheduler import Scheduler
@@ -292,14 +292,12 @@ class Engine:
         """Every check that can fail a request, with the message the client sees."""
         check_request(req, self.request_limits)
         with self._rid_lock:
-            if req.rid in self._inflight:
-                raise ValueError(f"Request id {req.rid!r} is already in flight.")
+            check_not_in_flight(req.rid, self._inflight)
 
     def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
         """Queue a validated request; `callback` runs on the scheduler thread for each output."""
         with self._rid_lock:
-            if req.rid in self._inflight:
-                raise ValueError(f"Request id {req.rid!r} is already in flight.")
+            check_not_in_flight(req.rid, self._inflight)
             self._inflight.add(req.rid)
 
         def deliver(output: RequestOutput) -> None:

@@ -8,6 +8,7 @@ round trip: the facts (`RequestLimits`) are small and fixed once the engine is u
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Container
 
 from runtime.io_struct import EngineRequest
 
@@ -88,3 +89,9 @@ def check_request(req: EngineRequest, limits: RequestLimits) -> None:
             f"logprob_start_len ({req.logprob_start_len}) must be less than the input length "
             f"({len(req.input_ids)})."
         )
+
+
+def check_not_in_flight(rid: str, in_flight: Container[str]) -> None:
+    """A request id names one request at a time: refuse an id until its request has ended."""
+    if rid in in_flight:
+        raise ValueError(f"Request id {rid!r} is already in flight.")

@@ -14,13 +14,14 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
-from runtime.request_checks import check_request
+from runtime.request_checks import check_not_in_flight, check_request
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer, tokenize
 from server.engine_worker import (
@@ -62,7 +63,7 @@ class EngineClient:
         context = multiprocessing.get_context("spawn")  # a forked JAX runtime is not safe to use
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=run_engine_worker, args=(child_conn, server_args), name="sglax-engine"
+            target=run_engine_worker, args=(child_conn, server_args, os.getpid()), name="sglax-engine"
         )
         self._process.start()
         logger.info("Engine process %d started.", self._process.pid)
@@ -112,14 +113,12 @@ class EngineClient:
 
     def validate_request(self, req: EngineRequest) -> None:
         check_request(req, self.request_limits)
-        if req.rid in self._callbacks:
-            raise ValueError(f"Request id {req.rid!r} is already in flight.")
+        check_not_in_flight(req.rid, self._callbacks)
 
     def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
         """Queue a validated request; `callback` runs on the reader thread for each output."""
         with self._lock:
-            if req.rid in self._callbacks:
-                raise ValueError(f"Request id {req.rid!r} is already in flight.")
+            check_not_in_flight(req.rid, self._callbacks)
             self._callbacks[req.rid] = (req, callback)
             if self._send_locked((SUBMIT, req)):
                 return

@@ -54,8 +54,10 @@ CONTROL_METHODS = frozenset(
 )
 
 
-def run_engine_worker(conn: Connection, server_args: ServerArgs) -> None:
-    """The engine process's entry point: build the engine, then serve the pipe until told to stop."""
+def run_engine_worker(conn: Connection, server_args: ServerArgs, parent_pid: int) -> None:
+    """The engine process's entry point: build the engine, then serve the pipe until told to stop.
+
+    `parent_pid` is the HTTP process's id, passed in: the parent may die before this starts."""
     from server.launch_server import GIL_SWITCH_INTERVAL_S, configure_logging
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -65,7 +67,9 @@ def run_engine_worker(conn: Connection, server_args: ServerArgs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     started = threading.Event()
-    threading.Thread(target=_exit_if_orphaned, args=(started,), name="orphan-watch", daemon=True).start()
+    watch = threading.Thread(target=_exit_if_orphaned, args=(parent_pid, started), name="orphan-watch")
+    watch.daemon = True
+    watch.start()
     from runtime.engine import Engine
 
     try:
@@ -82,13 +86,13 @@ def run_engine_worker(conn: Connection, server_args: ServerArgs) -> None:
     EngineWorker(engine, conn).serve()
 
 
-def _exit_if_orphaned(started: threading.Event) -> None:
+def _exit_if_orphaned(parent_pid: int, started: threading.Event) -> None:
     """While the engine loads (minutes, maybe, holding a GPU), nothing reads the pipe: if the HTTP
     process dies meanwhile, exit rather than load on for nobody. Once serving, the pipe's end says it."""
-    parent = os.getppid()
-    while not started.wait(ORPHAN_POLL_S):
-        if os.getppid() != parent:
-            os._exit(1)
+    while os.getppid() == parent_pid:
+        if started.wait(ORPHAN_POLL_S):
+            return
+    os._exit(1)
 
 
 class EngineWorker:
