@@ -34,7 +34,7 @@ from runtime.model_runner import ModelRunner
 from runtime.request import Req
 from runtime.request_checks import ModelInfo, RequestLimits, check_not_in_flight, check_request
 from runtime.response import embedding_response, generate_response
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 from runtime.scheduler import Scheduler
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer, tokenize

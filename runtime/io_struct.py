@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal
 
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 
 RequestKind = Literal["generate", "embed", "classify"]
 

@@ -29,7 +29,8 @@ from runtime.model_runner import ModelRunner, StepOutput
 from runtime.profiler import StepProfiler
 from runtime.radix_cache import RadixCache
 from runtime.request import Req
-from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
+from runtime.sampling import SamplingRow, make_sampling_batch
+from runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

@@ -219,7 +219,8 @@ class Case:
 def build_batch(case: Case, runner: Any, buckets: Any, page_size: int, rng: np.random.Generator) -> Any:
     """The `ScheduledBatch` the scheduler would build for this case (same buckets, same padding)."""
     from runtime.batch import ScheduledBatch, sampler_rows, step_shape
-    from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
+    from runtime.sampling import SamplingRow, make_sampling_batch
+    from runtime.sampling_params import SamplingParams
 
     ps = page_size
     kv_after = [case.context + 1] * case.decode + list(case.prefill)

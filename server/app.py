@@ -35,7 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runtime.io_struct import EngineRequest, RequestKind, RequestOutput
 from runtime.response import embedding_response, generate_response
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 from server import protocol
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import RequestTimer, ServerMetrics

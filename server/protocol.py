@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from runtime.io_struct import EngineRequest, RequestKind
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 
 TokenIds = list[StrictInt]
 ModelT = TypeVar("ModelT", bound=BaseModel)

@@ -21,7 +21,8 @@ from runtime import kv_pool
 from runtime.batch import StepShape, sampler_rows
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest
-from runtime.sampling import MIN_SUPPRESSED_WIDTH, SamplingParams, is_plain_greedy
+from runtime.sampling import MIN_SUPPRESSED_WIDTH, is_plain_greedy
+from runtime.sampling_params import SamplingParams
 from tests.conftest import greedy_agrees, load_reference, prompts_of
 from tests.fixture_spec import SMOLLM2, TINY_LLAMA, TINY_QWEN2_MOE
 

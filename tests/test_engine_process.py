@@ -21,7 +21,7 @@ import requests
 
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest, RequestOutput
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 from runtime.server_args import ServerArgs
 from server.engine_client import EngineClient
 from server.output_deltas import NOTHING_SENT, DeltaDecoder, DeltaEncoder

@@ -6,7 +6,8 @@ import pytest
 
 from runtime.model_runner import sampling_inputs
 from runtime.packed_inputs import PackedArrays
-from runtime.sampling import SamplingParams, SamplingRow, make_sampling_batch
+from runtime.sampling import SamplingRow, make_sampling_batch
+from runtime.sampling_params import SamplingParams
 
 
 def _mixed_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ from runtime.sampling import (
     ARGMAX_CHUNK,
     TOP_CANDIDATES,
     SamplingBatch,
-    SamplingParams,
     SamplingRow,
     _first_argmax,
     _small_top_k_cutoff,
@@ -26,6 +25,7 @@ from runtime.sampling import (
     seeds_to_key_data,
     update_output_counts,
 )
+from runtime.sampling_params import SamplingParams
 
 _sample = jax.jit(sample)
 _cutoff = jax.jit(_small_top_k_cutoff)

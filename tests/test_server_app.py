@@ -21,7 +21,7 @@ import uvicorn
 
 import server.app as app_module
 from runtime.io_struct import EngineRequest, RequestOutput
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 from runtime.server_args import ServerArgs
 from server.app import FLUSH_CACHE_TEXT, create_app
 

@@ -10,7 +10,7 @@ import pytest
 
 from runtime.io_struct import EngineRequest, RequestOutput
 from runtime.response import embedding_response, generate_response
-from runtime.sampling import SamplingParams
+from runtime.sampling_params import SamplingParams
 from server import protocol
 from server.protocol import GenerateRequest, ProtocolError
 
