@@ -158,7 +158,7 @@ class EngineWorker:
         except Exception as exc:  # a value that does not pickle: the caller must not wait forever
             self._send((REPLY, call_id, False, ("RuntimeError", f"{name}'s answer cannot be sent: {exc}")))
 
-    # -- outputs: one message for all that a step produced ------------------------------------------
+    # -- outputs: what arrived since the last send, in one message ---------------------------------
 
     def _queue_output(self, output: RequestOutput) -> None:
         """On the scheduler thread: keep the output; wake the sender if it is not already awake."""
