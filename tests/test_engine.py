@@ -161,14 +161,22 @@ def test_prefix_cache_hits_and_matches_uncached(tiny_llama_path):
     assert hit["text"] == miss["text"]
 
 
-def test_memory_pressure_every_request_finishes(tiny_llama_path, tiny):
+def test_memory_pressure_every_request_finishes(tiny_llama_path, tiny, monkeypatch):
+    """Retracted requests run again with their tokens so far; a penalised one keeps its counts
+    in the penalty row it gets the second time (which its decode steps' sampling must name)."""
     rng = np.random.default_rng(3)
     prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(100, 300, size=12)]
-    expected = _batched_ids(tiny, prompts, [40] * len(prompts))
+    penalised = _greedy(40, frequency_penalty=1.5, presence_penalty=0.5)
+    params = [penalised if i % 3 == 0 else _greedy(40) for i in range(len(prompts))]
+    expected = _mixed_ids(tiny, prompts, params)
     small = _engine(tiny_llama_path, max_total_tokens=1024, chunked_prefill_size=128)
     try:
-        got = _batched_ids(small, prompts, [40] * len(prompts))
+        retracted = []
+        retract = small.scheduler._retract
+        monkeypatch.setattr(small.scheduler, "_retract", lambda req: retracted.append(req) or retract(req))
+        got = _mixed_ids(small, prompts, params)
         assert got == expected
+        assert any(r.request.sampling_params.frequency_penalty for r in retracted)
         assert _pool_whole(small)
     finally:
         small.shutdown()
