@@ -31,6 +31,7 @@ from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
 from runtime.model_runner import ModelRunner
+from runtime.output_deltas import DeltaCallback, OutputDelta, OutputRebuilder, whole
 from runtime.request import Req
 from runtime.request_checks import ModelInfo, RequestLimits, check_not_in_flight, check_request
 from runtime.response import embedding_response, generate_response
@@ -294,24 +295,30 @@ class Engine:
         with self._rid_lock:
             check_not_in_flight(req.rid, self._inflight)
 
-    def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
-        """Queue a validated request; `callback` runs on the scheduler thread for each output."""
+    def submit(
+        self, req: EngineRequest, callback: OutputCallback | DeltaCallback, deltas: bool = False
+    ) -> None:
+        """Queue a validated request; `callback` runs on the scheduler thread for each output:
+        cumulative, or with `deltas` what is new since the previous one (an `OutputDelta`, for
+        the engine's process to send on: runtime/output_deltas.py)."""
         with self._rid_lock:
             check_not_in_flight(req.rid, self._inflight)
             self._inflight.add(req.rid)
+        rebuilder = None if deltas else OutputRebuilder()
 
-        def deliver(output: RequestOutput) -> None:
-            if output.finished:
+        def deliver(delta: OutputDelta) -> None:
+            if delta[0].finished:
                 with self._rid_lock:
                     self._inflight.discard(req.rid)
-            callback(output)
+            callback(delta if rebuilder is None else rebuilder.rebuild(delta))
 
         if self.encoder is not None:
-            self.encoder.submit(req, deliver)
+            self.encoder.submit(req, lambda output: deliver(whole(output)))
             return
         assert self.scheduler is not None
         if self.scheduler.error is not None:
-            deliver(failed_output(req, f"The engine failed: {self.scheduler.error}", reason="engine failed"))
+            error = f"The engine failed: {self.scheduler.error}"
+            deliver(whole(failed_output(req, error, reason="engine failed")))
             return
         if req.kind == "classify":
             req = self._score_last_non_pad(req)

@@ -8,7 +8,8 @@ import time
 import numpy as np
 
 from runtime.detokenizer import IncrementalDetokenizer
-from runtime.io_struct import EngineRequest, OutputCallback
+from runtime.io_struct import EngineRequest
+from runtime.output_deltas import DeltaCallback, OutputDeltas
 from runtime.radix_cache import TreeNode
 
 
@@ -23,7 +24,7 @@ class Req:
     """
 
     request: EngineRequest
-    callback: OutputCallback
+    callback: DeltaCallback  # each output as what is new since the previous one (`deltas` cuts them)
     max_new_tokens: int
     seed: int
     eos_ids: frozenset[int]
@@ -52,6 +53,7 @@ class Req:
     input_ids_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
     hidden_states: list[list[float]] = dataclasses.field(default_factory=list)
     embedding: list[float] | None = None
+    deltas: OutputDeltas = dataclasses.field(default_factory=OutputDeltas, repr=False)
     # `pages` as int32 (`page_row`), and the list it was made from
     _page_row: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32), repr=False)
     _page_row_of: list[int] | None = dataclasses.field(default=None, repr=False)

@@ -26,6 +26,7 @@ from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partia
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
 from runtime.model_runner import ModelRunner, StepOutput
+from runtime.output_deltas import OutputDelta
 from runtime.profiler import StepProfiler
 from runtime.radix_cache import RadixCache
 from runtime.request import Req
@@ -116,6 +117,15 @@ class Scheduler:
         self.last_cache_hit_rate = 0.0
         self.last_queue_latency = 0.0
         self.error: BaseException | None = None
+        self.num_steps = 0  # steps dispatched
+
+    def thread_cpu_time(self) -> float | None:
+        """Seconds of CPU the scheduler thread has used (its host work; the device's compute, even
+        on a CPU backend, runs on XLA's threads), or None where threads have no CPU clock."""
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
+        except (AttributeError, OSError, TypeError):
+            return None
 
     # -- thread plumbing -------------------------------------------------------------------------
 
@@ -156,8 +166,10 @@ class Scheduler:
                 if self._pending is not None:
                     self._process(*self._pending)
                 output = self.runner.sample(forward) if forward is not None else None
-                if batch is not None and self.profiler.active:
-                    self.profiler.step_done()
+                if batch is not None:
+                    self.num_steps += 1
+                    if self.profiler.active:
+                        self.profiler.step_done()
                 self._pending = (plan, output) if batch is not None else None
                 self._maybe_log()
         except BaseException as exc:  # a bug must not leave clients hanging
@@ -209,11 +221,11 @@ class Scheduler:
                     future.set_exception(exc)
 
     def _reject(self, req: Req, message: str, status: int = 500) -> None:
-        output = self._output(
+        delta = self._output(
             req, finished=True, error=message, finish_reason={"type": "abort", "message": message}
         )
-        output.error_status = status
-        req.callback(output)
+        delta[0].error_status = status
+        req.callback(delta)
 
     # -- scheduling -----------------------------------------------------------------------------
 
@@ -735,7 +747,10 @@ class Scheduler:
 
     def _output(
         self, req: Req, finished: bool, error: str | None = None, finish_reason: dict | None = None
-    ) -> RequestOutput:
+    ) -> OutputDelta:
+        """The request's output as what is new since its previous one (`runtime/output_deltas.py`):
+        the lists go in as the request's own and come out as their new entries, with no copy of
+        what was sent before."""
         request = req.request
         logprobs = request.return_logprob
         input_logprobs = None
@@ -747,9 +762,9 @@ class Scheduler:
                 input_logprobs = [(None, request.input_ids[first]), *req.input_logprobs]
         top_needed = logprobs and request.top_logprobs_num > 0
         ids_needed = logprobs and request.token_ids_logprob is not None
-        return RequestOutput(
+        output = RequestOutput(
             rid=req.rid,
-            output_ids=list(req.output_ids),
+            output_ids=req.output_ids,
             text=req.text if finished else self._streamable_text(req),
             finished=finished,
             finish_reason=finish_reason or (req.finish_reason if finished else None),
@@ -758,15 +773,16 @@ class Scheduler:
             cached_tokens=req.cached_tokens,
             e2e_latency=time.monotonic() - req.arrival,
             input_token_logprobs=input_logprobs,
-            output_token_logprobs=list(req.output_logprobs) if logprobs else None,
+            output_token_logprobs=req.output_logprobs if logprobs else None,
             input_top_logprobs=[None, *req.input_top_logprobs] if top_needed else None,
-            output_top_logprobs=list(req.output_top_logprobs) if top_needed else None,
+            output_top_logprobs=req.output_top_logprobs if top_needed else None,
             input_token_ids_logprobs=[None, *req.input_ids_logprobs] if ids_needed else None,
-            output_token_ids_logprobs=list(req.output_ids_logprobs) if ids_needed else None,
-            hidden_states=list(req.hidden_states) if request.return_hidden_states else None,
+            output_token_ids_logprobs=req.output_ids_logprobs if ids_needed else None,
+            hidden_states=req.hidden_states if request.return_hidden_states else None,
             embedding=req.embedding,
             error=error,
         )
+        return req.deltas.cut(output)
 
     def _streamable_text(self, req: Req) -> str:
         """Text so far, less a tail that could still become a trimmed stop string."""

@@ -1,13 +1,15 @@
 """Output throughput of the engine in this process, with no HTTP server, on bench_serving's workload.
 
 Beside `bench_serving.py --launch` on the same machine and the same flags, the
-difference is what serving adds to a step: the HTTP layer (the event loop's
-SSE streams, which share the GIL with the scheduler thread), the request
-parsing and the per-request output work of the server. On a GPU the served
-batch-64 loop is host-bound (docs/benchmarks.md), and this splits that host
-time between the engine's own loop and the server around it.
+difference is what serving adds to a step: the pipe to the HTTP process and
+the HTTP layer (request parsing, the SSE streams). `--stream` has every request
+stream, its outputs taken as the server's engine process takes them (what is
+new since the previous output, every step). Each pass also reports the
+scheduler thread's CPU time per step: the host loop's own work (scheduling,
+dispatch, reading tokens back, building outputs), which on a GPU must stay
+under the device step for the device to stay busy.
 
-All prompts go to `Engine.generate` at once, greedy, ignoring EOS, as
+All prompts go to the engine at once, greedy, ignoring EOS, as
 `bench_serving.py` sends them with an infinite request rate:
 
     python scripts/bench_offline.py --model-path M --server-args "--max-total-tokens 24576" \\
@@ -19,7 +21,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +43,38 @@ from bench_common import (  # noqa: E402
 )
 
 
-def run_pass(engine: Any, workload: list) -> tuple[float, int]:
-    """One pass of the whole workload: its wall time and the output tokens it produced."""
+def run_pass(engine: Any, workload: list, stream: bool) -> tuple[float, int]:
+    """One pass of the whole workload: its wall time and the output tokens it produced.
+
+    With `stream`, every request streams, and its outputs reach a callback as they reach the
+    server's engine process (what is new since the previous output, every step)."""
     params = [{"temperature": 0.0, "max_new_tokens": r.output_len, "ignore_eos": True} for r in workload]
     started = time.perf_counter()
-    outputs = engine.generate(input_ids=[r.prompt_ids for r in workload], sampling_params=params)
-    elapsed = time.perf_counter() - started
-    return elapsed, sum(o["meta_info"]["completion_tokens"] for o in outputs)
+    if not stream:
+        outputs = engine.generate(input_ids=[r.prompt_ids for r in workload], sampling_params=params)
+        return time.perf_counter() - started, sum(o["meta_info"]["completion_tokens"] for o in outputs)
+    from runtime.io_struct import EngineRequest
+    from runtime.sampling_params import SamplingParams
+
+    finished: list = []
+    done = threading.Event()
+
+    def collect(delta: Any) -> None:
+        if delta[0].finished:
+            finished.append(delta[0].completion_tokens)
+            if len(finished) == len(workload):
+                done.set()
+
+    for r, p in zip(workload, params, strict=True):
+        request = EngineRequest(
+            rid=uuid.uuid4().hex,
+            input_ids=r.prompt_ids,
+            sampling_params=SamplingParams.from_dict(p),
+            stream=True,
+        )
+        engine.submit(request, collect, deltas=True)
+    done.wait()
+    return time.perf_counter() - started, sum(finished)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -58,6 +87,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup-pass", action="store_true", help="Run the workload once unmeasured first.")
     parser.add_argument(
         "--repeats", type=int, default=1, help="Measured passes (prefix cache flushed before each)."
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="Stream every request (as the served benchmark does): an output a step per request.",
     )
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
@@ -74,18 +108,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     passes = []
     try:
         if args.warmup_pass:
-            run_pass(engine, workload)
+            run_pass(engine, workload, args.stream)
+        scheduler = engine.scheduler
         for _ in range(args.repeats):
             engine.flush_cache()
             programs_before = engine.num_compiled_programs
             load = load_note()
-            elapsed, tokens = run_pass(engine, workload)
+            steps_before, cpu_before = scheduler.num_steps, scheduler.thread_cpu_time()
+            elapsed, tokens = run_pass(engine, workload, args.stream)
+            steps = scheduler.num_steps - steps_before
+            cpu = scheduler.thread_cpu_time()
             passes.append(
                 {
                     "duration_s": elapsed,
                     "output_tokens": tokens,
                     "output_throughput": tokens / elapsed,
                     "programs_compiled": engine.num_compiled_programs - programs_before,
+                    "steps": steps,
+                    "wall_ms_per_step": 1000 * elapsed / max(steps, 1),
+                    # the host work of the loop: scheduling, dispatch, reading tokens back, outputs
+                    "scheduler_cpu_ms_per_step": (
+                        None if cpu is None else 1000 * (cpu - cpu_before) / max(steps, 1)
+                    ),
                     "load": load,
                 }
             )
@@ -96,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "server_args": args.server_args,
         "machine": machine_info(),
         "start_to_ready_s": ready,
-        "workload": {**workload_json(args, vocab), "warmup_pass": args.warmup_pass},
+        "workload": {**workload_json(args, vocab), "warmup_pass": args.warmup_pass, "stream": args.stream},
         "passes": passes,
     }
     rows = [
@@ -106,10 +150,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{p['duration_s']:.2f}",
             f"{p['output_throughput']:.2f}",
             p["programs_compiled"],
+            p["steps"],
+            f"{p['wall_ms_per_step']:.3f}",
+            "-" if p["scheduler_cpu_ms_per_step"] is None else f"{p['scheduler_cpu_ms_per_step']:.3f}",
         ]
         for i, p in enumerate(passes)
     ]
-    print(format_table(["pass", "output tokens", "seconds", "output tok/s", "compiled"], rows))
+    headers = ["pass", "output tokens", "seconds", "output tok/s", "compiled", "steps", "ms/step"]
+    print(format_table([*headers, "scheduler CPU ms/step"], rows))
     print(f"engine ready in {ready:.1f} s; {load_note()}")
     write_json(args.output_file, result)
     return result

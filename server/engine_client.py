@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
+from runtime.output_deltas import DeltaDecoder, OutputDelta
 from runtime.request_checks import check_not_in_flight, check_request
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer, tokenize
@@ -35,7 +36,6 @@ from server.engine_worker import (
     SUBMIT,
     run_engine_worker,
 )
-from server.output_deltas import DeltaDecoder, OutputDelta
 
 logger = logging.getLogger("sglax.engine_client")
 

@@ -13,7 +13,7 @@ The pipe carries tuples whose first item says what they are:
 - to the engine: (SUBMIT, EngineRequest), (ABORT, rid), (ABORT_ALL,),
   (CALL, call_id, method name, args), (SHUTDOWN,);
 - from the engine: (READY, server_args, RequestLimits) or (FAILED, message, expected),
-  then (OUTPUTS, [OutputDelta, ...]) (server/output_deltas.py) and
+  then (OUTPUTS, [OutputDelta, ...]) (runtime/output_deltas.py) and
   (REPLY, call_id, ok, value or (type name, message)).
 """
 
@@ -27,9 +27,9 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from runtime.io_struct import EngineRequest, RequestOutput
+from runtime.io_struct import EngineRequest
+from runtime.output_deltas import OutputDelta
 from runtime.server_args import ServerArgs
-from server.output_deltas import DeltaEncoder
 
 logger = logging.getLogger("sglax.engine_worker")
 
@@ -102,10 +102,9 @@ class EngineWorker:
         self.engine = engine
         self.conn = conn
         self._send_lock = threading.Lock()
-        self._outbox: list[RequestOutput] = []
+        self._outbox: list[OutputDelta] = []
         self._outbox_changed = threading.Condition()
         self._closed = False
-        self._deltas = DeltaEncoder()  # the sender thread's alone
         self._sender = threading.Thread(target=self._send_outputs, name="sglax-output-sender", daemon=True)
 
     def serve(self) -> None:
@@ -139,7 +138,7 @@ class EngineWorker:
 
     def _submit(self, request: EngineRequest) -> None:
         try:
-            self.engine.submit(request, self._queue_output)
+            self.engine.submit(request, self._queue_output, deltas=True)
         except ValueError as exc:
             # Its id is in flight here. The HTTP side refuses ids it has in flight, and it forgets
             # one only after its final output, so this cannot happen; an output for this id would
@@ -160,10 +159,10 @@ class EngineWorker:
 
     # -- outputs: what arrived since the last send, in one message ---------------------------------
 
-    def _queue_output(self, output: RequestOutput) -> None:
+    def _queue_output(self, delta: OutputDelta) -> None:
         """On the scheduler thread: keep the output; wake the sender if it is not already awake."""
         with self._outbox_changed:
-            self._outbox.append(output)
+            self._outbox.append(delta)
             if len(self._outbox) == 1:
                 self._outbox_changed.notify()
 
@@ -175,7 +174,7 @@ class EngineWorker:
                 batch, self._outbox = self._outbox, []
             if batch:
                 try:
-                    self._send((OUTPUTS, [self._deltas.encode(output) for output in batch]))
+                    self._send((OUTPUTS, batch))
                 except Exception:  # an output that does not pickle (a bug): keep serving the rest
                     logger.exception("Outputs of %d requests could not be sent", len(batch))
             elif self._closed:

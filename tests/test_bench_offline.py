@@ -22,27 +22,26 @@ def test_bench_offline_counts_every_token_and_writes_its_result(tmp_path, capsys
     if not (folder / "config.json").is_file():
         pytest.skip(f"{folder} missing: run `make fixtures`")
     out = tmp_path / "offline.json"
-    result = bench_offline.main(
-        [
-            "--model-path",
-            str(folder),
-            "--server-args",
-            "--max-total-tokens 2048 --max-running-requests 4 --chunked-prefill-size 64",
-            "--num-prompts",
-            "6",
-            "--input-len-range",
-            "5",
-            "40",
-            "--output-len-range",
-            "3",
-            "9",
-            "--warmup-pass",
-            "--repeats",
-            "2",
-            "--output-file",
-            str(out),
-        ]
-    )
+    args = [
+        "--model-path",
+        str(folder),
+        "--server-args",
+        "--max-total-tokens 2048 --max-running-requests 4 --chunked-prefill-size 64",
+        "--num-prompts",
+        "6",
+        "--input-len-range",
+        "5",
+        "40",
+        "--output-len-range",
+        "3",
+        "9",
+        "--warmup-pass",
+        "--repeats",
+        "2",
+        "--output-file",
+        str(out),
+    ]
+    result = bench_offline.main(args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     workload = bench_common.sample_random_requests(
         6, (5, 40), (3, 9), bench_common.vocab_size_of(folder), seed=0
@@ -51,4 +50,10 @@ def test_bench_offline_counts_every_token_and_writes_its_result(tmp_path, capsys
     assert [p["output_tokens"] for p in result["passes"]] == [expected, expected]
     # the warm pass compiled what the measured passes run
     assert all(p["programs_compiled"] == 0 and p["output_throughput"] > 0 for p in result["passes"])
+    # at least one step per token of the longest request; the scheduler's CPU clock read (Linux)
+    assert all(p["steps"] >= max(r.output_len for r in workload) for p in result["passes"])
+    assert all(p["scheduler_cpu_ms_per_step"] > 0 for p in result["passes"])
     assert "output tok/s" in capsys.readouterr().out
+    streamed = bench_offline.main([*args[:-2], "--stream", "--repeats", "1"])
+    assert [p["output_tokens"] for p in streamed["passes"]] == [expected]
+    assert streamed["workload"]["stream"] is True

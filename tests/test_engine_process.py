@@ -21,10 +21,10 @@ import requests
 
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest, RequestOutput
+from runtime.output_deltas import NOTHING_SENT, DeltaDecoder, OutputDeltas
 from runtime.sampling_params import SamplingParams
 from runtime.server_args import ServerArgs
 from server.engine_client import EngineClient
-from server.output_deltas import NOTHING_SENT, DeltaDecoder, DeltaEncoder
 from server.utils import find_free_port, terminate_process
 from tests.server_helpers import start_server
 
@@ -54,11 +54,15 @@ def test_deltas_rebuild_every_cumulative_output() -> None:
         _output("a", [5, 6, 4, 2], "xq", finished=True),  # not an extension of "xyz!"
         _output("a", [3], "new"),  # the id may come back (a new request); nothing of the old is kept
     ]
-    encoder, decoder = DeltaEncoder(), DeltaDecoder()
+    cutters: dict[str, OutputDeltas] = {}  # one per request, as each `Req` holds its own
+    decoder = DeltaDecoder()
     previous: dict[str, list[int]] = {}
     sizes, deltas = [], []
     for sent in stream:
-        delta = encoder.encode(copy.deepcopy(sent))
+        cutter = cutters.setdefault(sent.rid, OutputDeltas())
+        if sent.finished:
+            del cutters[sent.rid]  # the id may come back: a new request, a new cutter
+        delta = cutter.cut(copy.deepcopy(sent))
         deltas.append(copy.deepcopy(delta[0]))
         sizes.append(len(delta[0].output_ids))
         got = decoder.decode(copy.deepcopy(delta))
@@ -70,7 +74,20 @@ def test_deltas_rebuild_every_cumulative_output() -> None:
     assert second.output_token_logprobs == [(-0.5, 3)]
     assert second.output_top_logprobs == [[(-0.1, 9), (-0.2, 8)]]
     assert second.input_token_logprobs == [(None, 1), (-1.5, 2)]
-    assert encoder.encode(_output("b", [4], "t"))[1:] == (NOTHING_SENT, 0)  # finished ones are forgotten
+    assert deltas[-1].output_ids == [3] and deltas[-1].text == "new"  # nothing of the old request
+
+    # The scheduler hands the request's own lists, which keep growing after the cut.
+    live_ids, live_cutter = [1, 2], OutputDeltas()
+    first = live_cutter.cut(RequestOutput("d", live_ids, None, False, None, 3, 2, 0))
+    live_ids.append(3)
+    second = live_cutter.cut(RequestOutput("d", live_ids, None, False, None, 3, 3, 0))
+    assert (first[0].output_ids, first[1], second[0].output_ids, second[1][0]) == (
+        [1, 2],
+        NOTHING_SENT,
+        [3],
+        2,
+    )
+    assert first[0].output_ids is not live_ids
 
 
 def _requests() -> list[EngineRequest]:
