@@ -296,11 +296,17 @@ class Engine:
             check_not_in_flight(req.rid, self._inflight)
 
     def submit(
-        self, req: EngineRequest, callback: OutputCallback | DeltaCallback, deltas: bool = False
+        self,
+        req: EngineRequest,
+        callback: OutputCallback | DeltaCallback,
+        deltas: bool = False,
+        detokenize: bool = True,
     ) -> None:
         """Queue a validated request; `callback` runs on the scheduler thread for each output:
         cumulative, or with `deltas` what is new since the previous one (an `OutputDelta`, for
-        the engine's process to send on: runtime/output_deltas.py)."""
+        the engine's process to send on: runtime/output_deltas.py). Without `detokenize` the
+        outputs have text only where stop strings need it (`scheduler_needs_text`); the caller
+        makes the rest (the server's HTTP process does, with `StreamedText`)."""
         with self._rid_lock:
             check_not_in_flight(req.rid, self._inflight)
             self._inflight.add(req.rid)
@@ -336,6 +342,7 @@ class Engine:
                 max_new_tokens=max_new,
                 seed=seed,
                 eos_ids=self.scheduler.eos_ids,
+                detokenize=detokenize,
             )
         )
 

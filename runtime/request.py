@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from runtime.detokenizer import IncrementalDetokenizer
+from runtime.detokenizer import OutputText
 from runtime.io_struct import EngineRequest
 from runtime.output_deltas import DeltaCallback, OutputDeltas
 from runtime.radix_cache import TreeNode
@@ -38,7 +38,8 @@ class Req:
     penalty_slot: int = 0  # row of the runner's per-request device state: penalty counts, last token
     finished: bool = False
     finish_reason: dict | None = None
-    detokenizer: IncrementalDetokenizer | None = None
+    detokenize: bool = True  # False: text only where stop strings need it (the HTTP process makes it)
+    output_text: OutputText | None = None
     text: str = ""
     stop_scan_from: int = 0
     last_streamed: int = 0

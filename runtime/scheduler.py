@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from runtime.batch import Buckets, ScheduledBatch, StepShape, sampler_rows, step_shape
-from runtime.detokenizer import IncrementalDetokenizer, find_stop_string, partial_stop_suffix
+from runtime.detokenizer import OutputText, find_stop_string, partial_stop_suffix, scheduler_needs_text
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
 from runtime.model_runner import ModelRunner, StepOutput
@@ -660,7 +660,7 @@ class Scheduler:
         elif not params.ignore_eos and len(req.output_ids) > params.min_new_tokens:
             if token in self.eos_ids or (params.stop_token_ids and token in params.stop_token_ids):
                 reason = {"type": "stop", "matched": token}
-        wants_text = self.tokenizer is not None and (req.request.stream or params.stop)
+        wants_text = self.tokenizer is not None and (params.stop or (req.request.stream and req.detokenize))
         if wants_text and (reason is None or reason["type"] == "length"):
             self._detokenize(req)
             if reason is None and params.stop:
@@ -683,35 +683,25 @@ class Scheduler:
             req.callback(self._output(req, finished=False))
 
     def _detokenize(self, req: Req) -> None:
-        if req.detokenizer is None:
-            params = req.request.sampling_params
-            req.detokenizer = IncrementalDetokenizer(
-                self.tokenizer,
-                skip_special_tokens=params.skip_special_tokens,
-                spaces_between_special_tokens=params.spaces_between_special_tokens,
-            )
-            req.detokenizer.add(req.output_ids[:-1])
-        req.text += req.detokenizer.add(req.output_ids[-1:])
+        if req.output_text is None:
+            req.output_text = OutputText(self.tokenizer, req.request.sampling_params)
+        req.text += req.output_text.add(req.output_ids)
 
     def _final_text(self, req: Req) -> str | None:
-        """The whole text; a matched stop token (EOS or stop_token_ids) is left out of it unless
-        no_stop_trim, as the reference's detokenizer does (the token stays in output_ids)."""
+        """The whole text, where this side makes it (`Req.detokenize`); a matched stop token (EOS
+        or stop_token_ids) is left out of it unless no_stop_trim, as the reference's detokenizer
+        does (the token stays in output_ids)."""
+        params = req.request.sampling_params
         if self.tokenizer is None or not req.is_generation:
             return None
-        params = req.request.sampling_params
+        if not (req.detokenize or scheduler_needs_text(params)):
+            return None
         matched = req.finish_reason.get("matched") if req.finish_reason else None
         if isinstance(matched, str):
             return req.text
-        keep_last = not isinstance(matched, int) or params.no_stop_trim
-        if req.detokenizer is not None:
-            if isinstance(matched, int) and params.no_stop_trim:  # _check_finish stopped before it
-                req.text += req.detokenizer.add(req.output_ids[-1:])
-            return req.text + req.detokenizer.flush()
-        return self.tokenizer.decode(
-            req.output_ids if keep_last else req.output_ids[:-1],
-            skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens,
-        )
+        if req.output_text is None:
+            req.output_text = OutputText(self.tokenizer, params)
+        return req.text + req.output_text.final(req.output_ids, req.finish_reason)
 
     # -- ending requests ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.detokenizer import StreamedText, scheduler_needs_text
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
 from runtime.output_deltas import DeltaDecoder, OutputDelta
 from runtime.request_checks import check_not_in_flight, check_request
@@ -80,7 +81,8 @@ class EngineClient:
         self.error: str | None = None
         self._on_exit = on_exit
         self._lock = threading.Lock()  # guards the two tables below and the pipe's sending end
-        self._callbacks: dict[str, tuple[EngineRequest, OutputCallback]] = {}
+        # each request in flight: itself, its callback, and its text where this side makes it
+        self._callbacks: dict[str, tuple[EngineRequest, OutputCallback, StreamedText | None]] = {}
         self._calls: dict[int, concurrent.futures.Future] = {}
         self._call_ids = itertools.count()
         self._deltas = DeltaDecoder()  # the reader thread's alone
@@ -117,9 +119,16 @@ class EngineClient:
 
     def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
         """Queue a validated request; `callback` runs on the reader thread for each output."""
+        text = None
+        if (
+            self.tokenizer is not None
+            and req.kind == "generate"
+            and not scheduler_needs_text(req.sampling_params)
+        ):
+            text = StreamedText(self.tokenizer, req.sampling_params)  # the engine leaves it to this side
         with self._lock:
             check_not_in_flight(req.rid, self._callbacks)
-            self._callbacks[req.rid] = (req, callback)
+            self._callbacks[req.rid] = (req, callback, text)
             if self._send_locked((SUBMIT, req)):
                 return
             del self._callbacks[req.rid]
@@ -218,7 +227,10 @@ class EngineClient:
             ]
         for output, owner in zip(outputs, owners, strict=True):
             if owner is not None:
-                self._run_callback(owner[1], output)
+                _, callback, text = owner
+                if text is not None:
+                    output.text = text.text_of(output.output_ids, output.finished, output.finish_reason)
+                self._run_callback(callback, output)
 
     @staticmethod
     def _run_callback(callback: OutputCallback, output: RequestOutput) -> None:
@@ -250,7 +262,7 @@ class EngineClient:
         self.error = error
         if not closing:
             logger.error("%s Requests in flight end with an error.", error)
-        for request, callback in callbacks.values():
+        for request, callback, _ in callbacks.values():
             self._run_callback(callback, failed_output(request, error, reason="engine failed"))
         for future in calls.values():
             future.set_exception(RuntimeError(error))

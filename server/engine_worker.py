@@ -138,7 +138,8 @@ class EngineWorker:
 
     def _submit(self, request: EngineRequest) -> None:
         try:
-            self.engine.submit(request, self._queue_output, deltas=True)
+            # Outputs as deltas, and the text the HTTP process can make left to it.
+            self.engine.submit(request, self._queue_output, deltas=True, detokenize=False)
         except ValueError as exc:
             # Its id is in flight here. The HTTP side refuses ids it has in flight, and it forgets
             # one only after its final output, so this cannot happen; an output for this id would

@@ -10,10 +10,12 @@ import pytest
 from runtime.detokenizer import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
+    StreamedText,
     find_stop_string,
     partial_stop_suffix,
     trim_at_stop,
 )
+from runtime.sampling_params import SamplingParams
 
 MIXED_TEXT = (
     "Hello 🙂 world! 日本語のテキストです。 café naïve façade — “quotes” 😀👍🏽 "
@@ -197,3 +199,28 @@ def test_without_a_stop_the_stream_is_the_whole_text(tokenizer: Any) -> None:
     text = "no stop string here 🙂 at all"
     final, match, shown = _stream(tokenizer, tokenizer.encode(text), ["STOP"], no_stop_trim=False)
     assert match is None and final == text and shown[-1] == text
+
+
+@pytest.mark.parametrize("no_stop_trim", [False, True])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_streamed_text_ends_as_the_whole_decode_less_a_matched_stop_token(
+    tokenizer: Any, streamed: bool, no_stop_trim: bool
+) -> None:
+    """The HTTP process's text of a request (`StreamedText`): each output's text is a prefix of
+    the next; at the end, the output decoded whole, less the EOS that ended it unless
+    no_stop_trim (the id stays in output_ids); a length or abort end keeps every token."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer.encode(MIXED_TEXT)
+    params = SamplingParams(no_stop_trim=no_stop_trim, skip_special_tokens=False)
+    for reason, last in (({"type": "stop", "matched": eos}, eos), ({"type": "length", "length": 9}, ids[-1])):
+        output_ids = [*ids, last] if last == eos else ids
+        text, shown = StreamedText(tokenizer, params), ""
+        if streamed:
+            for n in range(1, len(output_ids)):  # the final output brings the last id
+                now = text.text_of(output_ids[:n], False, None)
+                assert now.startswith(shown) and REPLACEMENT_CHAR not in now
+                shown = now
+        final = text.text_of(output_ids, True, reason)
+        kept = output_ids if (last != eos or no_stop_trim) else output_ids[:-1]
+        assert final == tokenizer.decode(kept, skip_special_tokens=False)
+        assert final.startswith(shown)
