@@ -25,6 +25,8 @@ import numpy as np
 
 # dtypes that travel: 4-byte ones bit-cast, bool widened to 0 / 1
 _FOUR_BYTE = ("int32", "uint32", "float32")
+# their names by dtype: `dtype.name` takes ~1.5 us, and a step packs ~22 arrays
+_PACKED_NAMES = {np.dtype(name): name for name in (*_FOUR_BYTE, "bool")}
 
 Layout = tuple[tuple[str, tuple[int, ...], str], ...]
 Static = tuple[tuple[str, Any], ...]
@@ -46,7 +48,7 @@ class PackedArrays:
         parts, layout = [], []
         for name, array in arrays.items():
             array = np.asarray(array)
-            dtype = array.dtype.name
+            dtype = _PACKED_NAMES.get(array.dtype) or array.dtype.name
             if dtype == "bool":
                 flat = array.astype(np.int32).ravel()
             elif dtype in _FOUR_BYTE:
