@@ -130,11 +130,12 @@ for step in "${steps[@]}"; do
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
-    # serving_reference_b64's workload in one process, no HTTP server: how much of the served
-    # step's host time is the server's (the fourth GPU session: ITL 4.94 ms against a 2.68 ms step).
+    # serving_reference_b64's workload in one process, no HTTP server, streamed as the server's
+    # engine process streams: how much of the served step's host time is the server's (the fourth
+    # GPU session: ITL 4.94 ms against a 2.68 ms step), and the scheduler thread's CPU per step.
     offline_b64) run_step offline_b64 240 $PY scripts/bench_offline.py --model-path "$MODEL" \
         --server-args "$SERVER_ARGS --attention-backend reference" --num-prompts 64 --input-len-range 128 128 \
-        --output-len-range 256 256 --warmup-pass --repeats 2 --output-file "$results/offline_b64.json" ;;
+        --output-len-range 256 256 --warmup-pass --repeats 2 --stream --output-file "$results/offline_b64.json" ;;
     # A fresh server's first burst, measured (no warm pass), the compile cache warm from the step
     # above: the shapes its warm-up does not compile (the fourth GPU session: 4204-4643 tok/s
     # against 10791-11767 once compiled; the decode widths now compile ahead, aside).
