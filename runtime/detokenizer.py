@@ -161,7 +161,13 @@ class OutputText:
 
 
 class StreamedText:
-    """The HTTP process's text of a request the engine leaves to it (`scheduler_needs_text`)."""
+    """The HTTP process's text of a request the engine leaves to it (`scheduler_needs_text`).
+
+    It is fed the ids each output brings: one at a time, or `--stream-interval` of them, where
+    the in-process engine feeds one at a time. The incremental decode gives the same text for
+    any grouping where decoding a window of ids is decoding its tokens one after another (the
+    tests check SmolLM2's byte-level BPE); a request that did not stream is decoded whole on
+    either side."""
 
     def __init__(self, tokenizer: Any, params: SamplingParams) -> None:
         self._output_text = OutputText(tokenizer, params)

@@ -36,7 +36,8 @@ class EngineRequest:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """A request's state as seen by its client: cumulative, so every event stands alone."""
+    """A request's state as seen by its client: cumulative, so every event stands alone (inside
+    the engine, an `OutputDelta` holds one cut down to what is new: runtime/output_deltas.py)."""
 
     rid: str
     output_ids: list[int]

@@ -103,7 +103,8 @@ class Scheduler:
         self.by_rid: dict[str, Req] = {}
         self.free_slots = list(range(max_running_requests, 0, -1))
         self._pending: tuple[_Plan, StepOutput] | None = None
-        # The last decode-only step's requests, sampler rows and sampling batch (`_sampling_batch`).
+        # The decode rows, sampler rows and sampling batch of the last step in which no prefill
+        # chunk sampled (`_sampling_batch`): its other rows are padding to the sampler.
         self._decode_sampling: tuple[tuple[Req, ...], int, SamplingBatch] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
@@ -122,6 +123,8 @@ class Scheduler:
     def thread_cpu_time(self) -> float | None:
         """Seconds of CPU the scheduler thread has used (its host work; the device's compute, even
         on a CPU backend, runs on XLA's threads), or None where threads have no CPU clock."""
+        if not self._thread.is_alive():  # an ended thread's id may name nothing (or another thread)
+            return None
         try:
             return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident))
         except (AttributeError, OSError, TypeError):
@@ -545,11 +548,13 @@ class Scheduler:
         pad_to: int,
     ) -> SamplingBatch:
         """The step's sampling knobs, decode rows first (`decode_output_index`: the index of the
-        token each samples). A decode-only step of the same requests as the last one takes that
-        step's batch with the output indices moved on: nothing else in a row changes while its
-        request runs (a retraction, which changes its penalty slot, drops the kept batch), unless
-        a row still bans its stop ids (min_new_tokens), so such batches are not kept. Built row
-        by row, it cost the host loop ~0.13 ms a step at batch 64 on the 2-core box."""
+        token each samples). A step whose prefill chunks sample nothing (decode-only, or with
+        unfinished chunks, padding to the sampler), with the same decode requests as the last such
+        step, takes that step's batch with the output indices moved on: nothing else in a row
+        changes while its request runs (a retraction, which changes its penalty slot, drops the
+        kept batch), unless a row still bans its stop ids (min_new_tokens), so such batches are
+        not kept. Built row by row, it cost the host loop ~0.13 ms a step at batch 64 on the
+        2-core box."""
         if not prefill_rows:
             kept = self._decode_sampling
             if kept is not None and kept[1] == pad_to and kept[0] == tuple(decodes):

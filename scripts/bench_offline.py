@@ -42,6 +42,9 @@ from bench_common import (  # noqa: E402
     write_json,
 )
 
+# A streamed pass gives up after this long (a lost final output would hang it).
+STREAM_TIMEOUT_S = 3600
+
 
 def run_pass(engine: Any, workload: list, stream: bool) -> tuple[float, int]:
     """One pass of the whole workload: its wall time and the output tokens it produced.
@@ -60,8 +63,11 @@ def run_pass(engine: Any, workload: list, stream: bool) -> tuple[float, int]:
     done = threading.Event()
 
     def collect(delta: Any) -> None:
-        if delta[0].finished:
-            finished.append(delta[0].completion_tokens)
+        output = delta[0]
+        if output.finished:
+            if output.error:
+                print(f"request {output.rid} failed: {output.error}", file=sys.stderr)
+            finished.append(output.completion_tokens)
             if len(finished) == len(workload):
                 done.set()
 
@@ -72,8 +78,10 @@ def run_pass(engine: Any, workload: list, stream: bool) -> tuple[float, int]:
             sampling_params=SamplingParams.from_dict(p),
             stream=True,
         )
-        engine.submit(request, collect, deltas=True)
-    done.wait()
+        # as the engine's process takes them: deltas, text left to the HTTP process
+        engine.submit(request, collect, deltas=True, detokenize=False)
+    if not done.wait(STREAM_TIMEOUT_S):
+        raise TimeoutError(f"{len(workload) - len(finished)} streamed requests did not finish")
     return time.perf_counter() - started, sum(finished)
 
 

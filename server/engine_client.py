@@ -57,6 +57,10 @@ class EngineStartError(RuntimeError):
         self.expected = expected
 
 
+def _drop_output(output: RequestOutput) -> None:
+    """Where the outputs of a request that already failed on this side go."""
+
+
 class EngineClient:
     """`Engine`'s serving API, answered by an engine process it starts and stops."""
 
@@ -226,11 +230,28 @@ class EngineClient:
                 for o in outputs
             ]
         for output, owner in zip(outputs, owners, strict=True):
-            if owner is not None:
-                _, callback, text = owner
-                if text is not None:
+            if owner is None:
+                continue
+            request, callback, text = owner
+            if text is not None:
+                try:
                     output.text = text.text_of(output.output_ids, output.finished, output.finish_reason)
-                self._run_callback(callback, output)
+                except Exception as exc:  # this request fails alone; the engine and the rest go on
+                    logger.exception("Cannot make the text of request %s", output.rid)
+                    self._fail_one(request, callback, output.finished, f"Cannot detokenize the output: {exc}")
+                    continue
+            self._run_callback(callback, output)
+
+    def _fail_one(self, request: EngineRequest, callback: OutputCallback, ended: bool, error: str) -> None:
+        """End one request with `error` for its client, and abort it in the engine unless it ended
+        there. Its id stays in flight until the engine's final output (the engine refuses an id it
+        still runs), and its outputs until then go nowhere."""
+        self._run_callback(callback, failed_output(request, error))
+        if not ended:
+            with self._lock:
+                if request.rid in self._callbacks:
+                    self._callbacks[request.rid] = (request, _drop_output, None)
+            self._send((ABORT, request.rid))
 
     @staticmethod
     def _run_callback(callback: OutputCallback, output: RequestOutput) -> None:

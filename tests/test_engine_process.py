@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 
+from runtime.detokenizer import StreamedText
 from runtime.engine import Engine
 from runtime.io_struct import EngineRequest, RequestOutput
 from runtime.output_deltas import NOTHING_SENT, DeltaDecoder, OutputDeltas
@@ -151,7 +152,9 @@ def _run(engine: Any, requests_: list[EngineRequest]) -> dict[str, list[dict[str
     return seen
 
 
-def test_engine_client_streams_what_the_engine_streams(tiny_llama_path: Path) -> None:
+def test_engine_client_streams_what_the_engine_streams(
+    tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = dict(model_path=str(tiny_llama_path), max_total_tokens=4096, random_seed=0)
     engine = Engine(ServerArgs(**args))
     try:
@@ -185,9 +188,42 @@ def test_engine_client_streams_what_the_engine_streams(tiny_llama_path: Path) ->
         assert finished.wait(60)
         assert client.stats()["num_running_reqs"] == 0
         assert client.flush_cache() is True
+        _a_text_that_fails_ends_its_request_alone(client, monkeypatch)
     finally:
         client.shutdown()
     assert client._process.exitcode == 0
+
+
+def _a_text_that_fails_ends_its_request_alone(client: EngineClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The HTTP side makes a request's text (no stop strings); if that fails, the request ends
+    with the error and is aborted in the engine, and its id comes free once the engine ended it."""
+    made_here = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+    made_there = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True, stop=["never"])
+    original = StreamedText.text_of
+
+    def fails_at_three(self: StreamedText, output_ids: list[int], finished: bool, reason: Any) -> str:
+        if len(output_ids) >= 3:
+            raise RuntimeError("no text for this id")
+        return original(self, output_ids, finished, reason)
+
+    monkeypatch.setattr(StreamedText, "text_of", fails_at_three)
+    runs = [
+        EngineRequest(rid="broken", input_ids=[1, 5, 9], sampling_params=made_here, stream=True),
+        EngineRequest(rid="fine", input_ids=[2, 6], sampling_params=made_there, stream=True),
+    ]
+    seen = _run(client, runs)
+    broken, fine = seen["broken"][-1], seen["fine"][-1]
+    assert broken["finished"] and "Cannot detokenize the output: no text for this id" in broken["error"]
+    assert [o["finished"] for o in seen["broken"]] == [False, False, True]  # nothing after its end
+    assert fine["error"] is None and len(fine["output_ids"]) == 40
+    monkeypatch.setattr(StreamedText, "text_of", original)
+    deadline = time.monotonic() + 30
+    while "broken" in client._callbacks:  # in flight until the engine's own final output
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = _run(client, runs[:1])["broken"][-1]
+    assert again["error"] is None and len(again["output_ids"]) == 40
+    assert client.stats()["num_running_reqs"] == 0
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
