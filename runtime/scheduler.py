@@ -665,7 +665,9 @@ class Scheduler:
         elif not params.ignore_eos and len(req.output_ids) > params.min_new_tokens:
             if token in self.eos_ids or (params.stop_token_ids and token in params.stop_token_ids):
                 reason = {"type": "stop", "matched": token}
-        wants_text = self.tokenizer is not None and (params.stop or (req.request.stream and req.detokenize))
+        wants_text = self.tokenizer is not None and (
+            scheduler_needs_text(params) or (req.request.stream and req.detokenize)
+        )
         if wants_text and (reason is None or reason["type"] == "length"):
             self._detokenize(req)
             if reason is None and params.stop:
