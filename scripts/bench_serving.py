@@ -46,6 +46,7 @@ from typing import Any, TextIO
 
 import aiohttp
 import numpy as np
+import orjson
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -272,7 +273,9 @@ async def send_native(
         async for data in iter_sse(response):
             if data == b"[DONE]":
                 break
-            event = json.loads(data)
+            # An event holds every output id so far: at 1024 ids the stdlib's json took 35 us an
+            # event, orjson 12, and on a small box the load generator shares the server's cores.
+            event = orjson.loads(data)
             if "error" in event:
                 result.error = str(event["error"].get("message", event["error"]))
                 return result
@@ -315,7 +318,7 @@ async def send_openai(
         async for data in iter_sse(response):
             if data == b"[DONE]":
                 break
-            event = json.loads(data)
+            event = orjson.loads(data)
             if event.get("object") == "error" or "error" in event:
                 result.error = str(event.get("message") or event.get("error"))
                 return result
