@@ -53,8 +53,12 @@ def numpy_attention(batch: Batch) -> np.ndarray:
         (0, [(37, 0)]),  # one fresh prefill chunk
         (0, [(20, 45), (1, 0), (16, 16)]),  # chunks over cached prefixes, a one-token chunk
         (4, [(23, 9), (40, 0)]),  # mixed: decode rows then prefill chunks
+        # Chunks long enough for causal query blocks (rpa.causal_blocks): a fresh chunk whose
+        # keys are fewer than its padded rows, and long and short chunks over long prefixes.
+        (0, [(513, 0)]),
+        (3, [(600, 300), (20, 900), (1, 0)]),
     ],
-    ids=["decode", "decode-1", "few-decodes-mixed", "prefill", "cached-prefix", "mixed"],
+    ids=["decode", "decode-1", "few-decodes-mixed", "prefill", "cached-prefix", "mixed", "long", "long-mixed"],
 )
 def test_reference_matches_numpy(num_decode, prefills, kv_heads, group):
     seed = secrets.randbits(32)
