@@ -58,7 +58,16 @@ def numpy_attention(batch: Batch) -> np.ndarray:
         (0, [(513, 0)]),
         (3, [(600, 300), (20, 900), (1, 0)]),
     ],
-    ids=["decode", "decode-1", "few-decodes-mixed", "prefill", "cached-prefix", "mixed", "long", "long-mixed"],
+    ids=[
+        "decode",
+        "decode-1",
+        "few-decodes-mixed",
+        "prefill",
+        "cached-prefix",
+        "mixed",
+        "long",
+        "long-mixed",
+    ],
 )
 def test_reference_matches_numpy(num_decode, prefills, kv_heads, group):
     seed = secrets.randbits(32)
