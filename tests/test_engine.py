@@ -62,9 +62,12 @@ def tiny_ref():
     return load_reference(TINY_LLAMA)
 
 
-def test_continuous_batching_matches_hf_and_solo(smollm2_path):
+# 256: the longest prompts (700 tokens) come in chunks; 1024: steps of 512 and 640 padded
+# query rows, whose prefill attention runs in two causal query blocks (`causal_blocks`).
+@pytest.mark.parametrize("chunk", [256, 1024])
+def test_continuous_batching_matches_hf_and_solo(smollm2_path, chunk):
     ref = load_reference(SMOLLM2)
-    engine = _engine(smollm2_path, max_total_tokens=16384, chunked_prefill_size=256)
+    engine = _engine(smollm2_path, max_total_tokens=16384, chunked_prefill_size=chunk)
     try:
         count = int(ref["batch_num_prompts"])
         prompts = [list(map(int, ref[f"batch_prompt_{i}"])) for i in range(count)]
