@@ -218,11 +218,17 @@ def partial_stop_suffix(text: str, stops: Sequence[str]) -> int:
 
     A stream shows `text[:len(text) - partial_stop_suffix(text, stops)]`: the held
     characters are released once they cannot begin a match any more.
+
+    Candidates are the tail's places where the stop's first character occurs, earliest
+    (longest) first, each compared in C: per stop, one `find` pass over its last
+    len(stop) - 1 characters instead of a copy of every prefix of the stop.
     """
     longest = 0
     for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
+        start = text.find(stop[0], max(0, len(text) - len(stop) + 1)) if stop else -1
+        while 0 <= start and len(text) - start > longest:
+            if stop.startswith(text[start:]):
+                longest = len(text) - start
                 break
+            start = text.find(stop[0], start + 1)
     return longest

@@ -389,9 +389,14 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         info = self.stats()
         max_total = self.pool.max_total_tokens if self.scheduler is not None else 0
+        longest = (
+            self.model_info.context_length
+            if max_total == 0
+            else min(self.model_info.context_length, max_total)
+        )
         info.update(
             max_total_num_tokens=max_total,
-            max_req_input_len=self.model_info.context_length - 1,
+            max_req_input_len=longest - 1,
             version=VERSION,
             num_compiled_programs=self.num_compiled_programs,
             num_pending_compiles=self.runner.step_programs.num_pending if self.scheduler is not None else 0,

@@ -41,6 +41,10 @@ class StepProfiler:
         directory = output_dir or default_profile_dir()
         try:
             Path(directory).mkdir(parents=True, exist_ok=True)
+            # jax writes only at stop_trace: an existing directory that takes no files (read-only,
+            # /proc) must fail here, as the client's mistake, not at the stop.
+            with tempfile.TemporaryFile(dir=directory):
+                pass
         except OSError as exc:  # a file in the way, no permission: the client's path, a 400
             raise ValueError(f"Cannot write a trace to {directory}: {exc.strerror or exc}.") from exc
         jax.profiler.start_trace(directory, create_perfetto_trace=True)
@@ -51,8 +55,12 @@ class StepProfiler:
     def stop(self) -> str:
         if not self.active:
             raise ValueError("Profiling is not in progress. Call /start_profile first.")
-        jax.profiler.stop_trace()
         directory, self.output_dir, self.steps_left = self.output_dir, None, None
+        try:
+            jax.profiler.stop_trace()
+        except Exception as exc:  # the directory went away or turned read-only since the start
+            _forget_unwritten_trace()
+            raise ValueError(f"The trace could not be written to {directory}: {exc}") from exc
         logger.info("Profiling stopped: trace written under %s", directory)
         return directory
 
@@ -62,4 +70,19 @@ class StepProfiler:
             return
         self.steps_left -= 1
         if self.steps_left <= 0:
-            self.stop()
+            try:
+                self.stop()
+            except ValueError:  # nobody is waiting on this stop: log it; serving goes on
+                logger.exception("Profiling stopped after its steps, but the trace was lost")
+
+
+def _forget_unwritten_trace() -> None:
+    """End jax's trace after its export failed.
+
+    `jax.profiler.stop_trace` forgets its session only after writing it, so a failed write
+    would refuse every later `start_trace` ("Profile has already been started"). jax has no
+    public call for this (0.10 and 0.11 alike).
+    """
+    from jax._src import profiler as jax_profiler
+
+    jax_profiler._profile_state.reset()

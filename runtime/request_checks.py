@@ -12,6 +12,10 @@ from collections.abc import Container
 
 from runtime.io_struct import EngineRequest
 
+# Logprobs a request may ask for per token: each is a (logprob, id) pair in every position's
+# answer, so a whole-vocabulary ask would cost megabytes a token in both processes.
+MAX_LOGPROBS_PER_TOKEN = 1024
+
 
 @dataclasses.dataclass
 class ModelInfo:
@@ -79,11 +83,26 @@ def check_request(req: EngineRequest, limits: RequestLimits) -> None:
                 f"messages and {params.max_new_tokens} tokens for the completion. Please reduce the "
                 "number of tokens in the input messages or the completion to fit within the limit."
             )
+        if limits.kv_capacity is not None and total > limits.kv_capacity:  # else cut short unasked
+            raise ValueError(
+                f"Requested token count exceeds the KV cache of {limits.kv_capacity} tokens "
+                f"(--max-total-tokens). You requested a total of {total} tokens: {len(req.input_ids)} "
+                f"tokens from the input and {params.max_new_tokens} tokens for the completion."
+            )
     params.verify(info.vocab_size)
     if not limits.has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer: the server runs with --skip-tokenizer-init.")
     if req.return_logprob and req.top_logprobs_num < 0:
         raise ValueError(f"top_logprobs_num must be at least 0, got {req.top_logprobs_num}.")
+    if req.return_logprob and req.top_logprobs_num > MAX_LOGPROBS_PER_TOKEN:
+        raise ValueError(
+            f"top_logprobs_num may be at most {MAX_LOGPROBS_PER_TOKEN}, got {req.top_logprobs_num}."
+        )
+    if req.return_logprob and len(req.token_ids_logprob or ()) > MAX_LOGPROBS_PER_TOKEN:
+        raise ValueError(
+            f"token_ids_logprob may list at most {MAX_LOGPROBS_PER_TOKEN} ids, "
+            f"got {len(req.token_ids_logprob or ())}."
+        )
     if req.return_logprob and req.logprob_start_len >= len(req.input_ids):
         raise ValueError(
             f"logprob_start_len ({req.logprob_start_len}) must be less than the input length "

@@ -14,6 +14,12 @@ from typing import Any
 
 # Temperatures below this are greedy (the reference's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-6
+# Bounds the reference leaves open, so that one small request cannot hold the scheduler
+# thread or the memory for long: every step checks each stop string against the text's
+# tail, and n multiplies a request.
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_N = 1024
 
 _FLOAT_KEYS = (
     "temperature",
@@ -114,6 +120,15 @@ class SamplingParams:
             )
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.n > MAX_N:
+            raise ValueError(f"n may be at most {MAX_N}, got {self.n}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop holds {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are served.")
+        longest = max(map(len, self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(
+                f"stop strings may be up to {MAX_STOP_STRING_CHARS} characters long, got one of {longest}."
+            )
         for token_id in self.stop_token_ids:
             if token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative token ids, got {token_id}.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,25 @@ def test_partial_stop_suffix() -> None:
     assert partial_stop_suffix("ST", ["<|end|>", "STOP"]) == 2
     assert partial_stop_suffix("abc", ["abc"]) == 0  # a whole match is find_stop_string's job
     assert partial_stop_suffix("xx", []) == 0
+
+
+def test_partial_stop_suffix_matches_every_prefix_tried() -> None:
+    """Against the plain definition (the longest proper prefix of a stop that ends the text),
+    on texts and stops over two letters, where partial matches overlap the most."""
+    rng = random.Random(0)
+
+    def by_definition(text: str, stops: list[str]) -> int:
+        sizes = [n for stop in stops for n in range(1, min(len(stop) - 1, len(text)) + 1)]
+        return max(
+            (n for n in sizes for stop in stops if n < len(stop) and text.endswith(stop[:n])), default=0
+        )
+
+    for _ in range(3000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stops = [
+            "".join(rng.choice("ab") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))
+        ]
+        assert partial_stop_suffix(text, stops) == by_definition(text, stops), (text, stops)
 
 
 def _stream(

@@ -177,3 +177,32 @@ def test_profile_bad_num_steps(server: ServerProcess, tmp_path: Path) -> None:
     assert r.status_code == 400 and "Cannot write a trace" in r.json()["error"]["message"], r.text
     # Nothing started.
     assert server.post("/stop_profile").status_code == 400
+
+
+def test_profile_dir_that_takes_no_files(server: ServerProcess, tmp_path: Path) -> None:
+    """jax writes only when a trace stops. An existing folder that takes no files is refused at
+    the start; a folder that goes away mid-trace loses that trace, with a 400 from /stop_profile
+    (or a log line when `num_steps` ends it), and serving and profiling go on."""
+    if Path("/proc").is_dir():  # exists, and refuses new files even to root
+        r = start(server, {"output_dir": "/proc"})
+        assert r.status_code == 400 and "Cannot write a trace to /proc" in r.json()["error"]["message"], (
+            r.text
+        )
+        assert server.post("/stop_profile").status_code == 400  # nothing started
+    for num_steps in (None, 1):
+        out = tmp_path / f"gone-{num_steps}"
+        body: dict[str, Any] = {"output_dir": str(out)}
+        if num_steps is not None:
+            body["num_steps"] = num_steps
+        assert start(server, body).status_code == 200
+        out.rmdir()
+        out.write_text("a file where the trace's folder was")
+        if num_steps is None:
+            r = server.post("/stop_profile")
+            assert r.status_code == 400 and "could not be written" in r.json()["error"]["message"], r.text
+        ids, _ = generate_ids(server, PROMPT, 3)  # with num_steps, its first step ends the trace
+        assert len(ids) == 3
+    again = tmp_path / "again"
+    assert start(server, {"output_dir": str(again), "num_steps": 2}).status_code == 200
+    generate_ids(server, PROMPT, 3)
+    assert step_spans(read_trace(wait_for_trace(again)))

@@ -1,0 +1,65 @@
+"""The checks a request passes before it is queued (runtime/request_checks.py): each refusal's
+message, and the sizes just inside each limit accepted."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.io_struct import EngineRequest
+from runtime.request_checks import MAX_LOGPROBS_PER_TOKEN, ModelInfo, RequestLimits, check_request
+from runtime.sampling_params import SamplingParams
+
+CONTEXT = 2048
+KV_TOKENS = 1024  # a pool smaller than the context, as --max-total-tokens can make it
+VOCAB = 500
+
+
+def limits(kv_capacity: int | None = KV_TOKENS) -> RequestLimits:
+    info = ModelInfo(
+        model_path="m",
+        tokenizer_path=None,
+        is_generation=True,
+        embedding_kind=None,
+        context_length=CONTEXT,
+        vocab_size=VOCAB,
+        served_model_name="m",
+        architecture="LlamaForCausalLM",
+    )
+    return RequestLimits(
+        model_info=info, kv_capacity=kv_capacity, allow_auto_truncate=False, has_tokenizer=True
+    )
+
+
+def request(prompt_len: int = 10, max_new_tokens: int | None = 16, **fields) -> EngineRequest:
+    params = SamplingParams.from_dict({"max_new_tokens": max_new_tokens})
+    return EngineRequest(rid="r", input_ids=[7] * prompt_len, sampling_params=params, **fields)
+
+
+def test_prompt_plus_completion_beyond_the_kv_cache_is_refused_not_cut() -> None:
+    """Within the context but beyond the pool: the engine would end it early with a `length`
+    finish that the client never asked for."""
+    check_request(request(1000, 24), limits())  # exactly the pool
+    with pytest.raises(ValueError, match=r"exceeds the KV cache of 1024 tokens \(--max-total-tokens\)"):
+        check_request(request(1000, 25), limits())
+    check_request(request(1000, 25), limits(kv_capacity=4096))
+    check_request(request(1000, None), limits())  # null: as many as fit, by the API's definition
+
+
+def test_the_context_is_checked_first() -> None:
+    with pytest.raises(ValueError, match="maximum context length of 2048 tokens"):
+        check_request(request(1000, 1100), limits())
+
+
+@pytest.mark.parametrize("field", ["top_logprobs_num", "token_ids_logprob"])
+def test_logprobs_per_token_are_bounded(field: str) -> None:
+    def ask(count: int) -> EngineRequest:
+        value = count if field == "top_logprobs_num" else [i % VOCAB for i in range(count)]
+        return request(return_logprob=True, **{field: value})
+
+    check_request(ask(MAX_LOGPROBS_PER_TOKEN), limits())
+    with pytest.raises(ValueError, match=f"{field} may .*at most {MAX_LOGPROBS_PER_TOKEN}"):
+        check_request(ask(MAX_LOGPROBS_PER_TOKEN + 1), limits())
+    # Without return_logprob the field asks for nothing.
+    unused = ask(MAX_LOGPROBS_PER_TOKEN + 1)
+    unused.return_logprob = False
+    check_request(unused, limits())
