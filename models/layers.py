@@ -502,6 +502,22 @@ class Decoder(nnx.Module):
 # ----------------------------------------------------------------------------- model heads
 
 
+def tied_head_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
+    """float32[N, V] logits from the embedding table `[V, H]` doubling as the LM head.
+
+    On a CPU the table is the dot's left operand, `[V, H] x [H, N]`, and the small
+    `[V, N]` result is transposed after: XLA's CPU dot streams the table faster that
+    way (2-core box, SmolLM2's [32 x 576] x [576 x 49152] alone: 7.9 -> 6.2 ms with the
+    transpose; whole batch-32 decode steps 66.9 -> 64.9 ms, batch 8 30.3 -> 29.5 ms).
+    The barrier keeps XLA from folding the transpose back into the dot. Elsewhere the
+    plain product (not measured on a GPU).
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.einsum("nh,vh->nv", hidden, table, preferred_element_type=jnp.float32)
+    by_vocab = jnp.einsum("vh,nh->vn", table, hidden, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(by_vocab).T
+
+
 class CausalLM(nnx.Module):
     """A decoder plus an LM head (or the tied embedding); families set `config_from_hf`.
 
@@ -543,8 +559,7 @@ class CausalLM(nnx.Module):
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """float32[N, V] logits of hidden states `[N, H]`."""
         if self.cfg.tie_word_embeddings:
-            table = self.model.embed_tokens.embedding[...]
-            return jnp.einsum("nh,vh->nv", hidden, table, preferred_element_type=jnp.float32)
+            return tied_head_logits(hidden, self.model.embed_tokens.embedding[...])
         kernel = self.lm_head.kernel[...]
         return jnp.einsum("nh,hv->nv", hidden, kernel, preferred_element_type=jnp.float32)
 
