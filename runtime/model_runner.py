@@ -30,6 +30,7 @@ from runtime.packed_inputs import PackedArrays
 from runtime.sampling import (
     MIN_SUPPRESSED_WIDTH,
     SamplingBatch,
+    chosen_logprobs,
     full_logprobs,
     is_plain_greedy,
     make_sampling_batch,
@@ -122,7 +123,7 @@ class ModelRunner:
         self._idle_sampling: dict[int, PackedArrays] = {}
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
-        self._token_logprobs = jax.jit(self._token_logprobs_fn)
+        self._token_logprobs = jax.jit(self._token_logprobs_fn, static_argnames=("whole",))
         self._full_logprobs = jax.jit(full_logprobs)
         # (sampler rows, suppressed-ids width, plain) in _sample's cache
         self._sampler_shapes: set[tuple[int, int, bool]] = set()
@@ -391,9 +392,12 @@ class ModelRunner:
         padded[: len(rows)] = rows
         return np.asarray(self._readout(self.params, hidden, padded, kind=kind))[: len(rows)]
 
-    def _token_logprobs_fn(self, params, hidden, rows, targets):
+    def _token_logprobs_fn(self, params, hidden, rows, targets, *, whole: bool):
         model = nnx.merge(self.graphdef, params)
-        logprobs = full_logprobs(model.compute_logits(hidden[rows]))
+        logits = model.compute_logits(hidden[rows])
+        if not whole:
+            return None, chosen_logprobs(logits, targets)
+        logprobs = full_logprobs(logits)
         return logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
 
     def full_logprobs(self, logits: jax.Array) -> np.ndarray:
@@ -402,16 +406,19 @@ class ModelRunner:
         return np.asarray(self._full_logprobs(logits))
 
     def prompt_logprobs(
-        self, hidden: jax.Array, rows: list[int], targets: list[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Log-softmax rows at prompt positions (for input logprobs) and each next token's logprob."""
+        self, hidden: jax.Array, rows: list[int], targets: list[int], whole: bool
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """Each next prompt token's logprob, and with `whole` the log-softmax rows at those
+        positions (for top logprobs and token_ids_logprob). Without it the `[rows, V]` table is
+        neither written nor copied to the host: a 2048-token chunk's is 400 MB at SmolLM2's
+        vocabulary, and GBs at 150k-token vocabularies."""
         width = 1 << max(len(rows) - 1, 0).bit_length()
         padded_rows = np.zeros((width,), np.int32)
         padded_rows[: len(rows)] = rows
         padded_targets = np.zeros((width,), np.int32)
         padded_targets[: len(targets)] = targets
-        full, chosen = self._token_logprobs(self.params, hidden, padded_rows, padded_targets)
-        return np.asarray(full)[: len(rows)], np.asarray(chosen)[: len(rows)]
+        full, chosen = self._token_logprobs(self.params, hidden, padded_rows, padded_targets, whole=whole)
+        return (np.asarray(full)[: len(rows)] if whole else None), np.asarray(chosen)[: len(rows)]
 
     # -- weights and accounting ------------------------------------------------------------------
 

@@ -634,7 +634,8 @@ class Scheduler:
                 owners.append((req, target))
         if not rows:
             return
-        full, chosen = self.runner.prompt_logprobs(output.hidden, rows, targets)
+        whole = any(req.request.top_logprobs_num or req.request.token_ids_logprob for req, _ in owners)
+        full, chosen = self.runner.prompt_logprobs(output.hidden, rows, targets, whole)
         for i, (req, target) in enumerate(owners):
             request = req.request
             req.input_logprobs.append((float(chosen[i]), req.all_ids[target]))
