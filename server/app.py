@@ -324,8 +324,14 @@ class ServerState:
         return group
 
     async def control(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking engine call off the event loop, bounded in time."""
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args), CONTROL_TIMEOUT)
+        """Run a blocking engine call off the event loop, bounded in time: past it, a 503 (the
+        engine is busy, e.g. loading weights), which a client may retry."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), CONTROL_TIMEOUT)
+        except TimeoutError as exc:
+            raise ProtocolError(
+                f"The engine did not answer within {CONTROL_TIMEOUT:g} s; try again.", status=503
+            ) from exc
 
     def engine_method(self, name: str) -> Callable[..., Any]:
         method = getattr(self.engine, name, None)
@@ -621,7 +627,10 @@ def _add_control_routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         if state.metrics is None:
             return native_error("Metrics are disabled: launch the server with --enable-metrics.", 404)
-        stats = await state.control(state.engine.stats)
+        try:
+            stats = await state.control(state.engine.stats)
+        except ProtocolError as exc:
+            return native_error(exc.message, exc.status)
         return Response(state.metrics.render(stats), media_type=METRICS_CONTENT_TYPE)
 
 

@@ -487,6 +487,22 @@ def test_health_generate_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
         server.close()
 
 
+def test_control_routes_answer_503_when_the_engine_is_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = start_server(enable_metrics=True)
+    try:
+        monkeypatch.setattr(app_module, "CONTROL_TIMEOUT", 0.3)
+        for name in ("flush_cache", "stats", "get_server_info"):
+            monkeypatch.setattr(server.engine, name, lambda: time.sleep(1.0) or {})
+        for route in ("/flush_cache", "/get_server_info", "/metrics"):
+            r = requests.get(server.url + route)
+            assert r.status_code == 503, (route, r.status_code, r.text)
+            assert "did not answer within 0.3 s" in r.json()["error"]["message"], r.text
+        monkeypatch.undo()
+        assert requests.get(server.url + "/get_server_info").status_code == 200
+    finally:
+        server.close()
+
+
 def test_flush_cache(live: LiveServer) -> None:
     for method in (requests.get, requests.post):
         r = method(live.url + "/flush_cache")
