@@ -373,6 +373,22 @@ def _client_gone() -> Response:
     return Response(status_code=499)
 
 
+class GroupEventStream(StreamingResponse):
+    """The SSE of a request group, which aborts what is still running however the response
+    ends. Not in the events' generator: a client gone before the first event fails the
+    response's first send, and the generator, never started, would run no `finally`."""
+
+    def __init__(self, events: AsyncIterator[bytes], group: RequestGroup) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.group = group
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.group.abort_unfinished()
+
+
 def create_app(engine: Any) -> FastAPI:
     """The HTTP app over a running engine (see NATIVE_API.md for every route's answer)."""
     state = ServerState(engine)
@@ -420,21 +436,18 @@ def _first_error(outputs: list[RequestOutput]) -> RequestOutput | None:
 async def _stream_generate(
     state: ServerState, expanded: ExpandedRequests, group: RequestGroup
 ) -> AsyncIterator[bytes]:
-    """SSE of /generate: cumulative events, `index` in a batch, then [DONE]; aborts what a
-    disconnect leaves running."""
+    """SSE of /generate: cumulative events, `index` in a batch, then [DONE] (`GroupEventStream`
+    aborts what a disconnect leaves running)."""
     skip = state.tokenizer is None
-    try:
-        async for index, output in group.outputs():
-            if output.error:
-                yield sse_event({"error": {"message": output.error}})
-                continue
-            payload = generate_response(expanded.requests[index], output, state.token_texts, skip)
-            if not expanded.is_single:
-                payload["index"] = index
-            yield sse_event(payload)
-        yield SSE_DONE
-    finally:
-        group.abort_unfinished()
+    async for index, output in group.outputs():
+        if output.error:
+            yield sse_event({"error": {"message": output.error}})
+            continue
+        payload = generate_response(expanded.requests[index], output, state.token_texts, skip)
+        if not expanded.is_single:
+            payload["index"] = index
+        yield sse_event(payload)
+    yield SSE_DONE
 
 
 def _add_native_routes(app: FastAPI, state: ServerState) -> None:
@@ -450,7 +463,7 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
         expanded = protocol.expand_generate(body, state.tokenize, state.info.vocab_size)
         group = state.start(expanded.requests)
         if expanded.stream:
-            return StreamingResponse(_stream_generate(state, expanded, group), media_type="text/event-stream")
+            return GroupEventStream(_stream_generate(state, expanded, group), group)
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
@@ -859,9 +872,7 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         group = state.start(requests)
         name = model_name(body.model)
         if body.stream:
-            return StreamingResponse(
-                _stream_completions(state, body, group, echoes, name), media_type="text/event-stream"
-            )
+            return GroupEventStream(_stream_completions(state, body, group, echoes, name), group)
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
@@ -917,7 +928,7 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         group = state.start(requests)
         name = model_name(body.model)
         if body.stream:
-            return StreamingResponse(_stream_chat(state, body, group, name), media_type="text/event-stream")
+            return GroupEventStream(_stream_chat(state, body, group, name), group)
         outputs = await collect_outputs(group, request)
         if outputs is None:
             return _client_gone()
@@ -1004,31 +1015,26 @@ async def _stream_openai(
     choices_for: Callable[[int, RequestOutput], list[Any]],
 ) -> AsyncIterator[bytes]:
     """The SSE both OpenAI routes share: each output's choices (from `choices_for`) as chunks,
-    engine errors as error events, the usage chunk when asked, then [DONE]. A client that
-    leaves mid-stream aborts what is still running."""
+    engine errors as error events, the usage chunk when asked, then [DONE] (`GroupEventStream`
+    aborts what a client leaving mid-stream leaves running)."""
     finals: list[RequestOutput | None] = [None] * len(group.requests)
     created = int(time.time())
     stream_id = group.requests[0].rid  # one id for every chunk of the stream, as OpenAI's
-    try:
-        async for index, output in group.outputs():
-            if output.error:
-                yield sse_event(openai_error_body(output.error, output.error_status))
-                continue
-            if output.finished:
-                finals[index] = output
-            options = body.stream_options
-            running = _usage(state, [output], 1) if options and options.continuous_usage_stats else None
-            for choice in choices_for(index, output):
-                message = response_cls(
-                    id=stream_id, created=created, model=name, choices=[choice], usage=running
-                )
-                yield b"data: " + message.model_dump_json().encode() + b"\n\n"
-        if body.stream_options is not None and body.stream_options.include_usage:
-            usage = _usage(state, finals, body.n)
-            yield _usage_event(response_cls, stream_id, created, name, usage)
-        yield SSE_DONE
-    finally:
-        group.abort_unfinished()
+    async for index, output in group.outputs():
+        if output.error:
+            yield sse_event(openai_error_body(output.error, output.error_status))
+            continue
+        if output.finished:
+            finals[index] = output
+        options = body.stream_options
+        running = _usage(state, [output], 1) if options and options.continuous_usage_stats else None
+        for choice in choices_for(index, output):
+            message = response_cls(id=stream_id, created=created, model=name, choices=[choice], usage=running)
+            yield b"data: " + message.model_dump_json().encode() + b"\n\n"
+    if body.stream_options is not None and body.stream_options.include_usage:
+        usage = _usage(state, finals, body.n)
+        yield _usage_event(response_cls, stream_id, created, name, usage)
+    yield SSE_DONE
 
 
 def _stream_completions(

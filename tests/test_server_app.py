@@ -5,6 +5,7 @@ here, so these tests take seconds; tests/test_server_e2e.py runs the real thing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import socket
@@ -432,6 +433,60 @@ def test_stream_disconnect_aborts(live: LiveServer) -> None:
         next(lines)
     wait_until(lambda: "gone-stream" in live.engine.aborted)
     wait_until(lambda: not live.engine.active)
+
+
+@pytest.mark.parametrize("route", ["/generate", "/v1/completions", "/v1/chat/completions"])
+def test_stream_gone_before_its_first_event_aborts(live: LiveServer, route: str) -> None:
+    """The client is gone when the response starts (ASGI 2.4: the first send fails), so the
+    events' generator never starts: the requests must be aborted all the same."""
+    rid = f"gone-early{route.replace('/', '-')}"
+    bodies = {
+        "/generate": {"text": "bye", "rid": rid, "sampling_params": {"max_new_tokens": 60}, "stream": True},
+        "/v1/completions": {"model": "m", "prompt": "bye", "max_tokens": 60, "stream": True, "rid": rid},
+        "/v1/chat/completions": {
+            "model": "m",
+            "messages": [{"role": "user", "content": "bye"}],
+            "max_tokens": 60,
+            "stream": True,
+            "rid": rid,
+        },
+    }
+    incoming = [{"type": "http.request", "body": json.dumps(bodies[route]).encode(), "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if incoming:
+            return incoming.pop()
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            assert message["status"] == 200
+            raise OSError("the client went away")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": route,
+        "raw_path": route.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", live.port),
+    }
+
+    async def call() -> None:
+        with contextlib.suppress(Exception):
+            await live.app(scope, receive, send)
+
+    asyncio.run(call())
+    started = [r for r in live.engine.aborted if r.startswith(rid)]
+    assert started, live.engine.aborted
+    wait_until(lambda: not any(r.startswith(rid) for r in live.engine.active))
 
 
 def test_non_stream_disconnect_aborts(live: LiveServer) -> None:
