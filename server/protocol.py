@@ -199,6 +199,8 @@ def expand_rids(rid: str | list[str] | None, num_prompts: int, n: int) -> list[s
     total = num_prompts * n
     if rid is None:
         return [new_rid() for _ in range(total)]
+    if rid == "" or (isinstance(rid, list) and "" in rid):  # /abort_request could never name it
+        raise ProtocolError("rid must not be empty.", param="rid")
     if isinstance(rid, str):
         return [rid] if total == 1 else [f"{rid}_{k}" for k in range(total)]
     if len(rid) == total:

@@ -128,6 +128,8 @@ def test_flat_token_ids_logprob_is_shared() -> None:
         ),
         ({"text": ["a", "b"], "rid": ["x"]}, "rid has 1 entries"),
         ({"text": ["a", "b"], "rid": ["x", "x"]}, "rid must be unique"),
+        ({"text": "a", "rid": ""}, "rid must not be empty"),
+        ({"text": ["a", "b"], "rid": ["x", ""]}, "rid must not be empty"),
         ({"text": ["a", "b"], "return_logprob": [True]}, "return_logprob has 1 entries"),
         ({"input_ids": [1, 5000]}, "input_ids contains token id 5000, outside the vocabulary [0, 1000)."),
         ({"input_ids": [-1]}, "input_ids contains token id -1"),
