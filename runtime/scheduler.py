@@ -118,6 +118,7 @@ class Scheduler:
         self.last_cache_hit_rate = 0.0
         self.last_queue_latency = 0.0
         self.error: BaseException | None = None
+        self.failed = threading.Event()  # set once the loop has crashed and answered everyone
         self.num_steps = 0  # steps dispatched
 
     def thread_cpu_time(self) -> float | None:
@@ -182,6 +183,7 @@ class Scheduler:
                 message = f"internal error: {exc}"
                 self._finish(req, {"type": "abort", "message": message}, release=False, error=message)
             self._fail_inbox(exc)
+            self.failed.set()
 
     def _fail_inbox(self, exc: BaseException) -> None:
         """After a crash nothing will serve the queue: answer every waiting request and call."""

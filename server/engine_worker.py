@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -106,9 +107,15 @@ class EngineWorker:
         self._outbox_changed = threading.Condition()
         self._closed = False
         self._sender = threading.Thread(target=self._send_outputs, name="sglax-output-sender", daemon=True)
+        self.exit_process: Callable[[int], Any] = os._exit  # no cleanup to wait for: the outputs are sent
 
     def serve(self) -> None:
         self._sender.start()
+        scheduler = getattr(self.engine, "scheduler", None)
+        if scheduler is not None:
+            threading.Thread(
+                target=self.exit_after_crash, args=(scheduler.failed,), name="crash-watch", daemon=True
+            ).start()
         self._send((READY, self.engine.server_args, self.engine.request_limits))
         try:
             while True:
@@ -135,6 +142,16 @@ class EngineWorker:
                 self.engine.shutdown()
             finally:
                 self._close_outbox()
+
+    def exit_after_crash(self, failed: threading.Event) -> None:
+        """Once the scheduler has crashed (a bug, a device out of memory), send the outputs that
+        answer the requests it held, then end this process: the HTTP process sees the pipe
+        close and stops the server with an error, as the reference's does, for a supervisor to
+        restart, instead of serving on with every request failing and /health saying 200."""
+        failed.wait()
+        logger.error("The scheduler crashed; stopping the engine process (see the traceback above).")
+        self._close_outbox()
+        self.exit_process(1)
 
     def _submit(self, request: EngineRequest) -> None:
         try:

@@ -298,3 +298,45 @@ def test_the_engine_process_does_not_outlive_a_server_killed_while_it_loads(
         assert "ready to roll" not in log_path.read_text()
     finally:
         terminate_process(process)
+
+
+def test_a_crashed_scheduler_answers_its_requests_then_ends_the_engine_process(
+    tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that raises (a bug, a device out of memory) fails the scheduler for good: the
+    worker sends the requests' error outputs, then exits with 1 (here recorded, not done), so
+    the HTTP process sees the pipe close and stops the server."""
+    import multiprocessing
+
+    from server.engine_worker import OUTPUTS, READY, SUBMIT, EngineWorker
+
+    engine = Engine(ServerArgs(model_path=str(tiny_llama_path), max_total_tokens=1024, random_seed=0))
+    here, there = multiprocessing.Pipe()
+    worker = EngineWorker(engine, there)
+    exits: list[int] = []
+    worker.exit_process = exits.append
+
+    def broken_step(batch: Any) -> Any:
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory (a stand-in)")
+
+    monkeypatch.setattr(engine.runner, "forward", broken_step)
+    serving = threading.Thread(target=worker.serve, daemon=True)
+    serving.start()
+    try:
+        assert here.poll(60) and here.recv()[0] == READY
+        here.send(
+            (SUBMIT, EngineRequest(rid="doomed", input_ids=[5, 6, 7], sampling_params=SamplingParams()))
+        )
+        deadline = time.monotonic() + 60
+        answered = []
+        while not exits and time.monotonic() < deadline:
+            if here.poll(0.1):
+                message = here.recv()
+                if message[0] == OUTPUTS:
+                    answered += message[1]
+        assert exits == [1]
+        assert answered and answered[-1][0].rid == "doomed" and answered[-1][0].finished
+        assert "out of memory" in answered[-1][0].error
+    finally:
+        here.close()  # the worker's main loop ends on the closed pipe and shuts the engine down
+        serving.join(timeout=60)
