@@ -502,17 +502,23 @@ class Decoder(nnx.Module):
 # ----------------------------------------------------------------------------- model heads
 
 
+# Rows up to which a CPU takes the tied LM head with the table as the left operand (below).
+LEFT_TABLE_MAX_ROWS = 64
+
+
 def tied_head_logits(hidden: jax.Array, table: jax.Array) -> jax.Array:
     """float32[N, V] logits from the embedding table `[V, H]` doubling as the LM head.
 
-    On a CPU the table is the dot's left operand, `[V, H] x [H, N]`, and the small
-    `[V, N]` result is transposed after: XLA's CPU dot streams the table faster that
-    way (2-core box, SmolLM2's [32 x 576] x [576 x 49152] alone: 7.9 -> 6.2 ms with the
-    transpose; whole batch-32 decode steps 66.9 -> 64.9 ms, batch 8 30.3 -> 29.5 ms).
-    The barrier keeps XLA from folding the transpose back into the dot. Elsewhere the
-    plain product (not measured on a GPU).
+    On a CPU, for up to LEFT_TABLE_MAX_ROWS rows (a step's sampled rows), the table is
+    the dot's left operand, `[V, H] x [H, N]`, and the small `[V, N]` result is
+    transposed after: XLA's CPU dot streams the table faster that way (2-core box,
+    SmolLM2's [32 x 576] x [576 x 49152] alone: 7.9 -> 6.2 ms with the transpose; whole
+    batch-32 decode steps 66.9 -> 64.9 ms, batch 8 30.3 -> 29.5 ms). The barrier keeps
+    XLA from folding the transpose back into the dot. From 128 rows on (a prompt's
+    logprobs) that order is the slower one (256 rows: 72.7 against 44.7 ms). Elsewhere
+    the plain product (not measured on a GPU).
     """
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or hidden.shape[0] > LEFT_TABLE_MAX_ROWS:
         return jnp.einsum("nh,vh->nv", hidden, table, preferred_element_type=jnp.float32)
     by_vocab = jnp.einsum("vh,nh->vn", table, hidden, preferred_element_type=jnp.float32)
     return jax.lax.optimization_barrier(by_vocab).T

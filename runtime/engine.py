@@ -496,7 +496,10 @@ class Engine:
         if self.scheduler is not None:
             profiler = self.scheduler.profiler
             if profiler.active and self.scheduler.error is None:  # write a trace in progress out
-                self.scheduler.call(lambda: profiler.stop() if profiler.active else None)
+                try:
+                    self.scheduler.call(lambda: profiler.stop() if profiler.active else None)
+                except Exception:  # a lost trace must not keep the engine from stopping
+                    logger.exception("The trace in progress could not be written")
             self.scheduler.shutdown()
         if self.encoder is not None:
             self.encoder.shutdown()

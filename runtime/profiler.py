@@ -83,6 +83,9 @@ def _forget_unwritten_trace() -> None:
     would refuse every later `start_trace` ("Profile has already been started"). jax has no
     public call for this (0.10 and 0.11 alike).
     """
-    from jax._src import profiler as jax_profiler
+    try:
+        from jax._src import profiler as jax_profiler
 
-    jax_profiler._profile_state.reset()
+        jax_profiler._profile_state.reset()
+    except Exception:  # a jax without it: later traces may be refused, serving goes on
+        logger.exception("jax's profiler state could not be reset")

@@ -179,11 +179,16 @@ class Scheduler:
         except BaseException as exc:  # a bug must not leave clients hanging
             logger.exception("scheduler crashed")
             self.error = exc
-            for req in list(self.by_rid.values()):
-                message = f"internal error: {exc}"
-                self._finish(req, {"type": "abort", "message": message}, release=False, error=message)
-            self._fail_inbox(exc)
-            self.failed.set()
+            try:
+                for req in list(self.by_rid.values()):
+                    message = f"internal error: {exc}"
+                    try:
+                        self._finish(req, {"type": "abort", "message": message}, release=False, error=message)
+                    except Exception:  # the same bug again (its text, say): the others still get theirs
+                        logger.exception("request %s could not be told of the crash", req.rid)
+            finally:
+                self._fail_inbox(exc)
+                self.failed.set()
 
     def _fail_inbox(self, exc: BaseException) -> None:
         """After a crash nothing will serve the queue: answer every waiting request and call."""

@@ -325,12 +325,13 @@ class ServerState:
 
     async def control(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking engine call off the event loop, bounded in time: past it, a 503 (the
-        engine is busy, e.g. loading weights), which a client may retry."""
+        engine is busy, e.g. loading weights). The call itself goes on, and may still take effect."""
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args), CONTROL_TIMEOUT)
         except TimeoutError as exc:
             raise ProtocolError(
-                f"The engine did not answer within {CONTROL_TIMEOUT:g} s; try again.", status=503
+                f"The engine did not answer within {CONTROL_TIMEOUT:g} s; the call may still take effect.",
+                status=503,
             ) from exc
 
     def engine_method(self, name: str) -> Callable[..., Any]:
@@ -603,6 +604,8 @@ def _add_control_routes(app: FastAPI, state: ServerState) -> None:
             method = state.engine_method(method_name)
             try:
                 await state.control(method)
+            except ProtocolError:  # the engine's silence (503), already the client's answer
+                raise
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from exc
             return Response(text, media_type="text/plain")
@@ -632,6 +635,8 @@ def _add_control_routes(app: FastAPI, state: ServerState) -> None:
         method = state.engine_method("start_profile")
         try:
             await state.control(method, body.output_dir, body.num_steps)
+        except ProtocolError:
+            raise
         except ValueError as exc:
             raise ProtocolError(str(exc)) from exc
         return Response("Start profiling.\n", media_type="text/plain")

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from runtime.io_struct import EngineRequest, RequestKind
-from runtime.sampling_params import SamplingParams
+from runtime.sampling_params import MAX_N, SamplingParams
 
 TokenIds = list[StrictInt]
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -463,6 +463,8 @@ class _OpenAISampling(BaseModel):
         reject_unsupported(self.__dict__, ("lora_path", "session_params"))
         if self.n < 1:
             raise ProtocolError(f"n must be at least 1, got {self.n}.", param="n")
+        if self.n > MAX_N:
+            raise ProtocolError(f"n may be at most {MAX_N}, got {self.n}.", param="n")
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options can only be set when stream is true.", param="stream_options")
 

@@ -253,6 +253,18 @@ def test_openai_chat_fields_this_server_cannot_honour(extra: dict, message: str)
         ).check_supported()
 
 
+@pytest.mark.parametrize("model", [protocol.CompletionRequest, protocol.ChatCompletionRequest])
+def test_openai_n_has_the_native_bounds(model: type) -> None:
+    prompt = (
+        {"prompt": "a"}
+        if model is protocol.CompletionRequest
+        else {"messages": [{"role": "user", "content": "a"}]}
+    )
+    protocol.validate_model(model, {**prompt, "n": 1024}).check_supported()
+    with pytest.raises(ProtocolError, match="n may be at most 1024, got 1025"):
+        protocol.validate_model(model, {**prompt, "n": 1025}).check_supported()
+
+
 def test_openai_unsupported_fields() -> None:
     body = protocol.validate_model(protocol.CompletionRequest, {"prompt": "a", "logit_bias": {"1": 5}})
     with pytest.raises(ProtocolError, match="logit_bias is not supported"):
