@@ -222,6 +222,7 @@ class Engine:
             disable_radix_cache=args.disable_radix_cache,
             stream_interval=args.stream_interval,
             eos_ids=_eos_ids(config, self.tokenizer, args.model_path),
+            burst_window=args.burst_window_ms / 1000,
         )
         self.scheduler.start()
         logger.info(

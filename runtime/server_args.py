@@ -27,6 +27,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the refe
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
 LAYER_LOOPS = ("scan", "unrolled")
+# --burst-window-ms: longer would make a lone request wait visibly for company.
+MAX_BURST_WINDOW_MS = 100.0
 ON_OFF_AUTO = ("auto", "on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -127,6 +129,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     chunked_prefill_size: int | None = None
     schedule_policy: str = "fcfs"
+    burst_window_ms: float | None = None
     disable_radix_cache: bool = False
     page_size: int = 16
     stream_interval: int = 1
@@ -165,6 +168,8 @@ class ServerArgs:
             self.max_running_requests = 256 if on_gpu else 64
         if self.chunked_prefill_size is None:
             self.chunked_prefill_size = 8192 if on_gpu else 2048
+        if self.burst_window_ms is None:
+            self.burst_window_ms = 0.0 if on_gpu else 3.0
         if self.enable_compile_cache and self.compile_cache_dir is None:
             self.compile_cache_dir = str(paths.compile_cache_dir())
         if self.attention_backend in REFERENCE_ATTENTION_BACKENDS:
@@ -208,6 +213,11 @@ class ServerArgs:
             )
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be at least 1, got {self.stream_interval}.")
+        assert self.burst_window_ms is not None
+        if not 0.0 <= self.burst_window_ms <= MAX_BURST_WINDOW_MS:
+            raise ValueError(
+                f"--burst-window-ms must be in [0, {MAX_BURST_WINDOW_MS:g}], got {self.burst_window_ms}."
+            )
         for name in ("tp_size", "dp_size", "nnodes"):
             value = getattr(self, name)
             if value < 1:
@@ -287,6 +297,14 @@ class ServerArgs:
             "--chunked-prefill-size", type=int, default=None, help="Tokens per prefill chunk; -1 disables."
         )
         sched.add_argument("--schedule-policy", default=default("schedule_policy"), choices=SCHEDULE_POLICIES)
+        sched.add_argument(
+            "--burst-window-ms",
+            type=float,
+            default=None,
+            help="An idle engine's first request waits until none has arrived for this long (at most "
+            "10 times as long), so that a burst starts as one batch instead of a trickle of partial "
+            "prefill steps (default 3 on a CPU, where a step costs up to seconds; 0, off, on a GPU).",
+        )
         sched.add_argument("--disable-radix-cache", action="store_true")
         sched.add_argument("--page-size", type=int, default=default("page_size"))
         sched.add_argument("--stream-interval", type=int, default=default("stream_interval"))

@@ -831,3 +831,38 @@ def test_unrolled_layers_match_the_scan_and_take_a_weight_swap(tiny_qwen2_moe_pa
     np.testing.assert_array_equal(hist, scan_hist)
     assert hist.sum() > 0
     np.testing.assert_allclose(logprobs, scan_logprobs, atol=1e-4)
+
+
+def test_a_burst_sent_one_by_one_starts_as_one_prefill_step(tiny_llama_path):
+    """Six requests 5 ms apart reach an idle engine: within the burst window of each other,
+    they make one first step (with no window, that step would hold the first alone)."""
+    engine = _engine(tiny_llama_path, burst_window_ms=100.0)
+    try:
+        first_steps: list[int] = []
+        dispatch = engine.runner.forward
+
+        def recording(batch):
+            if not first_steps:
+                first_steps.append(int(np.count_nonzero(np.diff(batch.cu_q_lens))))
+            return dispatch(batch)
+
+        engine.runner.forward = recording
+        done = threading.Event()
+        finished: list[str] = []
+
+        def collect(output):
+            if output.finished:
+                finished.append(output.rid)
+                if len(finished) == 6:
+                    done.set()
+
+        for i in range(6):
+            request = EngineRequest(
+                rid=f"b{i}", input_ids=[100 + i] * 40, sampling_params=SamplingParams.from_dict(_greedy(2))
+            )
+            engine.submit(request, collect)
+            time.sleep(0.005)
+        assert done.wait(120)
+        assert first_steps == [6], first_steps
+    finally:
+        engine.shutdown()

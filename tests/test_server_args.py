@@ -101,6 +101,8 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"max_total_tokens": 8}, "--max-total-tokens (8) must hold at least one page"),
         ({"chunked_prefill_size": 4}, "--chunked-prefill-size must be -1"),
         ({"stream_interval": 0}, "--stream-interval must be at least 1"),
+        ({"burst_window_ms": -1.0}, "--burst-window-ms must be in [0, 100], got -1.0."),
+        ({"burst_window_ms": 500.0}, "--burst-window-ms must be in [0, 100]"),
         ({"tp_size": 0}, "--tp-size must be at least 1"),
         ({"schedule_policy": "lifo"}, "--schedule-policy must be one of fcfs, lpm"),
         ({"dtype": "int8"}, "--dtype must be one of"),
