@@ -169,7 +169,7 @@ class ServerArgs:
         if self.chunked_prefill_size is None:
             self.chunked_prefill_size = 8192 if on_gpu else 2048
         if self.burst_window_ms is None:
-            self.burst_window_ms = 0.0 if on_gpu else 3.0
+            self.burst_window_ms = 0.0 if on_gpu else 5.0
         if self.enable_compile_cache and self.compile_cache_dir is None:
             self.compile_cache_dir = str(paths.compile_cache_dir())
         if self.attention_backend in REFERENCE_ATTENTION_BACKENDS:
@@ -303,7 +303,7 @@ class ServerArgs:
             default=None,
             help="An idle engine's first request waits until none has arrived for this long (at most "
             "10 times as long), so that a burst starts as one batch instead of a trickle of partial "
-            "prefill steps (default 3 on a CPU, where a step costs up to seconds; 0, off, on a GPU).",
+            "prefill steps (default 5 on a CPU, where a step costs up to seconds; 0, off, on a GPU).",
         )
         sched.add_argument("--disable-radix-cache", action="store_true")
         sched.add_argument("--page-size", type=int, default=default("page_size"))
