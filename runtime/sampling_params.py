@@ -19,6 +19,7 @@ GREEDY_TEMPERATURE = 1e-6
 # tail, and n multiplies a request.
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 MAX_N = 1024
 
 _FLOAT_KEYS = (
@@ -75,7 +76,7 @@ class SamplingParams:
         elif isinstance(stop, str):
             stop = [stop]
         self.stop = [s for s in stop if s]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))  # checked each step
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
@@ -132,6 +133,11 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative token ids, got {token_id}.")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"stop_token_ids holds {len(self.stop_token_ids)} distinct ids; at most "
+                f"{MAX_STOP_TOKEN_IDS} are served."
+            )
         grammars = [key for key in _GRAMMAR_KEYS if getattr(self, key) is not None]
         if len(grammars) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")

@@ -80,6 +80,10 @@ def test_defaults_match_the_reference() -> None:
         ({"n": 0}, "n must be at least 1, got 0."),
         ({"n": 1025}, "n may be at most 1024, got 1025."),
         ({"stop": ["x"] * 65}, "stop holds 65 strings; at most 64 are served."),
+        (
+            {"stop_token_ids": list(range(1025))},
+            "stop_token_ids holds 1025 distinct ids; at most 1024 are served.",
+        ),
         ({"stop": ["ok", "y" * 1025]}, "stop strings may be up to 1024 characters long, got one of 1025."),
         ({"regex": "a+", "ebnf": "root ::= 'a'"}, "Only one of regex, json_schema, or ebnf can be set."),
         ({"regex": "a+", "json_schema": "{}"}, "Only one of regex, json_schema, or ebnf can be set."),
@@ -94,6 +98,11 @@ def test_invalid_values_give_the_reference_messages(params: dict, message: str) 
     with pytest.raises(ValueError) as err:
         SamplingParams.from_dict(params)
     assert str(err.value) == message
+
+
+def test_repeated_stop_token_ids_count_once() -> None:
+    params = SamplingParams.from_dict({"stop_token_ids": [7, 3, 7] * 1000})
+    assert params.stop_token_ids == [7, 3]
 
 
 def test_unknown_key_is_named() -> None:
