@@ -324,10 +324,15 @@ class ServerState:
         return group
 
     async def control(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run a blocking engine call off the event loop, bounded in time: past it, a 503 (the
-        engine is busy, e.g. loading weights). The call itself goes on, and may still take effect."""
+        """Run a blocking engine call off the event loop, bounded in time. The engine's
+        ValueError (the client's mistake) is a 400; past the time, a 503 (the engine is busy,
+        e.g. loading weights): the call itself goes on, and may still take effect."""
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args), CONTROL_TIMEOUT)
+        except ProtocolError:
+            raise
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
         except TimeoutError as exc:
             raise ProtocolError(
                 f"The engine did not answer within {CONTROL_TIMEOUT:g} s; the call may still take effect.",
@@ -602,12 +607,7 @@ def _add_control_routes(app: FastAPI, state: ServerState) -> None:
         @_native
         async def route(request: Request) -> Response:
             method = state.engine_method(method_name)
-            try:
-                await state.control(method)
-            except ProtocolError:  # the engine's silence (503), already the client's answer
-                raise
-            except ValueError as exc:
-                raise ProtocolError(str(exc)) from exc
+            await state.control(method)
             return Response(text, media_type="text/plain")
 
     text_route(
@@ -633,22 +633,15 @@ def _add_control_routes(app: FastAPI, state: ServerState) -> None:
         data = protocol.parse_json_body(await request.body(), allow_empty=True)
         body = protocol.validate_model(protocol.ProfileRequest, data if data is not None else {})
         method = state.engine_method("start_profile")
-        try:
-            await state.control(method, body.output_dir, body.num_steps)
-        except ProtocolError:
-            raise
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from exc
+        await state.control(method, body.output_dir, body.num_steps)
         return Response("Start profiling.\n", media_type="text/plain")
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    @_native
+    async def metrics(request: Request) -> Response:
         if state.metrics is None:
             return native_error("Metrics are disabled: launch the server with --enable-metrics.", 404)
-        try:
-            stats = await state.control(state.engine.stats)
-        except ProtocolError as exc:
-            return native_error(exc.message, exc.status)
+        stats = await state.control(state.engine.stats)
         return Response(state.metrics.render(stats), media_type=METRICS_CONTENT_TYPE)
 
 
