@@ -229,8 +229,9 @@ class EngineClient:
                 self._callbacks.pop(o.rid, None) if o.finished else self._callbacks.get(o.rid)
                 for o in outputs
             ]
+        failed: set[str] = set()  # a message may hold several outputs of one request
         for output, owner in zip(outputs, owners, strict=True):
-            if owner is None:
+            if owner is None or output.rid in failed:
                 continue
             request, callback, text = owner
             if text is not None:
@@ -239,6 +240,7 @@ class EngineClient:
                 except Exception as exc:  # this request fails alone; the engine and the rest go on
                     logger.exception("Cannot make the text of request %s", output.rid)
                     self._fail_one(request, callback, output.finished, f"Cannot detokenize the output: {exc}")
+                    failed.add(output.rid)
                     continue
             self._run_callback(callback, output)
 

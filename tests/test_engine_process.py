@@ -340,3 +340,29 @@ def test_a_crashed_scheduler_answers_its_requests_then_ends_the_engine_process(
     finally:
         here.close()  # the worker's main loop ends on the closed pipe and shuts the engine down
         serving.join(timeout=60)
+
+
+def test_a_text_that_fails_ends_its_request_once_when_one_message_holds_two_of_its_outputs() -> None:
+    """The engine's sender puts whatever arrived since its last send into one message, so two
+    steps' outputs of a request can come together: when the first one's text fails, the second
+    must not fail the request (and abort it) again."""
+    from threading import Lock
+
+    from server.engine_worker import ABORT
+
+    class FailingText:
+        def text_of(self, output_ids: list[int], finished: bool, reason: Any) -> str:
+            raise RuntimeError("no text")
+
+    client = object.__new__(EngineClient)  # its delivery alone: no engine process
+    client._lock, client._deltas = Lock(), DeltaDecoder()
+    sent: list[tuple] = []
+    client._send = sent.append
+    seen: list[RequestOutput] = []
+    request = EngineRequest(rid="x", input_ids=[1, 2, 3])
+    client._callbacks = {"x": (request, seen.append, FailingText())}
+    cutter = OutputDeltas()
+    message = [cutter.cut(_output("x", [5], None)), cutter.cut(_output("x", [5, 6], None))]
+    client._deliver(message)
+    assert [(o.finished, "no text" in (o.error or "")) for o in seen] == [(True, True)]
+    assert sent == [(ABORT, "x")]
