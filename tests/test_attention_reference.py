@@ -57,6 +57,8 @@ def numpy_attention(batch: Batch) -> np.ndarray:
         # keys are fewer than its padded rows, and long and short chunks over long prefixes.
         (0, [(513, 0)]),
         (3, [(600, 300), (20, 900), (1, 0)]),
+        # Chunks of a power of two and of one row more, over prefixes mid-page and 1000 deep.
+        (2, [(300, 0), (129, 0), (256, 5), (257, 130), (1, 1000)]),
     ],
     ids=[
         "decode",
@@ -67,6 +69,7 @@ def numpy_attention(batch: Batch) -> np.ndarray:
         "mixed",
         "long",
         "long-mixed",
+        "uneven",
     ],
 )
 def test_reference_matches_numpy(num_decode, prefills, kv_heads, group):
