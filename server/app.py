@@ -820,11 +820,23 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
     def model_name(requested: str | None) -> str:
         return requested or state.args.served_model_name
 
+    def served_card() -> protocol.ModelCard:
+        name = state.args.served_model_name
+        return protocol.ModelCard(id=name, root=name, max_model_len=state.info.context_length)
+
     @app.get("/v1/models")
     async def models() -> Response:
-        name = state.args.served_model_name
-        card = protocol.ModelCard(id=name, root=name, max_model_len=state.info.context_length)
-        return json_response(protocol.ModelList(data=[card]).model_dump())
+        return json_response(protocol.ModelList(data=[served_card()]).model_dump())
+
+    @app.get("/v1/models/{model:path}")
+    async def model_card(model: str) -> Response:
+        """One model's card (the SDK's `models.retrieve`); this server serves one model."""
+        card = served_card()
+        if model != card.id:
+            return openai_error(
+                f"The model '{model}' does not exist; this server serves '{card.id}'.", 404, "model"
+            )
+        return json_response(card.model_dump())
 
     @app.post("/v1/completions")
     @_openai

@@ -24,6 +24,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -87,7 +88,9 @@ def validate_model(model: type[ModelT], data: Any) -> ModelT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ProtocolError(format_validation_error(exc)) from exc
+        first = exc.errors()[0]["loc"] if exc.error_count() else ()
+        param = str(first[0]) if first else None  # the top-level field, as OpenAI errors name it
+        raise ProtocolError(format_validation_error(exc), param=param) from exc
 
 
 # ============================================================================ native API
@@ -522,6 +525,10 @@ class CompletionRequest(_OpenAISampling):
         check_token_budget("max_tokens", self.max_tokens)
 
 
+# The roles the API defines; any other would reach the chat template as a header of its own.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class ChatMessage(BaseModel):
     """One chat message; extra keys (name, tool_calls, tool_call_id) go to the template untouched."""
 
@@ -529,6 +536,16 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _known_role(cls, role: Any) -> Any:
+        """One of CHAT_ROLES in any case, stored in lower case: chat templates compare lower-case names."""
+        if isinstance(role, str) and role.lower() in CHAT_ROLES:
+            return role.lower()
+        if isinstance(role, str):
+            raise ValueError(f"role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        return role
 
     @model_validator(mode="after")
     def _user_says_something(self) -> ChatMessage:

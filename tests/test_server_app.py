@@ -639,6 +639,10 @@ def test_v1_models(live: LiveServer) -> None:
     [card] = body["data"]
     assert card["id"] == "/models/fake" and card["object"] == "model" and card["max_model_len"] == CONTEXT
     assert {"created", "owned_by", "root"} <= set(card)
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
+    assert client.models.retrieve("/models/fake").model_dump()["max_model_len"] == CONTEXT
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("other")
 
 
 def test_openai_client(live: LiveServer) -> None:

@@ -222,6 +222,21 @@ def test_openai_sampling_mapping() -> None:
         image.template_messages()
 
 
+def test_openai_chat_roles() -> None:
+    body = protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {"messages": [{"role": "System", "content": "s"}, {"role": "USER", "content": "x"}]},
+    )
+    assert [m.role for m in body.messages] == ["system", "user"]
+    with pytest.raises(
+        ProtocolError, match="role must be one of system, developer, user, assistant"
+    ) as error:
+        protocol.validate_model(
+            protocol.ChatCompletionRequest, {"messages": [{"role": "wizard", "content": "x"}]}
+        )
+    assert error.value.param == "messages"
+
+
 def test_openai_user_messages_need_content() -> None:
     for messages in ([{"role": "user"}], [{"role": "user", "content": None}]):
         with pytest.raises(ProtocolError, match="a user message needs content"):
