@@ -459,6 +459,15 @@ class _OpenAISampling(BaseModel):
     session_params: Any = None
     rid: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """The API's fields are nullable: an explicit null (`"n": null`, `"logprobs": null`, as
+        some clients send them) takes the field's default instead of failing its type."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
     def check_supported(self) -> None:
         """Fields the API defines but this server cannot honour are a 400, never silently dropped."""
         if self.logit_bias:

@@ -237,6 +237,18 @@ def test_openai_chat_roles() -> None:
     assert error.value.param == "messages"
 
 
+def test_openai_null_fields_take_their_defaults() -> None:
+    chat = protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {"messages": [{"role": "user", "content": "x"}], "n": None, "stream": None, "logprobs": None},
+    )
+    assert (chat.n, chat.stream, chat.logprobs) == (1, False, False)
+    completion = protocol.validate_model(protocol.CompletionRequest, {"prompt": "x", "echo": None, "n": None})
+    assert (completion.echo, completion.n) == (False, 1)
+    with pytest.raises(ProtocolError, match="messages"):
+        protocol.validate_model(protocol.ChatCompletionRequest, {"messages": None})
+
+
 def test_openai_user_messages_need_content() -> None:
     for messages in ([{"role": "user"}], [{"role": "user", "content": None}]):
         with pytest.raises(ProtocolError, match="a user message needs content"):
