@@ -699,7 +699,7 @@ def _openai_requests(
     rid: str | None = None,
 ) -> list[EngineRequest]:
     """Engine requests `[p0 x n, p1 x n, ...]` of an OpenAI call."""
-    params = protocol.parse_sampling_params(sampling)
+    params = protocol.parse_openai_sampling(sampling)
     rids = protocol.expand_rids(rid, len(prompt_ids), n)
     requests = []
     for i, ids in enumerate(prompt_ids):

@@ -197,6 +197,27 @@ def parse_sampling_params(data: dict[str, Any] | None) -> SamplingParams:
         raise ProtocolError(str(exc), param="sampling_params") from exc
 
 
+# The native sampling names an OpenAI client knows by other names.
+OPENAI_SAMPLING_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "sampling_seed": "seed",
+}
+
+
+def parse_openai_sampling(data: dict[str, Any]) -> SamplingParams:
+    """parse_sampling_params for an OpenAI route: its 400 names the field as the client sent it."""
+    try:
+        return parse_sampling_params(data)
+    except ProtocolError as exc:
+        message = exc.message
+        for native, name in OPENAI_SAMPLING_NAMES.items():
+            message = message.replace(native, name)
+        names = [OPENAI_SAMPLING_NAMES.get(key, key) for key in data]
+        param = next((name for name in names if message.startswith(name + " ")), None)
+        raise ProtocolError(message, param=param) from exc
+
+
 def expand_rids(rid: str | list[str] | None, num_prompts: int, n: int) -> list[str]:
     """One rid per engine request: given per request, per prompt (suffixed per sample), or generated."""
     total = num_prompts * n

@@ -237,6 +237,21 @@ def test_openai_chat_roles() -> None:
     assert error.value.param == "messages"
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"top_p": 0.0}, "top_p", "top_p must be in (0, 1]"),
+        ({"min_tokens": 5}, "min_tokens", "min_tokens must be in [0, max_tokens(2)]"),
+        ({"presence_penalty": 9.0}, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+    ],
+)
+def test_openai_sampling_errors_use_the_openai_names(fields: dict, param: str, message: str) -> None:
+    body = protocol.validate_model(protocol.CompletionRequest, {"prompt": "x", "max_tokens": 2, **fields})
+    with pytest.raises(ProtocolError) as error:
+        protocol.parse_openai_sampling(body.sampling_dict(body.max_tokens))
+    assert error.value.param == param and error.value.message.startswith(message), error.value.message
+
+
 def test_openai_null_fields_take_their_defaults() -> None:
     chat = protocol.validate_model(
         protocol.ChatCompletionRequest,
