@@ -55,13 +55,20 @@ NOT_EMBEDDING_MODEL = (
     "This model does not appear to be an embedding model by default. Please add `--is-embedding` "
     "when launching the server or try another model."
 )
-EMBEDDING_MODEL_ON_GENERATE = (
-    "This model is an embedding model: /generate is not served. Use /encode or /classify."
-)
+
+
 # Paths reachable without the API key, as in the reference.
 PUBLIC_PATHS = frozenset({"/health", "/health_generate", "/metrics"})
 SSE_DONE = b"data: [DONE]\n\n"
 LOG_TRUNCATE = 200
+
+
+def not_generating(route: str) -> ProtocolError:
+    """The 400 of a generation route on an embedding or reward model, naming the route asked for."""
+    return ProtocolError(
+        f"This model is an embedding model: {route} is not served. "
+        "Use /encode or /classify (/v1/embeddings on the OpenAI routes)."
+    )
 
 
 def _version() -> str:
@@ -465,7 +472,7 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
             protocol.reject_unsupported(data, protocol.UNSUPPORTED_GENERATE_FIELDS)
         body = protocol.validate_model(protocol.GenerateRequest, data)
         if not state.info.is_generation:
-            raise ProtocolError(EMBEDDING_MODEL_ON_GENERATE)
+            raise not_generating("/generate")
         expanded = protocol.expand_generate(body, state.tokenize, state.info.vocab_size)
         group = state.start(expanded.requests)
         if expanded.stream:
@@ -846,7 +853,7 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         )
         body.check_supported()
         if not state.info.is_generation:
-            raise ProtocolError(EMBEDDING_MODEL_ON_GENERATE)
+            raise not_generating("/v1/completions")
         _require_tokenizer(state, "A completion")
         prompts, _ = protocol.split_openai_prompts(body.prompt)
         prompt_ids: list[list[int]] = []
@@ -922,7 +929,7 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         )
         body.check_supported()
         if not state.info.is_generation:
-            raise ProtocolError(EMBEDDING_MODEL_ON_GENERATE)
+            raise not_generating("/v1/chat/completions")
         prompt_ids, prompt = _apply_chat_template(state, body)
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = _openai_requests(
