@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -467,6 +469,130 @@ def test_abort_all_ends_every_request_with_an_abort_reason(base_url: str) -> Non
     assert answers["openai"].json()["choices"][0]["finish_reason"] == "abort"
     info = wait_idle(base_url)
     assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"], info
+
+
+def _random_request(rng: random.Random, prompts: list[str], vocab: int) -> tuple[str, dict[str, Any], bool]:
+    """`(route, body, stream)`: a valid request mixing the features a busy server sees at once."""
+    sampling: dict[str, Any] = {
+        "max_new_tokens": rng.randint(1, 8),
+        "temperature": rng.choice([0.0, 0.7, 1.3]),
+        "top_p": rng.choice([1.0, 0.9, 0.5]),
+        "top_k": rng.choice([-1, 1, 20]),
+        "min_p": rng.choice([0.0, 0.1]),
+        "frequency_penalty": rng.choice([0.0, 0.5, -0.5]),
+        "presence_penalty": rng.choice([0.0, 1.0]),
+        "repetition_penalty": rng.choice([1.0, 1.2, 0.8]),
+        "ignore_eos": rng.random() < 0.3,
+        "n": rng.choice([1, 1, 2, 3]),
+    }
+    sampling["min_new_tokens"] = rng.randint(0, sampling["max_new_tokens"])
+    if rng.random() < 0.4:
+        sampling["stop"] = rng.sample([" the", ".", "\n", "Paris", "a"], rng.randint(1, 3))
+    if rng.random() < 0.3:
+        sampling["stop_token_ids"] = [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
+    if rng.random() < 0.3:
+        sampling["sampling_seed"] = rng.randrange(1000)
+    stream = rng.random() < 0.5
+    route = rng.choices(["/generate", "/v1/completions", "/v1/chat/completions"], [6, 2, 2])[0]
+    if route == "/generate":
+        body: dict[str, Any] = {"sampling_params": sampling, "stream": stream}
+        if rng.random() < 0.7:
+            body["text"] = rng.choice(prompts)
+        else:
+            body["input_ids"] = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        if rng.random() < 0.5:
+            body["return_logprob"] = True
+            body["top_logprobs_num"] = rng.choice([0, 3])
+            body["logprob_start_len"] = rng.choice([-1, 0, 1])
+            body["return_text_in_logprobs"] = rng.random() < 0.5
+            if rng.random() < 0.3:
+                body["token_ids_logprob"] = [rng.randrange(vocab) for _ in range(2)]
+        return route, body, stream
+    openai_body: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": sampling["max_new_tokens"],
+        "temperature": sampling["temperature"],
+        "top_p": sampling["top_p"],
+        "n": sampling["n"],
+        "stream": stream,
+        "stop": sampling.get("stop"),
+        "seed": sampling.get("sampling_seed"),
+        "top_k": sampling["top_k"],
+        "ignore_eos": sampling["ignore_eos"],
+    }
+    if route == "/v1/completions":
+        openai_body["prompt"] = rng.choice(prompts)
+        openai_body["logprobs"] = rng.choice([None, 0, 2])
+    else:
+        openai_body["messages"] = [{"role": "user", "content": rng.choice(prompts)}]
+        openai_body["logprobs"] = rng.random() < 0.4
+        openai_body["top_logprobs"] = 2 if openai_body["logprobs"] else None
+    return route, openai_body, stream
+
+
+def test_random_mixed_load_with_disconnects_and_aborts(
+    base_url: str, chat_prompt: str, tokenizer: Any
+) -> None:
+    """Many clients at once, each mixing sampling, penalties, stops, logprobs, n, streaming and
+    the three generation routes; some leave mid-stream, some are aborted by rid. Every request
+    answers as the API says, the pool comes back whole, and greedy output is unchanged."""
+    seed = secrets.randbits(32)
+    print(f"seed {seed}")
+    rng = random.Random(seed)
+    vocab = len(tokenizer)
+    prompts = [chat_prompt, "Once upon a time", "def add(a, b):", "1, 2, 3,", "The weather today"]
+    before = generate(base_url, text=chat_prompt, sampling_params=greedy(12)).json()["text"]
+    plans = [(*_random_request(rng, prompts, vocab), rng.random() < 0.2) for _ in range(48)]
+    aborts = []
+    for index, (route, body, stream, leave) in enumerate(plans):
+        if leave and route == "/generate" and not stream:  # aborted by rid instead of left
+            body["rid"] = f"fuzz-{seed}-{index}"
+            n = body["sampling_params"]["n"]
+            aborts.append(body["rid"] if n == 1 else f"{body['rid']}_{rng.randrange(n)}")
+    failures: list[str] = []
+
+    def client(route: str, body: dict[str, Any], stream: bool, leave: bool) -> None:
+        try:
+            with requests.post(base_url + route, json=body, stream=stream, timeout=600) as r:
+                if r.status_code != 200:
+                    failures.append(f"{route} {body}: {r.status_code} {r.text[:300]}")
+                    return
+                if not stream:
+                    answer = r.json()
+                    choices = answer if isinstance(answer, list) else answer.get("choices", [answer])
+                    assert choices, answer
+                    return
+                events = 0
+                for line in r.iter_lines():
+                    if not line:
+                        continue
+                    assert line.startswith(b"data: "), line
+                    if line == b"data: [DONE]":
+                        return
+                    json.loads(line[len(b"data: ") :])
+                    events += 1
+                    if leave and events >= 1:
+                        return
+                failures.append(f"{route} {body}: the stream ended without [DONE]")
+        except Exception as exc:  # noqa: BLE001 - every failure is reported with its request
+            failures.append(f"{route} {body}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=plan) for plan in plans]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # most requests have arrived; an abort of one not yet queued changes nothing
+    for rid in aborts:
+        assert requests.post(base_url + "/abort_request", json={"rid": rid}, timeout=60).status_code == 200
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not failures, failures[:5]
+    info = wait_idle(base_url, timeout=120)
+    assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"], info
+    assert requests.post(base_url + "/flush_cache", timeout=60).status_code == 200
+    info = server_info(base_url)
+    assert info["num_free_pages"] == info["num_total_pages"], info
+    after = generate(base_url, text=chat_prompt, sampling_params=greedy(12)).json()["text"]
+    assert after == before
 
 
 # ----------------------------------------------------------------------------- a server without tokenizer
