@@ -288,10 +288,15 @@ class Scheduler:
                 budget -= take
         if not self._hold_admission:
             self._order_waiting()
+            computing = self._prefixes_in_progress() if self.waiting else {}
+            deferred: list[Req] = []
             while self.waiting and budget > 0 and len(prefills) < MAX_PREFILL_SEQS:
                 if len(self.running) >= self.max_running:
                     break
                 req = self.waiting[0]
+                if self._waits_for_prefix(req, computing):
+                    deferred.append(self.waiting.popleft())
+                    continue
                 take = self._admit(req, budget, plan)
                 if take == 0:
                     break
@@ -302,6 +307,8 @@ class Scheduler:
                 else:
                     prefills.append((req, take))
                     budget -= take
+                    self._add_prefix_in_progress(computing, req)
+            self.waiting.extendleft(reversed(deferred))  # first in line again next step
         if not decodes and not prefills:
             stuck = [r for r in self.running if not r.finished and r.remaining > 1]
             if stuck and self._pending is None and len(self.running) > 1:
@@ -340,6 +347,63 @@ class Scheduler:
         if self.policy == "lpm" and len(self.waiting) > 1:
             ranked = sorted(self.waiting, key=lambda r: -self.radix.match_prefix(r.all_ids[:-1]).num_tokens)
             self.waiting = collections.deque(ranked)
+
+    def _reusable_ids(self, req: Req) -> list[int]:
+        """The tokens whose cached KV a request may take instead of computing them."""
+        reusable = req.all_ids[:-1]
+        if req.request.return_logprob and req.request.logprob_start_len >= 0:
+            # Input logprobs need the hidden states of every position from logprob_start_len on.
+            reusable = reusable[: req.request.logprob_start_len]
+        return reusable
+
+    def _prefixes_in_progress(self) -> dict[tuple[int, ...], list[Req]]:
+        """Running requests whose prompt is not all computed (nor in the radix tree), by first page."""
+        computing: dict[tuple[int, ...], list[Req]] = {}
+        if not self.radix.disable:
+            for req in self.running:
+                if req.num_computed < req.prompt_len:
+                    self._add_prefix_in_progress(computing, req)
+        return computing
+
+    def _add_prefix_in_progress(self, computing: dict[tuple[int, ...], list[Req]], req: Req) -> None:
+        if not self.radix.disable and req.prompt_len > self.page_size:
+            computing.setdefault(tuple(req.all_ids[: self.page_size]), []).append(req)
+
+    def _waits_for_prefix(self, req: Req, computing: dict[tuple[int, ...], list[Req]]) -> bool:
+        """Whether a waiting request should let a running one finish computing their shared prefix.
+
+        Admitted now, it would compute that prefix a second time in the same steps (the n samples
+        of one prompt, a burst of requests behind one system prompt); a step later it finds the
+        prefix in the radix tree (`_share_computed`). It waits while the running request computes
+        at least one full page more of their common prefix than the tree holds.
+        """
+        ps = self.page_size
+        sources = computing.get(tuple(req.all_ids[:ps])) if len(req.all_ids) > ps else None
+        if not sources:
+            return False
+        reusable = self._reusable_ids(req)
+        cached = self.radix.match_prefix(reusable).num_tokens
+        for source in sources:
+            prompt = source.all_ids[: source.prompt_len]
+            common = cached
+            while (
+                common + ps <= len(reusable)
+                and reusable[common : common + ps] == prompt[common : common + ps]
+            ):
+                common += ps
+            if common >= cached + ps:
+                return True
+        return False
+
+    def _share_computed(self, req: Req) -> None:
+        """Put a request's computed full pages in the radix tree now rather than when it ends, so that
+        requests with the same prefix (held back by `_waits_for_prefix`) take them from the next step
+        on. The KV is written by a step already dispatched, and steps run in order on the device."""
+        if self.radix.disable or req.locked_node is None or req.num_computed < self.page_size:
+            return
+        match = self.radix.cache_unfinished(req.all_ids[: req.num_computed], req.pages, req.locked_node)
+        req.pages[: len(match.pages)] = match.pages
+        req.locked_node = match.node
 
     def _pages_needed(self, req: Req, new_tokens: int) -> int:
         total = -(-(req.num_computed + new_tokens) // self.page_size)
@@ -404,11 +468,7 @@ class Scheduler:
 
     def _admit(self, req: Req, budget: int, plan: _Plan) -> int:
         """Prefix-match, lock and allocate for a waiting request; 0 if it cannot start now."""
-        reusable = req.all_ids[:-1]
-        if req.request.return_logprob and req.request.logprob_start_len >= 0:
-            # Input logprobs need the hidden states of every position from logprob_start_len on.
-            reusable = reusable[: req.request.logprob_start_len]
-        match = self.radix.match_prefix(reusable)
+        match = self.radix.match_prefix(self._reusable_ids(req))
         self.radix.inc_lock(match.node)
         req.locked_node = match.node
         req.pages = list(match.pages)
@@ -510,6 +570,7 @@ class Scheduler:
             plan.chunks.append((req, start, take, offset))
             req.num_computed += take
             plan.num_new_tokens += take
+            self._share_computed(req)
             if req.num_computed == len(req.all_ids):
                 if req.samples:
                     sample_valid[seq] = True

@@ -164,6 +164,43 @@ def test_prefix_cache_hits_and_matches_uncached(tiny_llama_path):
     assert hit["text"] == miss["text"]
 
 
+def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama_path, monkeypatch):
+    """The n samples of one prompt, and a burst behind one shared prefix, arrive together: the
+    first request's pages go into the radix tree as its chunks are scheduled and the others wait
+    a step for them (`Scheduler._waits_for_prefix`), instead of all computing the prefix at once."""
+    rng = np.random.default_rng(12)
+    prompt = rng.integers(100, 40000, size=300).tolist()
+    prefix = rng.integers(100, 40000, size=400).tolist()
+    burst = [prefix + rng.integers(100, 40000, size=n).tolist() for n in (5, 17, 40)]
+    plain = _engine(tiny_llama_path, disable_radix_cache=True, chunked_prefill_size=256)
+    try:
+        expected = plain.generate(input_ids=prompt, sampling_params=_greedy(6))["text"]
+        expected_burst = [a["text"] for a in plain.generate(input_ids=burst, sampling_params=_greedy(6))]
+    finally:
+        plain.shutdown()
+    engine = _engine(tiny_llama_path, chunked_prefill_size=256)  # both shared parts span two chunks
+    try:
+        computed = []
+        log_prefill = engine.scheduler._log_prefill
+        monkeypatch.setattr(
+            engine.scheduler,
+            "_log_prefill",
+            lambda plan: computed.append(plan.num_new_tokens) or log_prefill(plan),
+        )
+        samples = engine.generate(input_ids=prompt, sampling_params=_greedy(6, n=4))
+        assert sorted(s["meta_info"]["cached_tokens"] for s in samples) == [0, 288, 288, 288]
+        assert all(s["text"] == expected for s in samples)
+        assert sum(computed) == 300 + 3 * (300 - 288)
+        computed.clear()
+        answers = engine.generate(input_ids=burst, sampling_params=_greedy(6))
+        assert [a["text"] for a in answers] == expected_burst
+        assert sorted(a["meta_info"]["cached_tokens"] for a in answers)[1:] == [400, 400]
+        assert sum(computed) == sum(map(len, burst)) - 2 * 400
+        assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_memory_pressure_every_request_finishes(tiny_llama_path, tiny, monkeypatch):
     """Retracted requests run again with their tokens so far; a penalised one keeps its counts
     in the penalty row it gets the second time (which its decode steps' sampling must name)."""
