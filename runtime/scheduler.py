@@ -385,7 +385,7 @@ class Scheduler:
         cached = self.radix.match_prefix(reusable).num_tokens
         for source in sources:
             prompt = source.all_ids[: source.prompt_len]
-            common = cached
+            common = 0  # page by page from the start: the tree's match may be another request's
             while (
                 common + ps <= len(reusable)
                 and reusable[common : common + ps] == prompt[common : common + ps]
