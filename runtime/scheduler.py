@@ -382,18 +382,12 @@ class Scheduler:
         if not sources:
             return False
         reusable = self._reusable_ids(req)
-        cached = self.radix.match_prefix(reusable).num_tokens
-        for source in sources:
-            prompt = source.all_ids[: source.prompt_len]
-            common = 0  # page by page from the start: the tree's match may be another request's
-            while (
-                common + ps <= len(reusable)
-                and reusable[common : common + ps] == prompt[common : common + ps]
-            ):
-                common += ps
-            if common >= cached + ps:
-                return True
-        return False
+        shared = self.radix.match_prefix(reusable).num_tokens + ps  # a page beyond what the tree holds
+        if len(reusable) < shared:
+            return False
+        return any(
+            source.prompt_len >= shared and source.all_ids[:shared] == reusable[:shared] for source in sources
+        )
 
     def _share_computed(self, req: Req) -> None:
         """Put a request's computed full pages in the radix tree now rather than when it ends, so that
@@ -402,7 +396,9 @@ class Scheduler:
         if self.radix.disable or req.locked_node is None or req.num_computed < self.page_size:
             return
         match = self.radix.cache_unfinished(req.all_ids[: req.num_computed], req.pages, req.locked_node)
-        req.pages[: len(match.pages)] = match.pages
+        # A new list: `Req.page_row` keeps its array while the list is the same one at the same length,
+        # and pages the tree held already (computed twice in one step) were just freed.
+        req.pages = match.pages + req.pages[len(match.pages) :]
         req.locked_node = match.node
 
     def _pages_needed(self, req: Req, new_tokens: int) -> int:

@@ -201,6 +201,37 @@ def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama_path
         engine.shutdown()
 
 
+def test_samples_computing_their_prompt_twice_switch_to_the_trees_pages(tiny_llama_path):
+    """Input logprobs from position 0 leave nothing to reuse, so n such samples compute their prompt
+    in one step; the tree keeps the first's pages and frees the others' copies, which the next
+    request admitted gets. Each sample must read the tree's pages from then on (a helper's review
+    found them reading their freed copies: a cached page-table row outlived the swap)."""
+    rng = np.random.default_rng(6)
+    prompt = rng.integers(100, 40000, size=100).tolist()
+    engine = _engine(tiny_llama_path, chunked_prefill_size=400)  # the four fill a step: `late` waits
+    try:
+        expected = _output_ids(engine, prompt, 40)
+        assert engine.flush_cache()
+        params = SamplingParams.from_dict(_greedy(40))
+        requests = [
+            EngineRequest(
+                rid=f"n{i}",
+                input_ids=prompt,
+                sampling_params=params,
+                return_logprob=True,
+                logprob_start_len=0,
+            )
+            for i in range(4)
+        ]
+        late = rng.integers(100, 40000, size=40).tolist()
+        requests.append(EngineRequest(rid="late", input_ids=late, sampling_params=params))
+        outputs = engine._run_blocking(requests)
+        assert [o.output_ids for o in outputs[:4]] == [expected] * 4
+        assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_memory_pressure_every_request_finishes(tiny_llama_path, tiny, monkeypatch):
     """Retracted requests run again with their tokens so far; a penalised one keeps its counts
     in the penalty row it gets the second time (which its decode steps' sampling must name)."""
