@@ -499,7 +499,8 @@ def _random_request(rng: random.Random, prompts: list[str], vocab: int) -> tuple
         if rng.random() < 0.7:
             body["text"] = rng.choice(prompts)
         else:
-            body["input_ids"] = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+            # Two tokens at least: logprob_start_len 1 must be inside the prompt (else a 400).
+            body["input_ids"] = [rng.randrange(vocab) for _ in range(rng.randint(2, 40))]
         if rng.random() < 0.5:
             body["return_logprob"] = True
             body["top_logprobs_num"] = rng.choice([0, 3])
