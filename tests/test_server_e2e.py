@@ -541,7 +541,9 @@ def test_random_mixed_load_with_disconnects_and_aborts(
     print(f"seed {seed}")
     rng = random.Random(seed)
     vocab = len(tokenizer)
-    prompts = [chat_prompt, "Once upon a time", "def add(a, b):", "1, 2, 3,", "The weather today"]
+    # Repeated prompts arrive together: one of several pages exercises the shared-prefix path.
+    story = "Once upon a time, " + " ".join(f"a town called Number {i} had a mill." for i in range(40))
+    prompts = [chat_prompt, story, "def add(a, b):", "1, 2, 3,", "The weather today"]
     before = generate(base_url, text=chat_prompt, sampling_params=greedy(12)).json()["text"]
     plans = [(*_random_request(rng, prompts, vocab), rng.random() < 0.2) for _ in range(48)]
     aborts = []
