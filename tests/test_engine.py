@@ -201,6 +201,25 @@ def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama_path
         engine.shutdown()
 
 
+def test_requests_held_back_past_the_step_cap_keep_their_place(tiny_llama_path, monkeypatch):
+    """Admission stops for the step once MAX_DEFERRED_PER_STEP requests wait for a prefix in
+    progress; they go back to the front of the queue and still share it."""
+    from runtime import scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MAX_DEFERRED_PER_STEP", 2)
+    rng = np.random.default_rng(13)
+    prompt = rng.integers(100, 40000, size=200).tolist()
+    engine = _engine(tiny_llama_path, chunked_prefill_size=256)
+    try:
+        samples = engine.generate(input_ids=prompt, sampling_params=_greedy(5, n=8))
+        alone = engine.generate(input_ids=prompt, sampling_params=_greedy(5))
+        assert sorted(s["meta_info"]["cached_tokens"] for s in samples) == [0] + [192] * 7
+        assert all(s["text"] == alone["text"] for s in samples)
+        assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_samples_computing_their_prompt_twice_switch_to_the_trees_pages(tiny_llama_path):
     """Input logprobs from position 0 leave nothing to reuse, so n such samples compute their prompt
     in one step; the tree keeps the first's pages and frees the others' copies, which the next
