@@ -42,6 +42,9 @@ MAX_PREFILL_SEQS = 16
 # the step: each check matches the request's prompt in the radix tree (a helper timed 64 held-back
 # 2000-token prompts at 5.6 ms a step), and one held back is soon admitted with its prefix cached.
 MAX_DEFERRED_PER_STEP = 64
+# A request waits a step for a prefix in progress only if it would then reuse this many more
+# tokens: a chat template's header (SmolLM2's default system prompt is a page) is not worth a step.
+MIN_PREFIX_WAIT_TOKENS = 64
 # A decode batch's next page-table width compiles aside from this many pages before its deepest
 # row needs it (64 tokens at 16 a page: 0.3 s of batch-64 steps on an H100, 5 s of batch-32 steps
 # on the 2-core box; a program loads from a warm compile cache in 0.1-0.3 s).
@@ -381,14 +384,16 @@ class Scheduler:
         Admitted now, it would compute that prefix a second time in the same steps (the n samples
         of one prompt, a burst of requests behind one system prompt); a step later it finds the
         prefix in the radix tree (`_share_computed`). It waits while the running request computes
-        at least one full page more of their common prefix than the tree holds.
+        at least MIN_PREFIX_WAIT_TOKENS (in whole pages) more of their common prefix than the tree
+        holds.
         """
         ps = self.page_size
         sources = computing.get(tuple(req.all_ids[:ps])) if len(req.all_ids) > ps else None
         if not sources:
             return False
         reusable = self._reusable_ids(req)
-        shared = self.radix.match_prefix(reusable).num_tokens + ps  # a page beyond what the tree holds
+        worth = -(-MIN_PREFIX_WAIT_TOKENS // ps) * ps  # whole pages beyond what the tree holds
+        shared = self.radix.match_prefix(reusable).num_tokens + max(ps, worth)
         if len(reusable) < shared:
             return False
         return any(

@@ -188,15 +188,30 @@ def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama_path
             lambda plan: computed.append(plan.num_new_tokens) or log_prefill(plan),
         )
         samples = engine.generate(input_ids=prompt, sampling_params=_greedy(6, n=4))
-        assert sorted(s["meta_info"]["cached_tokens"] for s in samples) == [0, 288, 288, 288]
+        # The prompt's first chunk (256 tokens) is shared; its last 32 full-page tokens are not
+        # worth holding the samples back another step for (MIN_PREFIX_WAIT_TOKENS).
+        assert sorted(s["meta_info"]["cached_tokens"] for s in samples) == [0, 256, 256, 256]
         assert all(s["text"] == expected for s in samples)
-        assert sum(computed) == 300 + 3 * (300 - 288)
+        assert sum(computed) == 300 + 3 * (300 - 256)
         computed.clear()
         answers = engine.generate(input_ids=burst, sampling_params=_greedy(6))
         assert [a["text"] for a in answers] == expected_burst
         assert sorted(a["meta_info"]["cached_tokens"] for a in answers)[1:] == [400, 400]
         assert sum(computed) == sum(map(len, burst)) - 2 * 400
         assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_a_short_shared_header_holds_nobody_back(tiny_llama_path):
+    """Requests sharing only a chat template's header (under MIN_PREFIX_WAIT_TOKENS) start together."""
+    rng = np.random.default_rng(14)
+    header = rng.integers(100, 40000, size=40).tolist()
+    prompts = [header + rng.integers(100, 40000, size=100).tolist() for _ in range(3)]
+    engine = _engine(tiny_llama_path)
+    try:
+        answers = engine.generate(input_ids=prompts, sampling_params=_greedy(3))
+        assert [a["meta_info"]["cached_tokens"] for a in answers] == [0, 0, 0]
     finally:
         engine.shutdown()
 
