@@ -101,6 +101,8 @@ class Scheduler:
         self.policy = schedule_policy
         self.stream_interval = max(1, stream_interval)
         self.burst_window = burst_window
+        # What a held-back request must stand to reuse, in whole pages (`_waits_for_prefix`).
+        self._prefix_wait_tokens = max(1, -(-MIN_PREFIX_WAIT_TOKENS // self.page_size)) * self.page_size
         self.eos_ids = eos_ids
         self._sorted_eos_ids = tuple(sorted(eos_ids))  # each sampled row carries them, every step
         max_pages_per_seq = -(-context_length // self.page_size)
@@ -368,10 +370,9 @@ class Scheduler:
     def _prefixes_in_progress(self) -> dict[tuple[int, ...], list[Req]]:
         """Running requests whose prompt is not all computed (nor in the radix tree), by first page."""
         computing: dict[tuple[int, ...], list[Req]] = {}
-        if not self.radix.disable:
-            for req in self.running:
-                if req.num_computed < req.prompt_len:
-                    self._add_prefix_in_progress(computing, req)
+        for req in self.running:
+            if req.num_computed < req.prompt_len:
+                self._add_prefix_in_progress(computing, req)
         return computing
 
     def _add_prefix_in_progress(self, computing: dict[tuple[int, ...], list[Req]], req: Req) -> None:
@@ -392,8 +393,7 @@ class Scheduler:
         if not sources:
             return False
         reusable = self._reusable_ids(req)
-        worth = -(-MIN_PREFIX_WAIT_TOKENS // ps) * ps  # whole pages beyond what the tree holds
-        shared = self.radix.match_prefix(reusable).num_tokens + max(ps, worth)
+        shared = self.radix.match_prefix(reusable).num_tokens + self._prefix_wait_tokens
         if len(reusable) < shared:
             return False
         return any(

@@ -571,11 +571,11 @@ class ChatMessage(BaseModel):
     @classmethod
     def _known_role(cls, role: Any) -> Any:
         """One of CHAT_ROLES in any case, stored in lower case: chat templates compare lower-case names."""
-        if isinstance(role, str) and role.lower() in CHAT_ROLES:
-            return role.lower()
-        if isinstance(role, str):
+        if not isinstance(role, str):
+            return role  # the field's own type check answers
+        if role.lower() not in CHAT_ROLES:
             raise ValueError(f"role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        return role
+        return role.lower()
 
     @model_validator(mode="after")
     def _user_says_something(self) -> ChatMessage:
