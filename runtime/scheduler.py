@@ -356,7 +356,9 @@ class Scheduler:
 
     def _order_waiting(self) -> None:
         if self.policy == "lpm" and len(self.waiting) > 1:
-            ranked = sorted(self.waiting, key=lambda r: -self.radix.match_prefix(r.all_ids[:-1]).num_tokens)
+            ranked = sorted(
+                self.waiting, key=lambda r: -self.radix.match_prefix(self._reusable_ids(r)).num_tokens
+            )
             self.waiting = collections.deque(ranked)
 
     def _reusable_ids(self, req: Req) -> list[int]:

@@ -203,6 +203,52 @@ def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama_path
         engine.shutdown()
 
 
+def test_lpm_admits_by_the_cached_prefix_a_request_can_reuse(tiny_llama_path, monkeypatch):
+    """The lpm policy admits the longest cached prefix first, counting only what a request may
+    reuse: one asking for input logprobs from position 0 recomputes its whole prompt."""
+    rng = np.random.default_rng(16)
+    cached = rng.integers(100, 40000, size=320).tolist()
+    engine = _engine(tiny_llama_path, schedule_policy="lpm", max_running_requests=1)
+    try:
+        engine.generate(input_ids=cached, sampling_params=_greedy(1))  # its 20 pages stay in the tree
+        scheduler = engine.scheduler
+        admitted = []
+        admit = scheduler._admit
+        monkeypatch.setattr(
+            scheduler, "_admit", lambda req, *rest: admitted.append(req.rid) or admit(req, *rest)
+        )
+        params = SamplingParams.from_dict(_greedy(2))
+
+        def tail(n: int) -> list[int]:
+            return rng.integers(100, 40000, size=n).tolist()
+
+        requests = [
+            EngineRequest(rid="none", input_ids=tail(50), sampling_params=params),
+            EngineRequest(
+                rid="logprobs",
+                input_ids=cached + tail(9),
+                sampling_params=params,
+                return_logprob=True,
+                logprob_start_len=0,
+            ),
+            EngineRequest(rid="short", input_ids=cached[:100] + tail(9), sampling_params=params),
+            EngineRequest(rid="long", input_ids=cached + tail(9), sampling_params=params),
+        ]
+        scheduler.call(lambda: scheduler.hold_admission(True))  # all four wait before the ranking
+        done = threading.Semaphore(0)
+        for request in requests:
+            engine.submit(request, lambda output: done.release() if output.finished else None)
+        while scheduler.call(lambda: len(scheduler.waiting)) < len(requests):
+            time.sleep(0.01)
+        scheduler.call(lambda: scheduler.hold_admission(False))
+        for _ in requests:
+            assert done.acquire(timeout=120)
+        assert admitted == ["long", "short", "none", "logprobs"]
+        assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_a_short_shared_header_holds_nobody_back(tiny_llama_path):
     """Requests sharing only a chat template's header (under MIN_PREFIX_WAIT_TOKENS) start together."""
     rng = np.random.default_rng(14)
