@@ -205,7 +205,10 @@ def test_requests_sent_together_compute_their_shared_prefix_once(tiny_llama_path
 
 def test_lpm_admits_by_the_cached_prefix_a_request_can_reuse(tiny_llama_path, monkeypatch):
     """The lpm policy admits the longest cached prefix first, counting only what a request may
-    reuse: one asking for input logprobs from position 0 recomputes its whole prompt."""
+    reuse: one asking for input logprobs from position 0 recomputes its whole prompt. A queue
+    longer than LPM_MAX_WAITING is served in order of arrival."""
+    from runtime import scheduler as scheduler_module
+
     rng = np.random.default_rng(16)
     cached = rng.integers(100, 40000, size=320).tolist()
     engine = _engine(tiny_llama_path, schedule_policy="lpm", max_running_requests=1)
@@ -219,31 +222,36 @@ def test_lpm_admits_by_the_cached_prefix_a_request_can_reuse(tiny_llama_path, mo
         )
         params = SamplingParams.from_dict(_greedy(2))
 
-        def tail(n: int) -> list[int]:
-            return rng.integers(100, 40000, size=n).tolist()
+        def admission_order() -> list[str]:
+            tails = [rng.integers(100, 40000, size=n).tolist() for n in (50, 9, 9, 9)]
+            requests = [
+                EngineRequest(rid="none", input_ids=tails[0], sampling_params=params),
+                EngineRequest(
+                    rid="logprobs",
+                    input_ids=cached + tails[1],
+                    sampling_params=params,
+                    return_logprob=True,
+                    logprob_start_len=0,
+                ),
+                EngineRequest(rid="short", input_ids=cached[:100] + tails[2], sampling_params=params),
+                EngineRequest(rid="long", input_ids=cached + tails[3], sampling_params=params),
+            ]
+            admitted.clear()
+            scheduler.call(lambda: scheduler.hold_admission(True))  # all four wait before the ranking
+            done = threading.Semaphore(0)
+            for request in requests:
+                engine.submit(request, lambda output: done.release() if output.finished else None)
+            while scheduler.call(lambda: len(scheduler.waiting)) < len(requests):
+                time.sleep(0.01)
+            scheduler.call(lambda: scheduler.hold_admission(False))
+            for _ in requests:
+                assert done.acquire(timeout=120)
+            return list(admitted)
 
-        requests = [
-            EngineRequest(rid="none", input_ids=tail(50), sampling_params=params),
-            EngineRequest(
-                rid="logprobs",
-                input_ids=cached + tail(9),
-                sampling_params=params,
-                return_logprob=True,
-                logprob_start_len=0,
-            ),
-            EngineRequest(rid="short", input_ids=cached[:100] + tail(9), sampling_params=params),
-            EngineRequest(rid="long", input_ids=cached + tail(9), sampling_params=params),
-        ]
-        scheduler.call(lambda: scheduler.hold_admission(True))  # all four wait before the ranking
-        done = threading.Semaphore(0)
-        for request in requests:
-            engine.submit(request, lambda output: done.release() if output.finished else None)
-        while scheduler.call(lambda: len(scheduler.waiting)) < len(requests):
-            time.sleep(0.01)
-        scheduler.call(lambda: scheduler.hold_admission(False))
-        for _ in requests:
-            assert done.acquire(timeout=120)
-        assert admitted == ["long", "short", "none", "logprobs"]
+        assert admission_order() == ["long", "short", "none", "logprobs"]
+        monkeypatch.setattr(scheduler_module, "LPM_MAX_WAITING", 3)
+        # Four waiting: the first comes first; the three left are ranked.
+        assert admission_order() == ["none", "long", "short", "logprobs"]
         assert _pool_whole(engine)
     finally:
         engine.shutdown()
