@@ -48,6 +48,9 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int
     e2e_latency: float = 0.0
+    # Seconds from the engine's arrival to the first output token read back (None before it):
+    # the metrics' time to first token for a request that does not stream.
+    first_token_latency: float | None = None
     # Logprob entries are (logprob or None, token id); the server adds text when asked.
     input_token_logprobs: list[tuple[float | None, int]] | None = None
     output_token_logprobs: list[tuple[float | None, int]] | None = None

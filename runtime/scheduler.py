@@ -874,6 +874,7 @@ class Scheduler:
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens,
             e2e_latency=time.monotonic() - req.arrival,
+            first_token_latency=None if req.first_token_at is None else req.first_token_at - req.arrival,
             input_token_logprobs=input_logprobs,
             output_token_logprobs=req.output_logprobs if logprobs else None,
             input_top_logprobs=[None, *req.input_top_logprobs] if top_needed else None,

@@ -1,8 +1,11 @@
 """Prometheus metrics under the reference's names, so existing SGLang dashboards work.
 
 Latencies (time to first token, inter-token latency, end-to-end) are observed in
-the server, from the arrival times of a request's outputs on the event loop
-(TTFT and ITL of streamed requests only: the others report once, at the end);
+the server, from the arrival times of a request's outputs on the event loop; a
+request that does not stream reports once, at its end, so its first token's time
+comes from the engine (`first_token_latency`) and its inter-token latency is the
+mean gap of its later tokens (the reference sends such requests' outputs every 50
+tokens and takes TTFT at the first of them);
 the scheduler's gauges (running and queued requests, token usage, throughput,
 cache hit rate) are read from `engine.stats()` when /metrics is scraped, so the
 scheduler thread pays nothing for them.
@@ -95,8 +98,10 @@ class ServerMetrics:
         now = time.perf_counter()
         labels = self.labels
         new_tokens = output.completion_tokens - timer.last_completion_tokens
-        # A non-streamed request reports once, at its end: its arrival times say nothing of TTFT or ITL.
-        if request.stream and new_tokens > 0:
+        if not request.stream:
+            if output.finished:
+                self._observe_unstreamed(now - timer.created, output)
+        elif new_tokens > 0:
             if timer.first_token_at is None:
                 timer.first_token_at = now
                 self.time_to_first_token.labels(**labels).observe(now - timer.created)
@@ -114,6 +119,18 @@ class ServerMetrics:
             self.cached_tokens.labels(**labels).inc(output.cached_tokens)
             if request.kind == "generate":
                 self.generation_tokens.labels(**labels).inc(output.completion_tokens)
+
+    def _observe_unstreamed(self, waited: float, output: RequestOutput) -> None:
+        """TTFT and ITL of a request that reports only at its end (`waited` seconds after it came),
+        from the engine's timings: its first token came (end - first token) before this output."""
+        if output.first_token_latency is None or output.completion_tokens == 0:
+            return
+        labels = self.labels
+        after_first = max(0.0, output.e2e_latency - output.first_token_latency)
+        self.time_to_first_token.labels(**labels).observe(max(0.0, waited - after_first))
+        gaps = output.completion_tokens - 1
+        for _ in range(gaps):
+            self.inter_token_latency.labels(**labels).observe(after_first / gaps)
 
     def render(self, stats: Mapping[str, Any]) -> bytes:
         """The exposition text, with the scheduler gauges refreshed from `stats` first."""

@@ -118,8 +118,9 @@ def _requests() -> list[EngineRequest]:
 
 
 def _comparable(output: RequestOutput) -> dict[str, Any]:
-    """An output's fields as JSON values, less its latency."""
-    return json.loads(json.dumps({k: v for k, v in vars(output).items() if k != "e2e_latency"}))
+    """An output's fields as JSON values, less its timings."""
+    timings = ("e2e_latency", "first_token_latency")
+    return json.loads(json.dumps({k: v for k, v in vars(output).items() if k not in timings}))
 
 
 def _close(a: Any, b: Any) -> bool:

@@ -293,9 +293,11 @@ def test_streamed_completion_logprobs_add_up_to_the_whole(base_url: str, kwargs:
 
 
 def test_metrics(base_url: str) -> None:
-    def gauge(name: str) -> float:
+    def gauge(name: str, unset: float | None = None) -> float:
         text = requests.get(base_url + "/metrics").text
         values = [line.split()[-1] for line in text.splitlines() if line.startswith(name + "{")]
+        if not values and unset is not None:  # a histogram shows its labels from its first sample
+            return unset
         assert len(values) == 1, (name, values)
         return float(values[0])
 
@@ -303,7 +305,11 @@ def test_metrics(base_url: str) -> None:
     assert requests.post(base_url + "/flush_cache").status_code == 200
     assert gauge("sglang:cache_hit_rate") == 0.0  # nothing from earlier batches (or the warm-up)
     prompt = "Tell me about the history of the city of Lyon, " * 8
-    generate(base_url, text=prompt, sampling_params=greedy(1))
+    ttft, itl = "sglang:time_to_first_token_seconds_count", "sglang:inter_token_latency_seconds_count"
+    before = gauge(ttft, unset=0.0), gauge(itl, unset=0.0)
+    # Not streamed: its first token and later gaps are timed by the engine.
+    generate(base_url, text=prompt, sampling_params=greedy(3, ignore_eos=True))
+    assert (gauge(ttft), gauge(itl)) == (before[0] + 1, before[1] + 2)
     body = {"text": prompt, "sampling_params": greedy(2), "stream": True}
     with requests.post(base_url + "/generate", json=body, stream=True, timeout=300) as r:
         assert sse(r)[-1] == "[DONE]"  # streamed: its TTFT is recorded
