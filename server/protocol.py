@@ -407,7 +407,7 @@ class UpdateWeightsFromDiskRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model_path: str
+    model_path: str = Field(min_length=1)
     load_format: str | None = None
 
 
@@ -427,6 +427,14 @@ class ProfileRequest(BaseModel):
     activities: list[str] | None = None
     with_stack: bool | None = None
     record_shapes: bool | None = None
+
+    @field_validator("num_steps", mode="before")
+    @classmethod
+    def _steps_as_text(cls, value: Any) -> Any:
+        """The reference's profiler client sends `num_steps` as text ("3")."""
+        if isinstance(value, str) and value.strip().isdecimal():
+            return int(value)
+        return value
 
 
 class AbortRequest(BaseModel):

@@ -105,7 +105,8 @@ def test_profile_num_steps_stops_by_itself(server: ServerProcess, tmp_path: Path
     out = tmp_path / "trace"
     num_steps = 3
     wait_idle(server)
-    r = start(server, {"output_dir": str(out), "num_steps": num_steps})
+    # As the reference's profiler client sends it: the number as text.
+    r = start(server, {"output_dir": str(out), "num_steps": str(num_steps)})
     assert r.status_code == 200 and r.text == START_TEXT, r.text
     # Starting twice is a clear 400, and changes nothing of the running trace.
     again = start(server, {"output_dir": str(tmp_path / "other"), "num_steps": 5})

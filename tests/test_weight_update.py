@@ -407,8 +407,9 @@ def test_bad_checkpoints_are_refused_and_change_nothing(
     assert "safetensors" in message.lower(), message
 
     # A body without a path is refused by the route itself.
-    r = server.post("/update_weights_from_disk", {"load_format": "auto"})
-    assert r.status_code in (400, 422) and "model_path" in r.text, r.text
+    for body in ({"load_format": "auto"}, {"model_path": ""}):  # "" would name the working directory
+        r = server.post("/update_weights_from_disk", body)
+        assert r.status_code in (400, 422) and "model_path" in r.text, r.text
 
     assert server.get("/get_model_info").json() == served
     assert fixed_answer(server, ckpts) == before, "a refused update changed the served output"
