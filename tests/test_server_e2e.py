@@ -477,10 +477,12 @@ def test_abort_all_ends_every_request_with_an_abort_reason(base_url: str) -> Non
     assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"], info
 
 
-def _random_request(rng: random.Random, prompts: list[str], vocab: int) -> tuple[str, dict[str, Any], bool]:
+def _random_request(
+    rng: random.Random, prompts: list[str], vocab: int, max_new_tokens: int = 8
+) -> tuple[str, dict[str, Any], bool]:
     """`(route, body, stream)`: a valid request mixing the features a busy server sees at once."""
     sampling: dict[str, Any] = {
-        "max_new_tokens": rng.randint(1, 8),
+        "max_new_tokens": rng.randint(1, max_new_tokens),
         "temperature": rng.choice([0.0, 0.7, 1.3]),
         "top_p": rng.choice([1.0, 0.9, 0.5]),
         "top_k": rng.choice([-1, 1, 20]),
@@ -537,32 +539,34 @@ def _random_request(rng: random.Random, prompts: list[str], vocab: int) -> tuple
     return route, openai_body, stream
 
 
-def test_random_mixed_load_with_disconnects_and_aborts(
-    base_url: str, chat_prompt: str, tokenizer: Any
-) -> None:
-    """Many clients at once, each mixing sampling, penalties, stops, logprobs, n, streaming and
-    the three generation routes; some leave mid-stream, some are aborted by rid. Every request
-    answers as the API says, the pool comes back whole, and greedy output is unchanged."""
-    seed = secrets.randbits(32)
-    print(f"seed {seed}")
-    rng = random.Random(seed)
-    vocab = len(tokenizer)
+def _story_prompts(chat_prompt: str) -> list[str]:
     # Repeated prompts arrive together: one of several pages exercises the shared-prefix path.
     story = "Once upon a time, " + " ".join(f"a town called Number {i} had a mill." for i in range(40))
-    prompts = [chat_prompt, story, "def add(a, b):", "1, 2, 3,", "The weather today"]
-    before = generate(base_url, text=chat_prompt, sampling_params=greedy(12)).json()["text"]
-    plans = [(*_random_request(rng, prompts, vocab), rng.random() < 0.2) for _ in range(48)]
+    return [chat_prompt, story, "def add(a, b):", "1, 2, 3,", "The weather today"]
+
+
+def _run_random_load(
+    url: str, rng: random.Random, prompts: list[str], vocab: int, num_requests: int, max_new_tokens: int
+) -> list[str]:
+    """Random clients at once (some leave mid-stream, some are aborted by rid) beside greedy
+    requests for each prompt; the failures, and greedy answers unlike the prompt's answer alone."""
+    greedy_body = greedy(8, ignore_eos=True)
+    alone = {p: generate(url, text=p, sampling_params=greedy_body).json()["text"] for p in prompts}
+    plans = [
+        (*_random_request(rng, prompts, vocab, max_new_tokens), rng.random() < 0.2)
+        for _ in range(num_requests)
+    ]
     aborts = []
     for index, (route, body, stream, leave) in enumerate(plans):
         if leave and route == "/generate" and not stream:  # aborted by rid instead of left
-            body["rid"] = f"fuzz-{seed}-{index}"
+            body["rid"] = f"fuzz-{index}-{rng.randrange(1 << 30)}"
             n = body["sampling_params"]["n"]
             aborts.append(body["rid"] if n == 1 else f"{body['rid']}_{rng.randrange(n)}")
     failures: list[str] = []
 
     def client(route: str, body: dict[str, Any], stream: bool, leave: bool) -> None:
         try:
-            with requests.post(base_url + route, json=body, stream=stream, timeout=600) as r:
+            with requests.post(url + route, json=body, stream=stream, timeout=600) as r:
                 if r.status_code != 200:
                     failures.append(f"{route} {body}: {r.status_code} {r.text[:300]}")
                     return
@@ -586,22 +590,74 @@ def test_random_mixed_load_with_disconnects_and_aborts(
         except Exception as exc:  # noqa: BLE001 - every failure is reported with its request
             failures.append(f"{route} {body}: {exc!r}")
 
+    def check_greedy(prompt: str) -> None:
+        text = generate(url, text=prompt, sampling_params=greedy_body).json()["text"]
+        if text != alone[prompt]:
+            failures.append(f"greedy {prompt[:30]!r}: {text!r} under load, {alone[prompt]!r} alone")
+
     threads = [threading.Thread(target=client, args=plan) for plan in plans]
+    threads += [threading.Thread(target=check_greedy, args=(prompt,)) for prompt in prompts]
+    rng.shuffle(threads)
     for thread in threads:
         thread.start()
     time.sleep(0.5)  # most requests have arrived; an abort of one not yet queued changes nothing
     for rid in aborts:
-        assert requests.post(base_url + "/abort_request", json={"rid": rid}, timeout=60).status_code == 200
+        assert requests.post(url + "/abort_request", json={"rid": rid}, timeout=60).status_code == 200
     for thread in threads:
         thread.join(timeout=600)
-    assert not failures, failures[:5]
-    info = wait_idle(base_url, timeout=120)
+    return failures
+
+
+def _assert_pool_whole_then_empty(url: str) -> None:
+    info = wait_idle(url, timeout=120)
     assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"], info
-    assert requests.post(base_url + "/flush_cache", timeout=60).status_code == 200
-    info = server_info(base_url)
+    assert requests.post(url + "/flush_cache", timeout=60).status_code == 200
+    info = server_info(url)
     assert info["num_free_pages"] == info["num_total_pages"], info
-    after = generate(base_url, text=chat_prompt, sampling_params=greedy(12)).json()["text"]
-    assert after == before
+
+
+def test_random_mixed_load_with_disconnects_and_aborts(
+    base_url: str, chat_prompt: str, tokenizer: Any
+) -> None:
+    """Many clients at once, each mixing sampling, penalties, stops, logprobs, n, streaming and
+    the three generation routes; some leave mid-stream, some are aborted by rid. Every request
+    answers as the API says, greedy answers are those of each prompt alone, and the pool comes
+    back whole."""
+    seed = secrets.randbits(32)
+    print(f"seed {seed}")
+    failures = _run_random_load(
+        base_url, random.Random(seed), _story_prompts(chat_prompt), len(tokenizer), 48, 8
+    )
+    assert not failures, failures[:5]
+    _assert_pool_whole_then_empty(base_url)
+
+
+@pytest.fixture(scope="module")
+def small_pool_url(model_path: Path) -> Iterator[str]:
+    """A KV pool of 40 pages and 64-token prefill chunks: admission waits and decode rows are
+    retracted all the time under the random load."""
+    command = (
+        f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 --max-total-tokens 640 "
+        "--chunked-prefill-size 64 --max-running-requests 64 --no-warmup --log-level warning"
+    )
+    process, port = launch_server_cmd(command, host="127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(url, timeout=STARTUP_TIMEOUT, process=process)
+        yield url
+    finally:
+        terminate_process(process)
+
+
+def test_random_load_on_a_small_pool(small_pool_url: str, chat_prompt: str, tokenizer: Any) -> None:
+    """The random load with outputs up to 120 tokens on a pool a few requests fill: retractions,
+    prefix sharing, aborts and departures together (one run retracted 319 times here)."""
+    seed = secrets.randbits(32)
+    print(f"seed {seed}")
+    prompts = _story_prompts(chat_prompt)
+    failures = _run_random_load(small_pool_url, random.Random(seed), prompts, len(tokenizer), 40, 120)
+    assert not failures, failures[:5]
+    _assert_pool_whole_then_empty(small_pool_url)
 
 
 # ----------------------------------------------------------------------------- a server without tokenizer
