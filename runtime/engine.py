@@ -451,7 +451,7 @@ class Engine:
             return self._update_weights_from_disk(model_path, load_format)
 
     def _update_weights_from_disk(self, model_path: str, load_format: str | None) -> tuple[bool, str, int]:
-        if not Path(model_path).exists():
+        if not _path_exists(model_path):
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
             pure = load_params_for(self.model, model_path, load_format or "auto", self.param_shapes)
@@ -587,3 +587,11 @@ class Engine:
         requests, single = self._make_requests(prompt, input_ids, None, kind)
         responses = [embedding_response(o) for o in self._run_blocking(requests)]
         return responses[0] if single else responses
+
+
+def _path_exists(path: str) -> bool:
+    """Whether `path` names something on disk; False for a name the OS refuses (too long, say)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False

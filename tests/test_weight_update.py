@@ -248,7 +248,11 @@ def compiled_programs(server: ServerProcess) -> int:
 
 
 def fixed_answer(server: ServerProcess, ckpts: Checkpoints) -> str:
-    """Text, tokens and logprobs of a fixed greedy request, as canonical JSON (latency and id left out)."""
+    """Text, tokens and logprobs of a fixed greedy request, as canonical JSON (latency and id left out).
+    Computed from an empty prefix cache: a cached prefix changes the step shapes, and with them the
+    logprobs' last bits."""
+    wait_idle(server)
+    assert server.post("/flush_cache", None).status_code == 200
     _, answer = generate_ids(server, ckpts.prompts[spec.CHAT_PROMPT_INDEX], NEW_TOKENS, ignore_eos=True)
     meta = {k: v for k, v in answer["meta_info"].items() if k not in ("id", "e2e_latency", "cached_tokens")}
     return json.dumps({"text": answer["text"], "meta_info": meta}, sort_keys=True)
@@ -383,6 +387,10 @@ def test_bad_checkpoints_are_refused_and_change_nothing(
 
     nowhere = tmp_path / "no-such-checkpoint"
     assert bad_update(server, nowhere) == f"Failed to get weights iterator: {nowhere} (repository not found)."
+    too_long = "A" * 5000  # the OS refuses the name itself (it was a 500)
+    assert (
+        bad_update(server, too_long) == f"Failed to get weights iterator: {too_long} (repository not found)."
+    )
 
     message = bad_update(server, ckpts.other_arch)
     assert message.startswith("Failed to update weights: "), message
