@@ -1,4 +1,5 @@
-"""Keep glibc from returning XLA's large scratch buffers to the kernel after every call.
+"""The host's memory: what is free, and keeping glibc from returning XLA's large scratch
+buffers to the kernel after every call.
 
 XLA's CPU runtime allocates its per-call scratch with malloc. Above glibc's mmap
 threshold each such buffer is a fresh mmap that the kernel zero-fills again on
@@ -19,16 +20,40 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap/trim thresholds for this process; False where there is no glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(name)
         ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    except (OSError, AttributeError):
+    except AttributeError:  # no libc, or one without mallopt
         return False
     if not ok:
         logger.debug("mallopt refused the thresholds")
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free memory back to the kernel now (`malloc_trim`): for after a rare large
+    transient, such as writing a profiler trace, which the raised thresholds would otherwise keep."""
+    try:
+        return bool(_libc().malloc_trim(0))
+    except AttributeError:  # no libc, or one without malloc_trim
+        return False
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what the host can give without swapping."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                parts = line.split()
+                return int(parts[1]) * 1024  # the figure is in kB
+    raise RuntimeError("/proc/meminfo has no MemAvailable line")

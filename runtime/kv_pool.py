@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.pool_storage import BFLOAT16_BITS
+from runtime.host_memory import host_available_bytes
 
 RESERVED_PAGE = 0
 
@@ -219,16 +220,6 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * itemsize
 
 
-def _host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo: what the host can give without swapping."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                parts = line.split()
-                return int(parts[1]) * 1024  # the figure is in kB
-    raise RuntimeError("/proc/meminfo has no MemAvailable line")
-
-
 def available_memory_bytes(device: jax.Device | None = None) -> int:
     """Memory free for the KV pool on `device`, read after the weights are loaded.
 
@@ -241,7 +232,7 @@ def available_memory_bytes(device: jax.Device | None = None) -> int:
         stats = device.memory_stats()
         if stats and "bytes_limit" in stats:
             return max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
-    return _host_available_bytes()
+    return host_available_bytes()
 
 
 def pages_for_budget(

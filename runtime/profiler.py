@@ -3,7 +3,12 @@
 `jax.profiler` writes a TensorBoard profile-plugin run (`plugins/profile/<run>/*.xplane.pb`
 plus a `*.trace.json.gz` that Perfetto opens) under the output directory.
 Start and stop run on the scheduler thread between two steps, so a trace
-holds whole steps; with `num_steps` the trace stops by itself.
+holds whole steps; with `num_steps` the trace stops by itself. A trace is held
+in host memory until it is written (1.5-2 MB a decode step of SmolLM2 on a
+CPU), so one left running would take the server down: it is stopped and written
+once it has used a fifth of the host memory that was free when it started
+(writing one took 2.4 times its size again: a 4.2 GB trace, 10 GB more while
+written), and the memory goes back to the system after the write.
 """
 
 from __future__ import annotations
@@ -15,7 +20,12 @@ from pathlib import Path
 
 import jax
 
+from runtime.host_memory import host_available_bytes, release_freed_memory
+
 logger = logging.getLogger(__name__)
+
+# Steps between two looks at the host's free memory while a trace runs (reading it takes ~20 us).
+MEMORY_CHECK_STEPS = 32
 
 
 def default_profile_dir() -> str:
@@ -28,6 +38,9 @@ class StepProfiler:
     def __init__(self) -> None:
         self.output_dir: str | None = None
         self.steps_left: int | None = None
+        self.steps_traced = 0
+        self.memory_floor = 0  # bytes: the trace stops when the host has less free
+        self.stopped_for_memory: str | None = None  # where the last trace so stopped was written
 
     @property
     def active(self) -> bool:
@@ -48,32 +61,59 @@ class StepProfiler:
         except OSError as exc:  # a file in the way, no permission: the client's path, a 400
             raise ValueError(f"Cannot write a trace to {directory}: {exc.strerror or exc}.") from exc
         jax.profiler.start_trace(directory, create_perfetto_trace=True)
-        self.output_dir, self.steps_left = directory, num_steps
+        self.output_dir, self.steps_left, self.steps_traced = directory, num_steps, 0
+        self.stopped_for_memory = None
+        self.memory_floor = host_available_bytes() * 4 // 5
         logger.info("Profiling started: trace goes to %s", directory)
         return directory
 
     def stop(self) -> str:
         if not self.active:
-            raise ValueError("Profiling is not in progress. Call /start_profile first.")
+            message = "Profiling is not in progress. Call /start_profile first."
+            if self.stopped_for_memory:
+                message += (
+                    " The last trace stopped by itself when it held a fifth of the host memory free at its"
+                    f" start; it is written under {self.stopped_for_memory}."
+                )
+            raise ValueError(message)
         directory, self.output_dir, self.steps_left = self.output_dir, None, None
         try:
             jax.profiler.stop_trace()
         except Exception as exc:  # the directory went away or turned read-only since the start
             _forget_unwritten_trace()
             raise ValueError(f"The trace could not be written to {directory}: {exc}") from exc
+        finally:
+            release_freed_memory()  # the trace and its export's copies, gigabytes on a long trace
         logger.info("Profiling stopped: trace written under %s", directory)
         return directory
 
     def step_done(self) -> None:
-        """Called after each dispatched step; ends a `num_steps` trace when its count runs out."""
-        if self.steps_left is None:
+        """Called after each dispatched step; ends a `num_steps` trace when its count runs out,
+        and any trace once the host's free memory falls below `memory_floor`."""
+        if not self.active:
             return
-        self.steps_left -= 1
-        if self.steps_left <= 0:
-            try:
-                self.stop()
-            except ValueError:  # nobody is waiting on this stop: log it; serving goes on
-                logger.exception("Profiling stopped after its steps, but the trace was lost")
+        self.steps_traced += 1
+        if self.steps_left is not None:
+            self.steps_left -= 1
+            if self.steps_left <= 0:
+                self._stop_unattended("after its steps")
+                return
+        if self.steps_traced % MEMORY_CHECK_STEPS == 0 and host_available_bytes() < self.memory_floor:
+            logger.warning(
+                "Profiling stopped after %d steps: the trace held a fifth of the host memory free "
+                "when it started",
+                self.steps_traced,
+            )
+            directory = self.output_dir
+            self._stop_unattended("for lack of memory")
+            self.stopped_for_memory = directory
+
+    def _stop_unattended(self, why: str) -> None:
+        """Stop with nobody waiting on the answer: a lost trace is logged and serving goes on."""
+        try:
+            self.stop()
+        except ValueError:
+            logger.exception("Profiling stopped %s, but the trace was lost", why)
 
 
 def _forget_unwritten_trace() -> None:

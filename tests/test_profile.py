@@ -207,3 +207,35 @@ def test_profile_dir_that_takes_no_files(server: ServerProcess, tmp_path: Path) 
     assert start(server, {"output_dir": str(again), "num_steps": 2}).status_code == 200
     generate_ids(server, PROMPT, 3)
     assert step_spans(read_trace(wait_for_trace(again)))
+
+
+def test_a_trace_left_running_stops_when_it_has_taken_a_fifth_of_the_free_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trace is held in memory until written: one nobody stops is written and ended once the
+    host's free memory falls below 4/5 of what it was at the start (the host's figure is
+    simulated here; a real run took a 24 GB box to its last gigabyte)."""
+    import jax.numpy as jnp
+
+    from runtime import profiler as profiler_module
+
+    free = [10 << 30]
+    monkeypatch.setattr(profiler_module, "host_available_bytes", lambda: free[0])
+    step_profiler = profiler_module.StepProfiler()
+    out = tmp_path / "left-running"
+    step_profiler.start(str(out), num_steps=None)
+    assert step_profiler.memory_floor == 8 << 30
+    x = jnp.ones((64, 64))
+    for step in range(1, 3 * profiler_module.MEMORY_CHECK_STEPS + 1):
+        (x @ x).block_until_ready()
+        if step == profiler_module.MEMORY_CHECK_STEPS + 1:
+            free[0] = (8 << 30) - 1  # the trace has grown: just under the floor
+        step_profiler.step_done()
+        # Checked every MEMORY_CHECK_STEPS steps: it stops at the first check after the fall.
+        assert step_profiler.active == (step < 2 * profiler_module.MEMORY_CHECK_STEPS), step
+    wait_for_trace(out)
+    with pytest.raises(ValueError, match=f"stopped by itself .* written under {out}"):
+        step_profiler.stop()  # the client's /stop_profile says what became of its trace
+    step_profiler.start(str(tmp_path / "next"), num_steps=1)  # a new trace can start
+    step_profiler.step_done()
+    assert not step_profiler.active
