@@ -104,16 +104,16 @@ class StepProfiler:
                 "when it started",
                 self.steps_traced,
             )
-            directory = self.output_dir
-            self._stop_unattended("for lack of memory")
-            self.stopped_for_memory = directory
+            self.stopped_for_memory = self._stop_unattended("for lack of memory")
 
-    def _stop_unattended(self, why: str) -> None:
-        """Stop with nobody waiting on the answer: a lost trace is logged and serving goes on."""
+    def _stop_unattended(self, why: str) -> str | None:
+        """Stop with nobody waiting on the answer: the trace's directory, or None when the trace
+        was lost (logged; serving goes on)."""
         try:
-            self.stop()
+            return self.stop()
         except ValueError:
             logger.exception("Profiling stopped %s, but the trace was lost", why)
+            return None
 
 
 def _forget_unwritten_trace() -> None:

@@ -59,13 +59,8 @@ def chat_prompt(tokenizer: Any) -> str:
     )
 
 
-@pytest.fixture(scope="module")
-def base_url(model_path: Path) -> Iterator[str]:
-    """The main server, launched the way a notebook launches the reference."""
-    command = (
-        f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 "
-        f"{SERVER_FLAGS} --enable-metrics --log-level warning"
-    )
+def _served(command: str) -> Iterator[str]:
+    """The URL of a server launched as a notebook launches the reference, until the fixture ends."""
     process, port = launch_server_cmd(command, host="127.0.0.1")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -73,6 +68,15 @@ def base_url(model_path: Path) -> Iterator[str]:
         yield url
     finally:
         terminate_process(process)
+
+
+@pytest.fixture(scope="module")
+def base_url(model_path: Path) -> Iterator[str]:
+    """The main server."""
+    yield from _served(
+        f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 "
+        f"{SERVER_FLAGS} --enable-metrics --log-level warning"
+    )
 
 
 def generate(url: str, **body: Any) -> requests.Response:
@@ -636,17 +640,10 @@ def test_random_mixed_load_with_disconnects_and_aborts(
 def small_pool_url(model_path: Path) -> Iterator[str]:
     """A KV pool of 40 pages and 64-token prefill chunks: admission waits and decode rows are
     retracted all the time under the random load."""
-    command = (
+    yield from _served(
         f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 --max-total-tokens 640 "
         "--chunked-prefill-size 64 --max-running-requests 64 --no-warmup --log-level warning"
     )
-    process, port = launch_server_cmd(command, host="127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(url, timeout=STARTUP_TIMEOUT, process=process)
-        yield url
-    finally:
-        terminate_process(process)
 
 
 def test_random_load_on_a_small_pool(small_pool_url: str, chat_prompt: str, tokenizer: Any) -> None:
