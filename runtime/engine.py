@@ -27,6 +27,7 @@ from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
 from runtime.batch import StepShape, step_shape
 from runtime.expert_stats import write_expert_distribution
+from runtime.grammar import TokenGrammars
 from runtime.host_memory import keep_freed_memory
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
@@ -110,6 +111,7 @@ class Engine:
         self._inflight: set[str] = set()
         self.encoder = None
         self.scheduler: Scheduler | None = None
+        self.grammars: TokenGrammars | None = None  # with a tokenizer, for regex / json_schema / ebnf
         if loaded.architecture == "BertModel":
             from runtime.encoder_runner import EncoderRunner
 
@@ -211,6 +213,9 @@ class Engine:
         )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
+        eos_ids = _eos_ids(config, self.tokenizer, args.model_path)
+        if self.tokenizer is not None:
+            self.grammars = TokenGrammars(self.tokenizer, self.model_info.vocab_size, eos_ids)
         self.scheduler = Scheduler(
             self.runner,
             self.pool,
@@ -221,8 +226,9 @@ class Engine:
             schedule_policy=args.schedule_policy,
             disable_radix_cache=args.disable_radix_cache,
             stream_interval=args.stream_interval,
-            eos_ids=_eos_ids(config, self.tokenizer, args.model_path),
+            eos_ids=eos_ids,
             burst_window=args.burst_window_ms / 1000,
+            grammars=self.grammars,
         )
         self.scheduler.start()
         logger.info(
@@ -336,6 +342,11 @@ class Engine:
         if req.kind != "generate":
             max_new = 0
         seed = params.sampling_seed if params.sampling_seed is not None else self._rng.getrandbits(63)
+        try:  # compiled here, off the scheduler's thread (llguidance lets go of the GIL meanwhile)
+            grammar = self.grammars.for_request(params) if self.grammars is not None else None
+        except ValueError as exc:
+            deliver(whole(failed_output(req, str(exc), status=400)))
+            return
         self.scheduler.submit(
             Req(
                 request=req,
@@ -344,6 +355,7 @@ class Engine:
                 seed=seed,
                 eos_ids=self.scheduler.eos_ids,
                 detokenize=detokenize,
+                grammar=grammar,
             )
         )
 

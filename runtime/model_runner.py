@@ -125,9 +125,9 @@ class ModelRunner:
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn, static_argnames=("whole",))
         self._full_logprobs = jax.jit(full_logprobs)
-        # (sampler rows, suppressed-ids width, plain) in _sample's cache
-        self._sampler_shapes: set[tuple[int, int, bool]] = set()
-        self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
+        # (sampler rows, suppressed-ids width, grammar-mask width, plain) in _sample's cache
+        self._sampler_shapes: set[tuple[int, int, int, bool]] = set()
+        self._background_samplers: dict[tuple[int, int, int, bool], jax.stages.Compiled] = {}
         self.step_programs = StepPrograms(
             self._compile_shape,
             enabled=borrow_programs,
@@ -254,7 +254,7 @@ class ModelRunner:
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(rows))  # the usual layout
         logits = jax.ShapeDtypeStruct((rows, self.vocab_size), jnp.float32)
         for plain in (False,) if self.fused_greedy else (True, False):
-            key = (rows, MIN_SUPPRESSED_WIDTH, plain)
+            key = (rows, MIN_SUPPRESSED_WIDTH, 0, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
                     logits,
@@ -349,7 +349,9 @@ class ModelRunner:
             return step.greedy
         batch = step.batch
         plain = step.plain_greedy
-        sampler_key = (len(batch.sample_valid), int(batch.sampling.suppressed_ids.shape[1]), plain)
+        sampling = batch.sampling
+        widths = (int(sampling.suppressed_ids.shape[1]), int(sampling.allowed_words.shape[1]))
+        sampler_key = (len(batch.sample_valid), *widths, plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
             sampler = functools.partial(self._sample, plain=plain)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Container
 
+from runtime.grammar import grammar_source
 from runtime.io_struct import EngineRequest
 
 # Logprobs a request may ask for per token: each is a (logprob, id) pair in every position's
@@ -92,6 +93,9 @@ def check_request(req: EngineRequest, limits: RequestLimits) -> None:
     params.verify(info.vocab_size)
     if not limits.has_tokenizer and params.stop:
         raise ValueError("stop strings need a tokenizer: the server runs with --skip-tokenizer-init.")
+    grammar = grammar_source(params)
+    if not limits.has_tokenizer and grammar is not None:
+        raise ValueError(f"{grammar[0]} needs a tokenizer: the server runs with --skip-tokenizer-init.")
     if req.return_logprob and req.top_logprobs_num < 0:
         raise ValueError(f"top_logprobs_num must be at least 0, got {req.top_logprobs_num}.")
     if req.return_logprob and req.top_logprobs_num > MAX_LOGPROBS_PER_TOKEN:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from runtime.sampling_params import GREEDY_TEMPERATURE, SamplingParams
+
+if TYPE_CHECKING:
+    from runtime.grammar import RequestGrammar, TokenGrammars
 
 # top-k up to this many is cut exactly with `lax.top_k`; deeper filters sample by rejection.
 TOP_CANDIDATES = 256
@@ -60,6 +63,9 @@ class SamplingBatch:
     output_index: Any  # i32[S]: index of the token being sampled in its request's output
     suppressed_ids: Any  # i32[S, K]: ids banned this step, -1 padding
     penalty_slot: Any  # i32[S]: row of the penalty tables
+    # i32[S, W]: each row's grammar mask, bit t % 32 of word t // 32 set where token t is allowed
+    # (runtime/grammar.py), all bits set in rows without one; W = 0 when no row has a grammar.
+    allowed_words: Any
 
 
 @jax.tree_util.register_dataclass
@@ -80,6 +86,7 @@ class SamplingRow:
     output_index: int
     penalty_slot: int
     eos_ids: Sequence[int] = ()
+    grammar: RequestGrammar | None = None
 
 
 def seeds_to_key_data(seeds: Sequence[int]) -> np.ndarray:
@@ -97,16 +104,19 @@ def suppressed_ids_of(row: SamplingRow) -> list[int]:
 
     Also with ignore_eos, where they would not end the request: the reference's
     min-new-tokens penalizer bans them whatever ignore_eos says, and the sampled
-    distribution should be the same.
+    distribution should be the same. Not once a grammar allows nothing but EOS: the grammar wins.
     """
     params = row.params
-    if row.output_index >= params.min_new_tokens:
+    if row.output_index >= params.min_new_tokens or (row.grammar is not None and row.grammar.complete):
         return []
     return list(dict.fromkeys([*row.eos_ids, *params.stop_token_ids]))
 
 
-def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBatch:
+def make_sampling_batch(
+    rows: Sequence[SamplingRow], pad_to: int, grammars: TokenGrammars | None = None
+) -> SamplingBatch:
     """Numpy `SamplingBatch` of `pad_to` rows; K is a power of two >= MIN_SUPPRESSED_WIDTH.
+    `grammars` makes the masks of rows with a grammar (it must be given when one has).
 
     Built a column at a time: the serving loop builds one per step, at up to hundreds of rows.
     """
@@ -125,6 +135,12 @@ def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBat
     for i, ids in enumerate(banned):
         suppressed[i, : len(ids)] = ids
     int32_max = np.iinfo(np.int32).max
+    constrained = [(row.grammar, i) for i, row in enumerate(rows) if row.grammar is not None]
+    allowed = np.zeros((pad_to, 0), np.int32)
+    if constrained:
+        assert grammars is not None, "rows with a grammar need the engine's grammars for their masks"
+        allowed = np.full((pad_to, grammars.mask_words), -1, np.int32)
+        grammars.fill_masks(constrained, allowed)
     return SamplingBatch(
         temperature=column([p.temperature for p in params], 0.0, np.float32),
         top_p=column([p.top_p for p in params], 1.0, np.float32),
@@ -137,6 +153,7 @@ def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBat
         output_index=column([row.output_index for row in rows], 0, np.int32),
         suppressed_ids=suppressed,
         penalty_slot=column([row.penalty_slot for row in rows], 0, np.int32),
+        allowed_words=allowed,
     )
 
 
@@ -377,9 +394,10 @@ def sample(
 ) -> SampleOutput:
     """Next tokens of S rows from logits f32[S, V], with penalties from the tables [R, V].
 
-    Order: penalties (only when some row has one), suppressed ids -> -inf, then
-    greedy rows (temperature < 1e-6 or top_k == 1) take the argmax and the rest
-    are scaled by temperature, filtered by top-k, top-p and min-p, and drawn.
+    Order: penalties (only when some row has one), suppressed ids -> -inf, tokens a row's
+    grammar does not allow -> -inf, then greedy rows (temperature < 1e-6 or top_k == 1) take
+    the argmax and the rest are scaled by temperature, filtered by top-k, top-p and min-p,
+    and drawn.
     The sampling branch runs only when some row samples. `plain` (static; only for
     batches `is_plain_greedy` accepts) leaves both branches out of the program.
     """
@@ -402,6 +420,8 @@ def sample(
         )
     banned = jnp.where(batch.suppressed_ids >= 0, batch.suppressed_ids, vocab)
     logits = logits.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
+    if batch.allowed_words.shape[-1]:  # static: only steps with a grammar row take this program
+        logits = jnp.where(allowed_tokens(batch.allowed_words, vocab), logits, -jnp.inf)
     greedy_tokens = _first_argmax(logits)
     if plain:
         tokens = greedy_tokens
@@ -413,6 +433,12 @@ def sample(
             lambda: _sample_rows(logits, batch, greedy, greedy_tokens),
         )
     return SampleOutput(tokens=tokens, chosen_logprob=chosen_logprobs(raw, tokens))
+
+
+def allowed_tokens(words: jax.Array, vocab: int) -> jax.Array:
+    """bool [S, vocab] from grammar mask words i32 [S, W] (`SamplingBatch.allowed_words`)."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab] != 0
 
 
 def update_output_counts(

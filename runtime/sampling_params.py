@@ -12,6 +12,8 @@ import dataclasses
 import math
 from typing import Any
 
+from runtime.grammar import GRAMMAR_KEYS, check_grammar
+
 # Temperatures below this are greedy (the reference's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-6
 # Bounds the reference leaves open, so that one small request cannot hold the scheduler
@@ -33,7 +35,6 @@ _FLOAT_KEYS = (
 _INT_KEYS = ("min_new_tokens", "top_k", "n")
 _OPTIONAL_INT_KEYS = ("max_new_tokens", "sampling_seed")
 _BOOL_KEYS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
-_GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
 
 
 @dataclasses.dataclass
@@ -138,11 +139,10 @@ class SamplingParams:
                 f"stop_token_ids holds {len(self.stop_token_ids)} distinct ids; at most "
                 f"{MAX_STOP_TOKEN_IDS} are served."
             )
-        grammars = [key for key in _GRAMMAR_KEYS if getattr(self, key) is not None]
+        grammars = [key for key in GRAMMAR_KEYS if getattr(self, key) is not None]
         if len(grammars) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
-        if grammars:
-            raise ValueError(f"{grammars[0]} is not supported by this server.")
+        check_grammar(self)
         if self.structural_tag is not None:
             raise ValueError("structural_tag is not supported by this server.")
 

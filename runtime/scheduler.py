@@ -23,6 +23,7 @@ import numpy as np
 
 from runtime.batch import Buckets, ScheduledBatch, StepShape, sampler_rows, step_shape
 from runtime.detokenizer import OutputText, find_stop_string, partial_stop_suffix, scheduler_needs_text
+from runtime.grammar import TokenGrammars
 from runtime.io_struct import RequestOutput
 from runtime.kv_pool import KVPool
 from runtime.model_runner import ModelRunner, StepOutput
@@ -72,6 +73,7 @@ class _Plan:
         self.num_new_seqs = 0
         self.queue_wait = 0.0  # seconds the newly admitted requests waited, summed
         self.num_decode = 0
+        self.constrained = False  # a request with a grammar samples: its next mask needs this token
 
 
 class Scheduler:
@@ -91,8 +93,10 @@ class Scheduler:
         stream_interval: int,
         eos_ids: frozenset[int],
         burst_window: float = 0.0,
+        grammars: TokenGrammars | None = None,
     ) -> None:
-        """`burst_window` (seconds): see `_drain_inbox`."""
+        """`burst_window` (seconds): see `_drain_inbox`. `grammars` makes the token masks of
+        requests with a grammar (`Req.grammar`)."""
         self.runner = runner
         self.pool = pool
         self.allocator = pool.allocator
@@ -105,6 +109,7 @@ class Scheduler:
         self.policy = schedule_policy
         self.stream_interval = max(1, stream_interval)
         self.burst_window = burst_window
+        self.grammars = grammars
         # What a held-back request must stand to reuse, in whole pages (`_waits_for_prefix`).
         self._prefix_wait_tokens = max(1, -(-MIN_PREFIX_WAIT_TOKENS // self.page_size)) * self.page_size
         self.eos_ids = eos_ids
@@ -178,6 +183,10 @@ class Scheduler:
         try:
             while not self._stop.is_set():
                 self._drain_inbox(block=not self._has_work())
+                if self._pending is not None and self._pending[0].constrained:
+                    # A grammar's next mask depends on the token still on the device: read it
+                    # first, giving up this step's overlap (`Req.grammar`).
+                    self._flush_pending()
                 plan, batch = self._schedule()
                 forward = self.runner.forward(batch) if batch is not None else None
                 # The previous step's tokens are read while this step's forward runs, before its
@@ -564,6 +573,7 @@ class Scheduler:
                 req.num_computed += 1
                 req.inflight += 1
             plan.sampled.extend(zip(decodes, range(n), strict=True))
+            plan.constrained = any(r.grammar is not None for r in decodes)
         plan.num_decode = len(decodes)
 
         offset = num_decode
@@ -589,6 +599,7 @@ class Scheduler:
                     sample_valid[seq] = True
                     prefill_rows[seq] = self._sampling_row(req, req.produced)
                     plan.sampled.append((req, seq))
+                    plan.constrained |= req.grammar is not None
                     req.inflight += 1
                 else:
                     plan.finished_prefill.append((req, offset + take - 1))
@@ -641,6 +652,7 @@ class Scheduler:
             output_index=output_index,
             penalty_slot=req.penalty_slot,
             eos_ids=self._sorted_eos_ids,
+            grammar=req.grammar,
         )
 
     def _sampling_batch(
@@ -670,10 +682,11 @@ class Scheduler:
             rows[seq] = self._sampling_row(req, int(decode_output_index[seq]))
         for seq, row in prefill_rows.items():
             rows[seq] = row
-        sampling = make_sampling_batch(rows, pad_to)
+        sampling = make_sampling_batch(rows, pad_to, self.grammars)
         if not prefill_rows:
-            unbanned = not (sampling.suppressed_ids >= 0).any()
-            self._decode_sampling = (tuple(decodes), pad_to, sampling) if unbanned else None
+            # Masks change every step, as bans do while min_new_tokens is not reached.
+            fixed = not (sampling.suppressed_ids >= 0).any() and not sampling.allowed_words.shape[1]
+            self._decode_sampling = (tuple(decodes), pad_to, sampling) if fixed else None
         return sampling
 
     # -- reading results back ------------------------------------------------------------------------
@@ -718,6 +731,11 @@ class Scheduler:
                     req.output_ids_logprobs.append(
                         [(float(full[row, t]), t) for t in req.request.token_ids_logprob]
                     )
+            if req.grammar is not None and not req.grammar.accept(token):  # its mask allowed it: a bug
+                message = f"The sampled token {token} does not fit the request's grammar: {req.grammar.error}"
+                logger.error("request %s: %s", req.rid, message)
+                self._finish(req, {"type": "abort", "message": message}, error=message)
+                continue
             self._check_finish(req, token)
 
     def _prompt_logprobs(self, plan: _Plan, output: StepOutput) -> None:
@@ -762,7 +780,7 @@ class Scheduler:
     def _check_finish(self, req: Req, token: int) -> None:
         """The reference's order: the length limit first; then, unless ignore_eos, EOS and
         stop_token_ids; then stop strings. Neither kind of stop ends a request before
-        min_new_tokens."""
+        min_new_tokens, except an EOS that ends the request's grammar."""
         params = req.request.sampling_params
         reason: dict | None = None
         if len(req.output_ids) >= req.max_new_tokens or len(req.all_ids) >= self.context_length:
@@ -770,6 +788,11 @@ class Scheduler:
         elif not params.ignore_eos and len(req.output_ids) > params.min_new_tokens:
             if token in self.eos_ids or (params.stop_token_ids and token in params.stop_token_ids):
                 reason = {"type": "stop", "matched": token}
+        if reason is None and req.grammar is not None and req.grammar.terminated:
+            reason = {
+                "type": "stop",
+                "matched": token,
+            }  # past ignore_eos and min_new_tokens: nothing may follow
         wants_text = self.tokenizer is not None and (
             scheduler_needs_text(params) or (req.request.stream and req.detokenize)
         )

@@ -10,6 +10,7 @@ in the order `[p0 x n, p1 x n, ...]`, which is also the order of the answer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -629,14 +630,35 @@ class ChatCompletionRequest(_OpenAISampling):
                 "tool calls come back as text).",
                 param="tool_choice",
             )
-        if self.response_format is not None and self.response_format.type != "text":
+        if self.response_format_schema() is not None and (self.regex or self.json_schema or self.ebnf):
             raise ProtocolError(
-                f"response_format {self.response_format.type} is not supported by this server "
-                "(no constrained decoding).",
-                param="response_format",
+                "response_format cannot be set with regex, json_schema or ebnf.", param="response_format"
             )
         check_token_budget("max_tokens", self.max_tokens)
         check_token_budget("max_completion_tokens", self.max_completion_tokens)
+
+    def response_format_schema(self) -> str | None:
+        """The JSON schema `response_format` asks for, as the native `json_schema`: a json_object is
+        any object, as the reference reads it."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return '{"type": "object"}'
+        schema = (fmt.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ProtocolError(
+                "response_format json_schema needs json_schema.schema, a JSON schema object.",
+                param="response_format",
+            )
+        return json.dumps(schema)
+
+    def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
+        params = super().sampling_dict(max_new_tokens)
+        schema = self.response_format_schema()
+        if schema is not None:
+            params["json_schema"] = schema
+        return params
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

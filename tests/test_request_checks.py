@@ -3,6 +3,8 @@ message, and the sizes just inside each limit accepted."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from runtime.io_struct import EngineRequest
@@ -63,3 +65,16 @@ def test_logprobs_per_token_are_bounded(field: str) -> None:
     unused = ask(MAX_LOGPROBS_PER_TOKEN + 1)
     unused.return_logprob = False
     check_request(unused, limits())
+
+
+@pytest.mark.parametrize("key", ["regex", "json_schema", "ebnf"])
+def test_a_grammar_needs_the_tokenizer(key: str) -> None:
+    grammar = {"regex": "a+", "json_schema": {"type": "object"}, "ebnf": 'root ::= "a"'}[key]
+    params = SamplingParams.from_dict({"max_new_tokens": 4, key: grammar})
+    req = EngineRequest(rid="r", input_ids=[7], sampling_params=params)
+    check_request(req, limits())
+    without = dataclasses.replace(limits(), has_tokenizer=False)
+    with pytest.raises(
+        ValueError, match=f"^{key} needs a tokenizer: the server runs with --skip-tokenizer-init"
+    ):
+        check_request(req, without)

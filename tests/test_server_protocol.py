@@ -3,6 +3,7 @@ engine outputs -> the /generate and /encode JSON (runtime/response.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -222,6 +223,21 @@ def test_openai_sampling_mapping() -> None:
         image.template_messages()
 
 
+def test_openai_response_format_becomes_the_native_json_schema() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    formats = [
+        ({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}, schema),
+        ({"type": "json_object"}, {"type": "object"}),
+    ]
+    for response_format, want in formats:
+        body = protocol.validate_model(
+            protocol.ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": "hi"}], "response_format": response_format},
+        )
+        body.check_supported()
+        assert json.loads(body.sampling_dict(None)["json_schema"]) == want
+
+
 def test_openai_chat_roles() -> None:
     body = protocol.validate_model(
         protocol.ChatCompletionRequest,
@@ -277,7 +293,14 @@ def test_openai_user_messages_need_content() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format json_object is not supported"),
+        (
+            {"response_format": {"type": "json_schema"}},
+            "response_format json_schema needs json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_object"}, "regex": "a+"},
+            "response_format cannot be set with regex, json_schema or ebnf.",
+        ),
         ({"tool_choice": "required", "tools": [{"type": "function"}]}, "tool_choice 'required' is not"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice {"),
         ({"top_logprobs": 2}, "top_logprobs needs logprobs: true."),

@@ -1,0 +1,167 @@
+"""Structured output: a request's regex, JSON schema or EBNF grammar as a mask of the tokens it may
+sample next (llguidance, one of the reference's grammar backends).
+
+A grammar is checked where the request arrives (`check_grammar`, no tokenizer needed, so the HTTP
+process answers a bad one with a 400), and compiled against the tokenizer once per distinct text
+(`TokenGrammars`): each request then takes a copy of the compiled matcher, which costs
+microseconds. A mask is a row of 32-bit words, bit `t % 32` of word `t // 32` set when token `t`
+is allowed (llguidance's layout): the sampler unpacks it on the device (`runtime/sampling.py`), so
+a step sends V/32 words per row rather than V flags.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import numpy as np
+from llguidance import LLMatcher
+
+GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
+# Distinct grammars kept compiled per engine (a compiled SmolLM2 schema matcher is ~100 KB).
+MAX_COMPILED_GRAMMARS = 256
+# llguidance's name for each key's format ("ebnf" reads GBNF, the reference's syntax, or Lark).
+# JSON Schema keywords whose value maps names to schemas, and those whose value is data.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_VALUES = ("enum", "const", "default", "examples")
+_FORMATS = {"regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf"}
+
+
+def grammar_source(params: Any) -> tuple[str, str] | None:
+    """The request's grammar as (key, text), or None; a JSON schema given as an object is
+    serialised with sorted keys, so equal schemas share one compiled grammar."""
+    for key in GRAMMAR_KEYS:
+        value = getattr(params, key)
+        if value is not None:
+            return key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return None
+
+
+@functools.lru_cache(maxsize=MAX_COMPILED_GRAMMARS)
+def compile_grammar(key: str, text: str) -> str:
+    """llguidance's grammar for one of GRAMMAR_KEYS and its text; ValueError naming the key when the
+    text is not a valid grammar of that kind (errors are not cached)."""
+    try:
+        if key == "json_schema":
+            text = json.dumps(_closed_objects(json.loads(text)))
+        grammar = llguidance.grammar_from(_FORMATS[key], text)
+    except ValueError as exc:  # json.JSONDecodeError is one
+        raise ValueError(f"Invalid {key}: {exc}") from None
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ValueError(f"Invalid {key}: {error.strip()}")
+    return grammar
+
+
+def _closed_objects(schema: Any) -> Any:
+    """The schema with `"additionalProperties": false` on every object schema that does not say:
+    the reference's default backend (xgrammar, strict mode) allows no property a schema does not
+    name, where JSON Schema itself would allow any (SmolLM2, asked for a name and an age, went on
+    to invent six more fields)."""
+    if isinstance(schema, list):
+        return [_closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # names to schemas: no schema itself
+            closed[key] = {name: _closed_objects(sub) for name, sub in value.items()}
+        elif key in _SCHEMA_VALUES:
+            closed[key] = value
+        else:
+            closed[key] = _closed_objects(value)
+    is_object = schema.get("type") == "object" or "properties" in schema
+    if is_object and "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
+
+
+def check_grammar(params: Any) -> None:
+    """Raise ValueError for a grammar that cannot be compiled (a request's `sampling_params`)."""
+    source = grammar_source(params)
+    if source is not None:
+        compile_grammar(*source)
+
+
+class RequestGrammar:
+    """One request's place in its grammar: what it may sample next, and whether it is done."""
+
+    def __init__(self, matcher: LLMatcher, eos_ids: frozenset[int]) -> None:
+        self.matcher = matcher
+        self._eos_ids = eos_ids
+        # An EOS the grammar accepted: the request ends there whatever ignore_eos and
+        # min_new_tokens say, since nothing else may follow.
+        self.terminated = False
+
+    def accept(self, token: int) -> bool:
+        """Advance past a sampled token; False when the grammar refuses it (the matcher's error
+        then says why)."""
+        if not self.matcher.consume_token(token):
+            return False
+        self.terminated = token in self._eos_ids and self.matcher.is_stopped()
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """Nothing but EOS may follow: the mask allows EOS alone."""
+        return self.matcher.is_stopped()
+
+    @property
+    def error(self) -> str:
+        return self.matcher.get_error()
+
+
+class TokenGrammars:
+    """An engine's grammars: its tokenizer as llguidance sees it (made at the first grammar, ~0.3 s
+    for SmolLM2's 49k tokens), and one compiled matcher per distinct grammar, copied per request.
+    `for_request` runs on the threads that submit requests, `fill_masks` on the scheduler's."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        self._hf_tokenizer = hf_tokenizer
+        self.vocab_size = vocab_size
+        self.mask_words = (vocab_size + 31) // 32
+        self._eos_ids = eos_ids
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._compiled: collections.OrderedDict[tuple[str, str], LLMatcher] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = llguidance.LLExecutor()
+
+    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
+        """Under the lock."""
+        if self._tokenizer is None:
+            self._tokenizer = llguidance.hf.from_tokenizer(
+                self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=sorted(self._eos_ids)
+            )
+        return self._tokenizer
+
+    def for_request(self, params: Any) -> RequestGrammar | None:
+        """A fresh matcher for the request's grammar, or None if it has none; ValueError when the
+        grammar does not compile against this tokenizer."""
+        source = grammar_source(params)
+        if source is None:
+            return None
+        with self._lock:
+            compiled = self._compiled.get(source)
+            if compiled is None:
+                compiled = LLMatcher(self._llg_tokenizer(), compile_grammar(*source), log_level=0)
+                if compiled.is_error():
+                    raise ValueError(f"Invalid {source[0]}: {compiled.get_error()}")
+                self._compiled[source] = compiled
+                if len(self._compiled) > MAX_COMPILED_GRAMMARS:
+                    self._compiled.popitem(last=False)
+            else:
+                self._compiled.move_to_end(source)
+        return RequestGrammar(compiled.deep_copy(), self._eos_ids)
+
+    def fill_masks(self, rows: Sequence[tuple[RequestGrammar, int]], masks: np.ndarray) -> None:
+        """Write each grammar's mask into row `row` of `masks` (int32 [S, mask_words]); the
+        matchers run on llguidance's threads."""
+        pairs = [(grammar.matcher, row) for grammar, row in rows]
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, pairs, masks)

@@ -1,0 +1,201 @@
+"""Structured output: grammars checked and compiled (runtime/grammar.py), masks applied by the
+sampler, and constrained greedy decoding on SmolLM2 token for token against HF transformers
+decoding under the same grammar."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from runtime.engine import Engine
+from runtime.grammar import _closed_objects, compile_grammar
+from runtime.sampling import SamplingRow, make_sampling_batch, sample
+from runtime.sampling_params import SamplingParams
+from tests.conftest import greedy_agrees
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+@pytest.mark.parametrize(
+    ("params", "start"),
+    [
+        ({"regex": "("}, "Invalid regex: "),
+        ({"regex": "[z-a]"}, "Invalid regex: "),
+        ({"json_schema": "{not json"}, "Invalid json_schema: Expecting property name"),
+        ({"json_schema": {"type": "intger"}}, "Invalid json_schema: "),
+        ({"json_schema": "[1, 2]"}, "Invalid json_schema: "),
+        ({"ebnf": 'root ::= ("a"'}, "Invalid ebnf: "),
+        ({"ebnf": "root ::= missing"}, "Invalid ebnf: "),
+    ],
+)
+def test_a_grammar_that_does_not_compile_is_refused_naming_its_key(params: dict, start: str) -> None:
+    with pytest.raises(ValueError) as err:
+        SamplingParams.from_dict(params)
+    assert str(err.value).startswith(start), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"regex": "(yes|no)"},
+        {"json_schema": PERSON},
+        {"json_schema": json.dumps(PERSON)},
+        {"ebnf": 'root ::= "a" [0-9]+ rest\nrest ::= "." | "!"'},  # GBNF, the reference's syntax
+        {"ebnf": 'start: "a" | "b"'},  # Lark
+    ],
+)
+def test_valid_grammars_are_accepted(params: dict) -> None:
+    SamplingParams.from_dict(params)
+
+
+def test_object_schemas_are_closed_unless_they_say_otherwise() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},
+            "type": {"type": "string"},
+            "open": {"type": "object", "additionalProperties": True},
+        },
+        "$defs": {"item": {"properties": {"y": {"const": {"type": "object"}}}}},
+        "items": [{"type": "object"}],
+    }
+    closed = _closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    inner = closed["properties"]
+    assert set(inner) == {"properties", "type", "open"}  # property names are not schemas
+    assert inner["properties"]["additionalProperties"] is False
+    assert "additionalProperties" not in inner["type"]
+    assert inner["open"]["additionalProperties"] is True
+    item = closed["$defs"]["item"]
+    assert item["additionalProperties"] is False
+    assert item["properties"]["y"] == {"const": {"type": "object"}}  # data, not a schema
+    assert closed["items"] == [{"type": "object", "additionalProperties": False}]
+    assert "additionalProperties" not in schema  # the caller's schema is left as it was
+
+
+def _mask_words(allowed: np.ndarray) -> np.ndarray:
+    """Mask words int32 [S, W] from bool [S, V], llguidance's layout."""
+    rows, vocab = allowed.shape
+    padded = np.zeros((rows, -(-vocab // 32) * 32), np.bool_)
+    padded[:, :vocab] = allowed
+    return np.packbits(padded, axis=1, bitorder="little").view(np.int32)
+
+
+def test_the_sampler_draws_only_allowed_tokens() -> None:
+    """Greedy rows take the best allowed token, sampled rows (with top-k, top-p) draw only allowed
+    ones, and a row with every bit set samples as it would with no mask at all."""
+    rng = np.random.default_rng(0)
+    rows, vocab = 6, 300
+    logits = jnp.asarray(rng.normal(size=(rows, vocab)).astype(np.float32) * 3)
+    allowed = rng.random((rows, vocab)) < 0.05
+    allowed[5] = True
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=1.3, top_k=20),
+        SamplingParams(temperature=0.8, top_p=0.5),
+        SamplingParams(temperature=1.0),
+    ]
+    counts = jnp.zeros((rows + 1, vocab), jnp.int32)
+    prompt_mask = jnp.zeros((rows + 1, vocab), jnp.bool_)
+    for seed in range(20):
+        batch = make_sampling_batch(
+            [
+                SamplingRow(params=p, seed=seed * 10 + i, output_index=0, penalty_slot=0)
+                for i, p in enumerate(params)
+            ],
+            rows,
+        )
+        masked = sample(
+            logits, dataclasses.replace(batch, allowed_words=_mask_words(allowed)), counts, prompt_mask
+        )
+        tokens = np.asarray(masked.tokens)
+        assert allowed[np.arange(rows), tokens].all(), tokens
+        best = np.where(allowed, np.asarray(logits), -np.inf).argmax(-1)
+        assert tokens[:2].tolist() == best[:2].tolist()
+        free = sample(logits, batch, counts, prompt_mask)
+        assert tokens[5] == int(free.tokens[5])
+
+
+def _hf_constrained_greedy(hf, matcher, prompt: list[int], max_new_tokens: int, eos: int):
+    """HF's greedy tokens under the grammar's masks (llguidance, as the engine's), with the top-2
+    margin among the allowed tokens at each step, until EOS."""
+    import llguidance.numpy
+    import torch
+
+    ids, tokens, margins = list(prompt), [], []
+    words = llguidance.numpy.allocate_token_bitmask(1, hf.config.vocab_size)
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double().numpy()
+        llguidance.numpy.fill_next_token_bitmask(matcher, words)
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: logits.size].astype(bool)
+        masked = np.where(bits, logits, -np.inf)
+        top2 = np.sort(masked)[-2:]
+        token = int(masked.argmax())
+        tokens.append(token)
+        margins.append(float(top2[1] - top2[0]) if np.isfinite(top2[0]) else np.inf)
+        assert matcher.consume_token(token)
+        ids.append(token)
+        if token == eos:
+            break
+    return tokens, margins
+
+
+def test_constrained_greedy_decoding_matches_hf_under_the_same_grammar(smollm2_path) -> None:
+    """A JSON schema, a regex and a GBNF grammar on SmolLM2: the engine's greedy tokens are HF's
+    greedy tokens under llguidance's masks, the texts fit their grammars, and each ends at EOS."""
+    import llguidance.hf
+    from llguidance import LLMatcher
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_path)).eval()
+    llg_tokenizer = llguidance.hf.from_tokenizer(tokenizer)
+
+    def chat(text: str) -> list[int]:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(rendered)["input_ids"]
+
+    cases = [
+        ("json_schema", json.dumps(PERSON), chat("Describe Alice, who is 30, as JSON.")),
+        ("regex", r"The answer is (yes|no)\.", chat("Is the sky blue?")),
+        (
+            "ebnf",
+            'root ::= "Colours: " colour ", " colour " and " colour "."\ncolour ::= [a-z]+',
+            chat("Name three colours."),
+        ),
+    ]
+    engine = Engine(model_path=str(smollm2_path), max_total_tokens=4096, warmup=False, random_seed=0)
+    try:
+        for key, text, prompt in cases:
+            params = {"temperature": 0, "max_new_tokens": 40, key: text}
+            out = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
+            matcher = LLMatcher(llg_tokenizer, compile_grammar(key, text), log_level=0)
+            want, margins = _hf_constrained_greedy(hf, matcher, prompt, 40, tokenizer.eos_token_id)
+            got = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
+            result = greedy_agrees(got, want, margins)
+            assert result, (key, result, tokenizer.decode(got), tokenizer.decode(want))
+            assert got[-1] == tokenizer.eos_token_id, (key, out)
+            assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tokenizer.eos_token_id}
+            if key == "json_schema":
+                person = json.loads(out["text"])
+                assert set(person) == {"name", "age"} and isinstance(person["age"], int), out["text"]
+            elif key == "regex":
+                assert re.fullmatch(text, out["text"]), out["text"]
+            else:
+                assert re.fullmatch(r"Colours: [a-z]+, [a-z]+ and [a-z]+\.", out["text"]), out["text"]
+    finally:
+        engine.shutdown()
