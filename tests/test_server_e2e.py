@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
@@ -271,6 +272,82 @@ def test_openai_client(base_url: str) -> None:
     assert completion.choices[0].text and completion.usage.completion_tokens <= 8
 
 
+def test_structured_output_beside_free_requests(base_url: str, chat_prompt: str) -> None:
+    """regex, JSON schema and EBNF over the native and OpenAI routes, streamed and not, with n and
+    sampling, while free greedy requests run beside them: every output fits its grammar, the free
+    answers are those alone, and a grammar that does not compile is a 400."""
+    alone = generate(base_url, text=chat_prompt, sampling_params=greedy(24)).json()["text"]
+    free_answers: list[str] = []
+    free = [
+        threading.Thread(
+            target=lambda: free_answers.append(
+                generate(base_url, text=chat_prompt, sampling_params=greedy(24)).json()["text"]
+            )
+        )
+        for _ in range(4)
+    ]
+    for thread in free:
+        thread.start()
+    sentence = r"The capital of France is [A-Z][a-z]+\."
+    fixed = generate(base_url, text=chat_prompt, sampling_params=greedy(24, regex=sentence)).json()
+    assert re.fullmatch(sentence, fixed["text"]), fixed
+    assert fixed["meta_info"]["finish_reason"]["type"] == "stop", fixed
+    r = generate(base_url, text=chat_prompt, sampling_params=greedy(24, regex=sentence), stream=True)
+    events = [e for e in sse(r) if e != "[DONE]"]
+    assert events[-1]["text"] == fixed["text"]
+    yes_no = 'root ::= ("Yes" | "No") ", " [a-z]+ "."'
+    sampled = generate(
+        base_url,
+        text=[chat_prompt, "Is water wet?"],
+        sampling_params={
+            "temperature": 1.0,
+            "n": 3,
+            "max_new_tokens": 24,
+            "ebnf": yes_no,
+            "sampling_seed": 7,
+        },
+    ).json()
+    assert len(sampled) == 6
+    for answer in sampled:
+        assert re.fullmatch(r"(Yes|No), [a-z]+\.", answer["text"]) or (
+            answer["meta_info"]["finish_reason"]["type"] == "length"
+            and re.fullmatch(r"(Yes|No), [a-z]*", answer["text"])
+        ), answer
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"enum": ["France", "Spain"]}},
+        "required": ["city", "country"],
+    }
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none")
+    chat = client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=48,
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+    )
+    place = json.loads(chat.choices[0].message.content)
+    assert set(place) == {"city", "country"} and place["country"] in ("France", "Spain"), place
+    assert chat.choices[0].finish_reason == "stop"
+    native = generate(base_url, text=chat_prompt, sampling_params=greedy(48, json_schema=schema)).json()
+    assert set(json.loads(native["text"])) == {"city", "country"}, native
+    for bad in ({"regex": "("}, {"json_schema": "{"}, {"ebnf": "root ::= undefined"}):
+        r = generate(base_url, text="a", sampling_params=bad)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(
+            f"Invalid {next(iter(bad))}: "
+        )
+    r = requests.post(
+        base_url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema"}},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["param"] == "response_format", r.text
+    for thread in free:
+        thread.join(timeout=300)
+    assert free_answers == [alone] * 4
+    assert generate(base_url, text=chat_prompt, sampling_params=greedy(24)).json()["text"] == alone
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -504,9 +581,12 @@ def _random_request(
         sampling["stop_token_ids"] = [rng.randrange(vocab) for _ in range(rng.randint(1, 3))]
     if rng.random() < 0.3:
         sampling["sampling_seed"] = rng.randrange(1000)
+    grammar = rng.random() < 0.2
     stream = rng.random() < 0.5
     route = rng.choices(["/generate", "/v1/completions", "/v1/chat/completions"], [6, 2, 2])[0]
     if route == "/generate":
+        if grammar:
+            sampling["regex"] = LOAD_REGEX
         body: dict[str, Any] = {"sampling_params": sampling, "stream": stream}
         if rng.random() < 0.7:
             body["text"] = rng.choice(prompts)
@@ -539,6 +619,8 @@ def _random_request(
     else:
         openai_body["messages"] = [{"role": "user", "content": rng.choice(prompts)}]
         openai_body["logprobs"] = rng.random() < 0.4
+        if grammar:
+            openai_body["response_format"] = {"type": "json_object"}
         openai_body["top_logprobs"] = 2 if openai_body["logprobs"] else None
     return route, openai_body, stream
 
@@ -547,6 +629,23 @@ def _story_prompts(chat_prompt: str) -> list[str]:
     # Repeated prompts arrive together: one of several pages exercises the shared-prefix path.
     story = "Once upon a time, " + " ".join(f"a town called Number {i} had a mill." for i in range(40))
     return [chat_prompt, story, "def add(a, b):", "1, 2, 3,", "The weather today"]
+
+
+# The grammar of some random /generate requests: any prefix of a match (an answer cut by its
+# length or a stop string) matches LOAD_REGEX_PREFIX.
+LOAD_REGEX = "[a-z ]+\\."
+LOAD_REGEX_PREFIX = "[a-z ]*\\.?"
+
+
+def _fits_its_grammar(route: str, body: dict[str, Any], answer: Any) -> bool:
+    """A constrained answer of the random load fits its grammar: /generate's text is a prefix of
+    a LOAD_REGEX match; a chat json_object that ended by itself (no stop strings) is an object."""
+    if route == "/generate" and "regex" in body["sampling_params"]:
+        return all(re.fullmatch(LOAD_REGEX_PREFIX, a["text"]) for a in answer if "text" in a)
+    if route == "/v1/chat/completions" and "response_format" in body and not body.get("stop"):
+        ended = [c["message"]["content"] for c in answer["choices"] if c["finish_reason"] == "stop"]
+        return all(isinstance(json.loads(content), dict) for content in ended)
+    return True
 
 
 def _run_random_load(
@@ -578,6 +677,9 @@ def _run_random_load(
                     answer = r.json()
                     choices = answer if isinstance(answer, list) else answer.get("choices", [answer])
                     assert choices, answer
+                    answers = answer if isinstance(answer, list) or route != "/generate" else [answer]
+                    if not _fits_its_grammar(route, body, answers):
+                        failures.append(f"{route} {body}: {answer} does not fit its grammar")
                     return
                 events = 0
                 for line in r.iter_lines():
