@@ -152,7 +152,14 @@ def _hf_constrained_greedy(hf, matcher, prompt: list[int], max_new_tokens: int, 
     return tokens, margins
 
 
-def test_constrained_greedy_decoding_matches_hf_under_the_same_grammar(smollm2_path) -> None:
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    engine = Engine(model_path=str(smollm2_path), max_total_tokens=4096, warmup=False, random_seed=0)
+    yield engine
+    engine.shutdown()
+
+
+def test_constrained_greedy_decoding_matches_hf_under_the_same_grammar(smollm2_path, smollm2) -> None:
     """A JSON schema, a regex and a GBNF grammar on SmolLM2: the engine's greedy tokens are HF's
     greedy tokens under llguidance's masks, the texts fit their grammars, and each ends at EOS."""
     import llguidance.hf
@@ -178,24 +185,32 @@ def test_constrained_greedy_decoding_matches_hf_under_the_same_grammar(smollm2_p
             chat("Name three colours."),
         ),
     ]
-    engine = Engine(model_path=str(smollm2_path), max_total_tokens=4096, warmup=False, random_seed=0)
-    try:
-        for key, text, prompt in cases:
-            params = {"temperature": 0, "max_new_tokens": 40, key: text}
-            out = engine.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
-            matcher = LLMatcher(llg_tokenizer, compile_grammar(key, text), log_level=0)
-            want, margins = _hf_constrained_greedy(hf, matcher, prompt, 40, tokenizer.eos_token_id)
-            got = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
-            result = greedy_agrees(got, want, margins)
-            assert result, (key, result, tokenizer.decode(got), tokenizer.decode(want))
-            assert got[-1] == tokenizer.eos_token_id, (key, out)
-            assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tokenizer.eos_token_id}
-            if key == "json_schema":
-                person = json.loads(out["text"])
-                assert set(person) == {"name", "age"} and isinstance(person["age"], int), out["text"]
-            elif key == "regex":
-                assert re.fullmatch(text, out["text"]), out["text"]
-            else:
-                assert re.fullmatch(r"Colours: [a-z]+, [a-z]+ and [a-z]+\.", out["text"]), out["text"]
-    finally:
-        engine.shutdown()
+    for key, text, prompt in cases:
+        params = {"temperature": 0, "max_new_tokens": 40, key: text}
+        out = smollm2.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
+        matcher = LLMatcher(llg_tokenizer, compile_grammar(key, text), log_level=0)
+        want, margins = _hf_constrained_greedy(hf, matcher, prompt, 40, tokenizer.eos_token_id)
+        got = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
+        result = greedy_agrees(got, want, margins)
+        assert result, (key, result, tokenizer.decode(got), tokenizer.decode(want))
+        assert got[-1] == tokenizer.eos_token_id, (key, out)
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": tokenizer.eos_token_id}
+        if key == "json_schema":
+            person = json.loads(out["text"])
+            assert set(person) == {"name", "age"} and isinstance(person["age"], int), out["text"]
+        elif key == "regex":
+            assert re.fullmatch(text, out["text"]), out["text"]
+        else:
+            assert re.fullmatch(r"Colours: [a-z]+, [a-z]+ and [a-z]+\.", out["text"]), out["text"]
+
+
+@pytest.mark.parametrize("extra", [{"ignore_eos": True}, {"min_new_tokens": 10}])
+def test_a_complete_grammar_ends_the_request_at_its_eos(smollm2, extra: dict) -> None:
+    """Once the grammar is complete only EOS may follow, and that EOS ends the request even where
+    ignore_eos or min_new_tokens would let it go on (it would otherwise sample from nothing)."""
+    eos = smollm2.tokenizer.eos_token_id
+    params = {"temperature": 0, "max_new_tokens": 20, "regex": " (Yes|No)", **extra}
+    out = smollm2.generate("Is the sky blue? Answer:", sampling_params=params, return_logprob=True)
+    ids = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
+    assert out["text"] in (" Yes", " No") and ids[-1] == eos, out
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
