@@ -1,5 +1,5 @@
-"""Structured output: a request's regex, JSON schema or EBNF grammar as a mask of the tokens it may
-sample next (llguidance, one of the reference's grammar backends).
+"""Structured output: a request's regex, JSON schema, EBNF grammar or structural tag as a mask of the
+tokens it may sample next (llguidance, one of the reference's grammar backends).
 
 A grammar is checked where the request arrives (`check_grammar`, no tokenizer needed, so the HTTP
 process answers a bad one with a 400), and compiled against the tokenizer once per distinct text
@@ -22,22 +22,24 @@ import llguidance
 import llguidance.hf
 import llguidance.numpy
 import numpy as np
-from llguidance import LLMatcher
+from llguidance import LLMatcher, StructTag
 
+# At most one of these per request (the reference's check); `structural_tag` goes with none of them.
 GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
+_SOURCE_KEYS = (*GRAMMAR_KEYS, "structural_tag")
 # Distinct grammars kept compiled per engine (a compiled SmolLM2 schema matcher is ~100 KB).
 MAX_COMPILED_GRAMMARS = 256
 # llguidance's name for each key's format ("ebnf" reads GBNF, the reference's syntax, or Lark).
 # JSON Schema keywords whose value maps names to schemas, and those whose value is data.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_VALUES = ("enum", "const", "default", "examples")
-_FORMATS = {"regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf"}
+_FORMATS = {"regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf", "structural_tag": "lark"}
 
 
 def grammar_source(params: Any) -> tuple[str, str] | None:
     """The request's grammar as (key, text), or None; a JSON schema given as an object is
     serialised with sorted keys, so equal schemas share one compiled grammar."""
-    for key in GRAMMAR_KEYS:
+    for key in _SOURCE_KEYS:
         value = getattr(params, key)
         if value is not None:
             return key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -46,11 +48,14 @@ def grammar_source(params: Any) -> tuple[str, str] | None:
 
 @functools.lru_cache(maxsize=MAX_COMPILED_GRAMMARS)
 def compile_grammar(key: str, text: str) -> str:
-    """llguidance's grammar for one of GRAMMAR_KEYS and its text; ValueError naming the key when the
-    text is not a valid grammar of that kind (errors are not cached)."""
+    """llguidance's grammar for a grammar key (GRAMMAR_KEYS, `structural_tag`) and its text;
+    ValueError naming the key when the text is not a valid grammar of that kind (errors are not
+    cached)."""
     try:
         if key == "json_schema":
             text = json.dumps(_closed_objects(json.loads(text)))
+        elif key == "structural_tag":
+            text = _structural_tag_lark(json.loads(text))
         grammar = llguidance.grammar_from(_FORMATS[key], text)
     except ValueError as exc:  # json.JSONDecodeError is one
         raise ValueError(f"Invalid {key}: {exc}") from None
@@ -81,6 +86,29 @@ def _closed_objects(schema: Any) -> Any:
     if is_object and "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
         closed["additionalProperties"] = False
     return closed
+
+
+def _structural_tag_lark(tag: Any) -> str:
+    """A Lark grammar for the reference's structural tag: free text in which each of `structures`
+    (`begin`, a JSON `schema`, `end`) may appear, constrained from one of `triggers` on (a trigger
+    begins some structure's `begin`; the longest that does is that structure's)."""
+    if not isinstance(tag, dict):
+        raise ValueError("a structural tag is an object with structures and triggers")
+    structures, triggers = tag.get("structures"), tag.get("triggers")
+    if not isinstance(structures, list) or not structures or not all(isinstance(s, dict) for s in structures):
+        raise ValueError("structures must be a non-empty list of objects with begin, schema and end")
+    if not isinstance(triggers, list) or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError("triggers must be a list of non-empty strings")
+    tags = []
+    for structure in structures:
+        begin, schema, end = structure.get("begin"), structure.get("schema"), structure.get("end")
+        if not isinstance(begin, str) or not isinstance(end, str) or not isinstance(schema, dict):
+            raise ValueError("each structure needs a begin and an end (strings) and a schema (an object)")
+        trigger = max((t for t in triggers if begin.startswith(t)), key=len, default=None)
+        if trigger is None:
+            raise ValueError(f"begin {begin!r} starts with none of the triggers")
+        tags.append(StructTag(trigger=trigger, begin=begin, grammar=_closed_objects(schema), end=end))
+    return StructTag.to_grammar(tags)
 
 
 def check_grammar(params: Any) -> None:

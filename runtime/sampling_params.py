@@ -142,9 +142,9 @@ class SamplingParams:
         grammars = [key for key in GRAMMAR_KEYS if getattr(self, key) is not None]
         if len(grammars) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
+        if grammars and self.structural_tag is not None:
+            raise ValueError("structural_tag cannot be set with regex, json_schema or ebnf.")
         check_grammar(self)
-        if self.structural_tag is not None:
-            raise ValueError("structural_tag is not supported by this server.")
 
     def verify(self, vocab_size: int) -> None:
         """Checks that need the model: stop token ids must lie inside the vocabulary."""

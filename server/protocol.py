@@ -597,8 +597,10 @@ class ChatMessage(BaseModel):
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: dict[str, Any] | None = None
+    structures: list[Any] | None = None  # structural_tag, as the native key reads them
+    triggers: list[Any] | None = None
 
 
 class ChatCompletionRequest(_OpenAISampling):
@@ -630,34 +632,36 @@ class ChatCompletionRequest(_OpenAISampling):
                 "tool calls come back as text).",
                 param="tool_choice",
             )
-        if self.response_format_schema() is not None and (self.regex or self.json_schema or self.ebnf):
+        if self.response_format_grammar() is not None and (self.regex or self.json_schema or self.ebnf):
             raise ProtocolError(
                 "response_format cannot be set with regex, json_schema or ebnf.", param="response_format"
             )
         check_token_budget("max_tokens", self.max_tokens)
         check_token_budget("max_completion_tokens", self.max_completion_tokens)
 
-    def response_format_schema(self) -> str | None:
-        """The JSON schema `response_format` asks for, as the native `json_schema`: a json_object is
-        any object, as the reference reads it."""
+    def response_format_grammar(self) -> tuple[str, str] | None:
+        """What `response_format` asks for as a native grammar key and its text: a JSON schema (a
+        json_object is any object, as the reference reads it) or a structural tag."""
         fmt = self.response_format
         if fmt is None or fmt.type == "text":
             return None
         if fmt.type == "json_object":
-            return '{"type": "object"}'
+            return "json_schema", '{"type": "object"}'
+        if fmt.type == "structural_tag":
+            return "structural_tag", json.dumps({"structures": fmt.structures, "triggers": fmt.triggers})
         schema = (fmt.json_schema or {}).get("schema")
         if not isinstance(schema, dict):
             raise ProtocolError(
                 "response_format json_schema needs json_schema.schema, a JSON schema object.",
                 param="response_format",
             )
-        return json.dumps(schema)
+        return "json_schema", json.dumps(schema)
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         params = super().sampling_dict(max_new_tokens)
-        schema = self.response_format_schema()
-        if schema is not None:
-            params["json_schema"] = schema
+        grammar = self.response_format_grammar()
+        if grammar is not None:
+            params[grammar[0]] = grammar[1]
         return params
 
     def max_new_tokens(self) -> int | None:

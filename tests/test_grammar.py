@@ -214,3 +214,40 @@ def test_a_complete_grammar_ends_the_request_at_its_eos(smollm2, extra: dict) ->
     ids = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
     assert out["text"] in (" Yes", " No") and ids[-1] == eos, out
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": eos}
+
+
+def test_a_structural_tag_constrains_each_call_and_leaves_the_text_free(smollm2_path, smollm2) -> None:
+    """The reference's structural tag: free text, in which each call from its trigger on follows its
+    schema (here a city the model would not pick), token for token as HF under the same masks."""
+    import llguidance.hf
+    from llguidance import LLMatcher
+    from transformers import AutoModelForCausalLM
+
+    weather = {"type": "object", "properties": {"city": {"enum": ["Lyon", "Nice"]}}, "required": ["city"]}
+    tag = json.dumps(
+        {
+            "structures": [{"begin": "<function=get_weather>", "schema": weather, "end": "</function>"}],
+            "triggers": ["<function="],
+        }
+    )
+    prompt_text = (
+        'Q: weather in Rome?\nA: <function=get_weather>{"city": "Rome"}</function>\n'
+        'Q: weather in Oslo?\nA: <function=get_weather>{"city": "Oslo"}</function>\nQ: weather in Paris?\nA:'
+    )
+    prompt = smollm2.tokenize(prompt_text)
+    params = {"temperature": 0, "max_new_tokens": 40, "structural_tag": tag}
+    out = smollm2.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
+    free = smollm2.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 40})
+    assert '{"city": "Paris"}' in free["text"]  # what the grammar rules out
+    calls = re.findall(r"<function=get_weather>(.*?)</function>", out["text"], re.DOTALL)
+    assert calls and all(json.loads(call)["city"] in ("Lyon", "Nice") for call in calls), out["text"]
+    assert "\nQ: weather in" in out["text"]  # the text between calls is the model's own
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_path)).eval()
+    tokenizer = smollm2.tokenizer
+    matcher = LLMatcher(
+        llguidance.hf.from_tokenizer(tokenizer), compile_grammar("structural_tag", tag), log_level=0
+    )
+    want, margins = _hf_constrained_greedy(hf, matcher, prompt, 40, tokenizer.eos_token_id)
+    got = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
+    result = greedy_agrees(got, want, margins)
+    assert result, (result, tokenizer.decode(got), tokenizer.decode(want))

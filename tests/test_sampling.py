@@ -87,7 +87,15 @@ def test_defaults_match_the_reference() -> None:
         ({"stop": ["ok", "y" * 1025]}, "stop strings may be up to 1024 characters long, got one of 1025."),
         ({"regex": "a+", "ebnf": "root ::= 'a'"}, "Only one of regex, json_schema, or ebnf can be set."),
         ({"regex": "a+", "json_schema": "{}"}, "Only one of regex, json_schema, or ebnf can be set."),
-        ({"structural_tag": "{}"}, "structural_tag is not supported by this server."),
+        (
+            {"structural_tag": "{}"},
+            "Invalid structural_tag: structures must be a non-empty list of objects with begin, "
+            "schema and end",
+        ),
+        (
+            {"regex": "a", "structural_tag": "{}"},
+            "structural_tag cannot be set with regex, json_schema or ebnf.",
+        ),
         ({"stop_token_ids": [3, -1]}, "stop_token_ids must be non-negative token ids, got -1."),
     ],
 )

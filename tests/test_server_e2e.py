@@ -331,7 +331,24 @@ def test_structured_output_beside_free_requests(base_url: str, chat_prompt: str)
     assert chat.choices[0].finish_reason == "stop"
     native = generate(base_url, text=chat_prompt, sampling_params=greedy(48, json_schema=schema)).json()
     assert set(json.loads(native["text"])) == {"city", "country"}, native
-    for bad in ({"regex": "("}, {"json_schema": "{"}, {"ebnf": "root ::= undefined"}):
+    tag = {
+        "structures": [{"begin": "<city=", "schema": {"enum": ["Lyon"]}, "end": ">"}],
+        "triggers": ["<city="],
+    }
+    few_shot = (
+        'Q: a city in Italy?\nA: <city="Rome">\nQ: a city in Norway?\nA: <city="Oslo">\nQ: another?\nA:'
+    )
+    tagged = generate(base_url, text=few_shot, sampling_params=greedy(24, structural_tag=tag)).json()
+    assert re.findall(r"<city=([^>]*)>", tagged["text"]) == ['"Lyon"'] * tagged["text"].count("<city="), (
+        tagged
+    )
+    assert "<city=" in tagged["text"], tagged
+    for bad in (
+        {"regex": "("},
+        {"json_schema": "{"},
+        {"ebnf": "root ::= undefined"},
+        {"structural_tag": "{}"},
+    ):
         r = generate(base_url, text="a", sampling_params=bad)
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(
             f"Invalid {next(iter(bad))}: "

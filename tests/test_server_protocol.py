@@ -223,7 +223,7 @@ def test_openai_sampling_mapping() -> None:
         image.template_messages()
 
 
-def test_openai_response_format_becomes_the_native_json_schema() -> None:
+def test_openai_response_format_becomes_the_native_grammar() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     formats = [
         ({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}, schema),
@@ -236,6 +236,15 @@ def test_openai_response_format_becomes_the_native_json_schema() -> None:
         )
         body.check_supported()
         assert json.loads(body.sampling_dict(None)["json_schema"]) == want
+    tag = {"structures": [{"begin": "<f>", "schema": schema, "end": "</f>"}], "triggers": ["<f"]}
+    body = protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "structural_tag", **tag},
+        },
+    )
+    assert json.loads(body.sampling_dict(None)["structural_tag"]) == tag
 
 
 def test_openai_chat_roles() -> None:
