@@ -111,7 +111,7 @@ class Engine:
         self._inflight: set[str] = set()
         self.encoder = None
         self.scheduler: Scheduler | None = None
-        self.grammars: TokenGrammars | None = None  # with a tokenizer, for regex / json_schema / ebnf
+        self.grammars: TokenGrammars | None = None  # with a tokenizer: structured output
         if loaded.architecture == "BertModel":
             from runtime.encoder_runner import EncoderRunner
 

@@ -29,10 +29,11 @@ GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
 _SOURCE_KEYS = (*GRAMMAR_KEYS, "structural_tag")
 # Distinct grammars kept compiled per engine (a compiled SmolLM2 schema matcher is ~100 KB).
 MAX_COMPILED_GRAMMARS = 256
-# llguidance's name for each key's format ("ebnf" reads GBNF, the reference's syntax, or Lark).
 # JSON Schema keywords whose value maps names to schemas, and those whose value is data.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_VALUES = ("enum", "const", "default", "examples")
+# llguidance's name for each key's format ("ebnf" reads GBNF, the reference's syntax, or Lark; a
+# structural tag becomes Lark here first).
 _FORMATS = {"regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf", "structural_tag": "lark"}
 
 

@@ -55,7 +55,7 @@ class Req:
     input_ids_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
     hidden_states: list[list[float]] = dataclasses.field(default_factory=list)
     embedding: list[float] | None = None
-    grammar: RequestGrammar | None = None  # regex / json_schema / ebnf: what may be sampled next
+    grammar: RequestGrammar | None = None  # structured output: what may be sampled next
     deltas: OutputDeltas = dataclasses.field(default_factory=OutputDeltas, repr=False)
     # `pages` as int32 (`page_row`), and the list it was made from
     _page_row: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32), repr=False)

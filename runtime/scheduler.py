@@ -789,10 +789,8 @@ class Scheduler:
             if token in self.eos_ids or (params.stop_token_ids and token in params.stop_token_ids):
                 reason = {"type": "stop", "matched": token}
         if reason is None and req.grammar is not None and req.grammar.terminated:
-            reason = {
-                "type": "stop",
-                "matched": token,
-            }  # past ignore_eos and min_new_tokens: nothing may follow
+            # Past ignore_eos and min_new_tokens: nothing may follow the grammar's EOS.
+            reason = {"type": "stop", "matched": token}
         wants_text = self.tokenizer is not None and (
             scheduler_needs_text(params) or (req.request.stream and req.detokenize)
         )

@@ -58,7 +58,7 @@ IGNORED_FLAGS: tuple[IgnoredFlag, ...] = (
     IgnoredFlag("--trust-remote-code", "model code comes from this package; no remote code is ever run"),
     IgnoredFlag("--disable-overlap-schedule", "the scheduler always overlaps host work with the device step"),
     IgnoredFlag("--enable-mixed-chunk", "prefill chunks and decodes are always batched together"),
-    IgnoredFlag("--grammar-backend", "structured output has a single implementation", True),
+    IgnoredFlag("--grammar-backend", "structured output always uses llguidance", True),
     IgnoredFlag("--sampling-backend", "sampling runs on device in the jitted step", True),
     IgnoredFlag("--quantization", "weights are served in --dtype (GGUF files are dequantized)", True),
     IgnoredFlag("--kv-cache-dtype", "the KV cache uses the model dtype", True),

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         if args.warmup_pass:
             run_pass(engine, workload, args.stream)
+            # Steps of the warm pass that borrowed a larger program queued their own: those finish
+            # now, not inside a measured pass.
+            engine.runner.wait_for_background_compiles()
         scheduler = engine.scheduler
         for _ in range(args.repeats):
             engine.flush_cache()

@@ -428,11 +428,11 @@ def test_compiled_programs_bounded(tiny, monkeypatch):
     # Sampling compiles once per (row count, suppressed-id width, branch-free), not per step shape.
     samplers = tiny.runner._sample._cache_size() + len(tiny.runner._background_samplers) - samplers_before
     print(f"{samplers} new sampling programs for {len(sample_shapes)} sampler shapes")
-    aside_samplers = set(tiny.runner._background_samplers)  # (rows, width, plain)
+    aside_samplers = set(tiny.runner._background_samplers)  # (rows, widths, plain)
     assert samplers <= len(sample_shapes | aside_samplers) < len(shapes)
     # Mixed steps (9, 10, 12... sequences) share the samplers of the power-of-two row counts.
     assert any(seqs & (seqs - 1) for _, seqs, *_ in shapes), "no mixed step met"
-    assert all(rows & (rows - 1) == 0 for rows, _, _ in tiny.runner._sampler_shapes | aside_samplers)
+    assert all(rows & (rows - 1) == 0 for rows, *_ in tiny.runner._sampler_shapes | aside_samplers)
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(tiny, tiny_ref):
@@ -499,7 +499,7 @@ def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, t
         assert general and not any(general)  # every step was all-greedy: the forwards sampled them
         # What warm-up compiles after its greedy steps: the general sampler of a row count, which a
         # first sampled request then runs without compiling inline.
-        key = (2, MIN_SUPPRESSED_WIDTH, False)  # two short prompts: every step of theirs has 2 rows
+        key = (2, MIN_SUPPRESSED_WIDTH, 0, False)  # two short prompts: every step of theirs has 2 rows
         assert key not in runner._sampler_shapes  # greedy steps never ran the general sampler
         # A step of 2 rows that compiled aside (while it borrowed a bigger program, as timing has it)
         # compiled this sampler with it: forget it, so that only compile_samplers can bring it back.
@@ -546,12 +546,12 @@ def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypat
         for i, tokens in enumerate(_batched_ids(tiny, prompts, [n] * len(prompts))):
             result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
             assert result, f"prompt {i}: {result}"
-        assert taken and all(plain for _, _, plain in taken)
+        assert taken and all(plain for *_, plain in taken)
         taken.clear()
         # fewer tokens than the seeded request: every step of the greedy one holds a sampled row
         beside = tiny.generate(input_ids=[prompts[1], prompts[0]], sampling_params=[seeded, _greedy(6)])
         assert beside[0]["text"] == alone
-        assert taken and not any(plain for _, _, plain in taken)
+        assert taken and not any(plain for *_, plain in taken)
     finally:
         compiled_aside.update(noting)  # what compiled aside meanwhile serves the fixture's later tests
 
