@@ -14,6 +14,9 @@ All prompts go to the engine at once, greedy, ignoring EOS, as
 
     python scripts/bench_offline.py --model-path M --server-args "--max-total-tokens 24576" \\
         --num-prompts 32 --input-len-range 32 256 --output-len-range 256 256 --warmup-pass
+
+`--regex R --constrained N` has the first N requests follow a regex (structured output), for
+its cost beside the unconstrained ones.
 """
 
 from __future__ import annotations
@@ -46,12 +49,21 @@ from bench_common import (  # noqa: E402
 STREAM_TIMEOUT_S = 3600
 
 
-def run_pass(engine: Any, workload: list, stream: bool) -> tuple[float, int]:
+def pass_params(workload: list, regex: str | None = None, constrained: int = 0) -> list[dict[str, Any]]:
+    """Each request's sampling parameters: greedy, ignoring EOS; the first `constrained` follow
+    `regex`, with EOS banned until their length instead (an EOS the grammar accepts would end them
+    early, whatever ignore_eos says)."""
+    params = [{"temperature": 0.0, "max_new_tokens": r.output_len, "ignore_eos": True} for r in workload]
+    for p in params[:constrained] if regex else ():
+        p.update(regex=regex, ignore_eos=False, min_new_tokens=p["max_new_tokens"])
+    return params
+
+
+def run_pass(engine: Any, workload: list, stream: bool, params: list[dict[str, Any]]) -> tuple[float, int]:
     """One pass of the whole workload: its wall time and the output tokens it produced.
 
     With `stream`, every request streams, and its outputs reach a callback as they reach the
     server's engine process (what is new since the previous output, every step)."""
-    params = [{"temperature": 0.0, "max_new_tokens": r.output_len, "ignore_eos": True} for r in workload]
     started = time.perf_counter()
     if not stream:
         outputs = engine.generate(input_ids=[r.prompt_ids for r in workload], sampling_params=params)
@@ -101,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="Stream every request (as the served benchmark does): an output a step per request.",
     )
+    parser.add_argument("--regex", default=None, help="Constrain requests to this regex (structured output).")
+    parser.add_argument(
+        "--constrained", type=int, default=None, help="How many requests follow --regex (default: all)."
+    )
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
 
@@ -110,13 +126,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     server_args = parse_server_args(["--model-path", args.model_path, *shlex.split(args.server_args)])
     vocab = vocab_size_of(args.model_path)
     workload = requests_from_args(args, vocab)
+    constrained = len(workload) if args.constrained is None else args.constrained
+    params = pass_params(workload, args.regex, constrained)
     started = time.monotonic()
     engine = Engine(server_args)
     ready = time.monotonic() - started
     passes = []
     try:
         if args.warmup_pass:
-            run_pass(engine, workload, args.stream)
+            run_pass(engine, workload, args.stream, params)
             # Steps of the warm pass that borrowed a larger program queued their own: those finish
             # now, not inside a measured pass.
             engine.runner.wait_for_background_compiles()
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             programs_before = engine.num_compiled_programs
             load = load_note()
             steps_before, cpu_before = scheduler.num_steps, scheduler.thread_cpu_time()
-            elapsed, tokens = run_pass(engine, workload, args.stream)
+            elapsed, tokens = run_pass(engine, workload, args.stream, params)
             steps = scheduler.num_steps - steps_before
             cpu = scheduler.thread_cpu_time()
             passes.append(
@@ -151,7 +169,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "server_args": args.server_args,
         "machine": machine_info(),
         "start_to_ready_s": ready,
-        "workload": {**workload_json(args, vocab), "warmup_pass": args.warmup_pass, "stream": args.stream},
+        "workload": {
+            **workload_json(args, vocab),
+            "warmup_pass": args.warmup_pass,
+            "stream": args.stream,
+            "regex": args.regex,
+            "constrained": constrained if args.regex else 0,
+        },
         "passes": passes,
     }
     rows = [

@@ -57,3 +57,8 @@ def test_bench_offline_counts_every_token_and_writes_its_result(tmp_path, capsys
     streamed = bench_offline.main([*args[:-2], "--stream", "--repeats", "1"])
     assert [p["output_tokens"] for p in streamed["passes"]] == [expected]
     assert streamed["workload"]["stream"] is True
+    constrained = bench_offline.main(
+        [*args[:-2], "--repeats", "1", "--regex", "[a-z ]+", "--constrained", "4"]
+    )
+    assert [p["output_tokens"] for p in constrained["passes"]] == [expected]  # EOS banned to the end
+    assert constrained["workload"]["constrained"] == 4
