@@ -153,9 +153,11 @@ class TokenGrammars:
     `for_request` runs on the threads that submit requests, `fill_masks` on the scheduler's."""
 
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: frozenset[int]) -> None:
+        """`vocab_size`: the model's (its logits' width). A tokenizer with more tokens than that
+        widens the masks to its own size; the sampler reads the first `vocab_size` bits."""
         self._hf_tokenizer = hf_tokenizer
-        self.vocab_size = vocab_size
-        self.mask_words = (vocab_size + 31) // 32
+        self.vocab_size = max(vocab_size, len(hf_tokenizer))
+        self.mask_words = (self.vocab_size + 31) // 32
         self._eos_ids = eos_ids
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._compiled: collections.OrderedDict[tuple[str, str], LLMatcher] = collections.OrderedDict()

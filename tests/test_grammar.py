@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from runtime.engine import Engine
-from runtime.grammar import _closed_objects, compile_grammar
-from runtime.sampling import SamplingRow, make_sampling_batch, sample
+from runtime.grammar import TokenGrammars, _closed_objects, compile_grammar
+from runtime.sampling import SamplingRow, allowed_tokens, make_sampling_batch, sample
 from runtime.sampling_params import SamplingParams
 from tests.conftest import greedy_agrees
 
@@ -251,3 +251,21 @@ def test_a_structural_tag_constrains_each_call_and_leaves_the_text_free(smollm2_
     got = [token for _, token, _ in out["meta_info"]["output_token_logprobs"]]
     result = greedy_agrees(got, want, margins)
     assert result, (result, tokenizer.decode(got), tokenizer.decode(want))
+
+
+@pytest.mark.parametrize("model_vocab", [49000, 49408])
+def test_masks_cover_the_tokenizer_and_the_model(smollm2_path, model_vocab: int) -> None:
+    """A model whose logits are narrower than its tokenizer (or wider, padded) still gets masks:
+    as wide as the wider of the two, with no bit set past the tokenizer's tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
+    grammars = TokenGrammars(tokenizer, model_vocab, frozenset({tokenizer.eos_token_id}))
+    grammar = grammars.for_request(SamplingParams.from_dict({"regex": "[a-z]+"}))
+    masks = np.full((2, grammars.mask_words), -1, np.int32)
+    grammars.fill_masks([(grammar, 1)], masks)
+    assert grammars.mask_words * 32 >= max(model_vocab, len(tokenizer))
+    allowed = np.asarray(allowed_tokens(jnp.asarray(masks), model_vocab))
+    assert allowed[0].all() and allowed[1].any() and not allowed[1].all()
+    words = [tokenizer.decode([t]) for t in np.flatnonzero(allowed[1])[:50]]
+    assert all(re.fullmatch("[a-z]+", word) for word in words), words
