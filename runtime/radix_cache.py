@@ -191,6 +191,27 @@ class RadixCache:
         self._push_if_evictable(node)
         return MatchResult(pages, pos, node)
 
+    def cached_len(self, token_ids: Sequence[int]) -> int:
+        """`match_prefix(token_ids).num_tokens`, without its side effects: no node is split and no
+        access time refreshed. For decisions about waiting requests (the `lpm` ranking, waiting for
+        a prefix in progress), which must not make their prefixes look recently used to eviction."""
+        if self.disable:
+            return 0
+        ps = self.page_size
+        aligned = len(token_ids) - len(token_ids) % ps
+        tokens = _as_tokens(token_ids, aligned)
+        node, pos = self.root, 0
+        while pos < aligned:
+            child = node.children.get(tokens[pos : pos + ps])
+            if child is None:
+                break
+            shared = self._common_len(child.key, tokens, pos)
+            pos += shared
+            if shared < len(child.key):
+                break
+            node = child
+        return pos
+
     # ----------------------------------------------------------------- locks
 
     def _path_in_tree(self, node: TreeNode) -> bool:

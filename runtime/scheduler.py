@@ -369,9 +369,7 @@ class Scheduler:
 
     def _order_waiting(self) -> None:
         if self.policy == "lpm" and 1 < len(self.waiting) <= LPM_MAX_WAITING:
-            ranked = sorted(
-                self.waiting, key=lambda r: -self.radix.match_prefix(self._reusable_ids(r)).num_tokens
-            )
+            ranked = sorted(self.waiting, key=lambda r: -self.radix.cached_len(self._reusable_ids(r)))
             self.waiting = collections.deque(ranked)
 
     def _reusable_ids(self, req: Req) -> list[int]:
@@ -408,7 +406,7 @@ class Scheduler:
         if not sources:
             return False
         reusable = self._reusable_ids(req)
-        shared = self.radix.match_prefix(reusable).num_tokens + self._prefix_wait_tokens
+        shared = self.radix.cached_len(reusable) + self._prefix_wait_tokens
         if len(reusable) < shared:
             return False
         return any(

@@ -196,6 +196,22 @@ def test_lru_order_and_partial_trim():
     check_structure(cache)
 
 
+def test_cached_len_neither_splits_nor_refreshes():
+    """What the waiting queue asks of the tree (the lpm ranking) changes nothing in it: a prefix
+    ranked is not made recent, and a match ending inside a node does not split it."""
+    allocator, cache = cache_with(32, 1)
+    b = put(allocator, cache, [2, 2, 2])
+    put(allocator, cache, [1, 1, 1])
+    nodes = len(walk(cache))
+    assert cache.cached_len([2, 2, 9]) == 2 and cache.cached_len([2, 2, 2, 5]) == 3
+    assert cache.cached_len([7]) == 0 and cache.cached_len([]) == 0
+    assert len(walk(cache)) == nodes  # no split
+    assert cache.evict(3) == 3  # b, ranked last, is still the least recently used
+    assert all(allocator.is_free(p) for p in b)
+    check_structure(cache)
+    assert RadixCache(allocator, 1, disable=True).cached_len([1, 1, 1]) == 0
+
+
 def test_evict_cascades_to_parents():
     allocator, cache = cache_with(32, 1)
     put(allocator, cache, [1, 2, 3, 4])
@@ -320,7 +336,9 @@ def test_randomized_model_check(page_size: int, seed: int) -> None:
         base = rng.choice(families)
         cut = rng.randint(0, len(base))
         tokens = base[:cut] + [rng.randrange(3) for _ in range(rng.randint(1, 5 * ps))]
+        cached = cache.cached_len(tokens[:-1])
         match = cache.match_prefix(tokens[:-1])
+        assert cached == match.num_tokens
         for i, page in enumerate(match.pages):
             assert content[page] == tuple(tokens[: (i + 1) * ps])
         assert match.num_tokens == len(match.pages) * ps <= len(tokens) - 1
