@@ -66,13 +66,15 @@ def compile_grammar(key: str, text: str) -> str:
     return grammar
 
 
-def _closed_objects(schema: Any) -> Any:
-    """The schema with `"additionalProperties": false` on every object schema that does not say:
-    the reference's default backend (xgrammar, strict mode) allows no property a schema does not
-    name, where JSON Schema itself would allow any (SmolLM2, asked for a name and an age, went on
-    to invent six more fields)."""
+def _closed_objects(schema: Any, close: bool = True) -> Any:
+    """The schema with `"additionalProperties": false` on every object schema that names its
+    properties and does not say otherwise: the reference's default backend (xgrammar, strict mode)
+    allows no property such a schema does not name, where JSON Schema itself would allow any
+    (SmolLM2, asked for a name and an age, went on to invent six more fields). A schema that names
+    none stays open (`{"type": "object"}` is any object), and so do the members of an `allOf`,
+    whose properties only add up together (`close` false: closed, each would refuse the others')."""
     if isinstance(schema, list):
-        return [_closed_objects(item) for item in schema]
+        return [_closed_objects(item, close) for item in schema]
     if not isinstance(schema, dict):
         return schema
     closed = {}
@@ -82,9 +84,14 @@ def _closed_objects(schema: Any) -> Any:
         elif key in _SCHEMA_VALUES:
             closed[key] = value
         else:
-            closed[key] = _closed_objects(value)
-    is_object = schema.get("type") == "object" or "properties" in schema
-    if is_object and "additionalProperties" not in schema and "unevaluatedProperties" not in schema:
+            closed[key] = _closed_objects(value, close=key != "allOf")
+    names_properties = "properties" in schema or "patternProperties" in schema
+    if (
+        close
+        and names_properties
+        and "additionalProperties" not in schema
+        and "unevaluatedProperties" not in schema
+    ):
         closed["additionalProperties"] = False
     return closed
 

@@ -808,7 +808,8 @@ def _apply_chat_template(state: ServerState, body: protocol.ChatCompletionReques
     messages = body.template_messages()
     kwargs: dict[str, Any] = dict(body.chat_template_kwargs or {})
     if body.tools and body.tool_choice != "none":
-        kwargs["tools"] = body.tools  # the template shows them; calls come back as plain text
+        # The template shows them; a call comes back as text unless tool_choice forces calls.
+        kwargs["tools"] = body.tools
     continue_final = body.continue_final_message and messages[-1]["role"] == "assistant"
     try:
         prompt = tokenizer.apply_chat_template(
@@ -952,20 +953,29 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         failed = _first_error(outputs)
         if failed is not None:
             return openai_error(failed.error, failed.error_status)
-        choices = [
-            protocol.ChatChoice(
-                index=index,
-                message=protocol.ChatMessageOut(content=output.text or ""),
-                logprobs=_chat_logprobs(
-                    state, list(output.output_token_logprobs or []), list(output.output_top_logprobs or [])
+        forced = body.forced_tool_schema() is not None
+        choices = []
+        for index, output in enumerate(outputs):
+            calls = protocol.forced_tool_calls(output.text or "") if forced else None
+            message = protocol.ChatMessageOut(content=None if calls else output.text or "", tool_calls=calls)
+            logprobs = None
+            if body.logprobs:
+                entries, top = (
+                    list(output.output_token_logprobs or []),
+                    list(output.output_top_logprobs or []),
                 )
-                if body.logprobs
-                else None,
-                finish_reason=protocol.finish_reason_type(output.finish_reason),
-                matched_stop=protocol.matched_stop(output.finish_reason),
+                logprobs = _chat_logprobs(state, entries, top)
+            choices.append(
+                protocol.ChatChoice(
+                    index=index,
+                    message=message,
+                    logprobs=logprobs,
+                    finish_reason="tool_calls"
+                    if calls
+                    else protocol.finish_reason_type(output.finish_reason),
+                    matched_stop=protocol.matched_stop(output.finish_reason),
+                )
             )
-            for index, output in enumerate(outputs)
-        ]
         response = protocol.ChatCompletionResponse(
             id=outputs[0].rid, model=name, choices=choices, usage=_usage(state, list(outputs), body.n)
         )
@@ -1100,8 +1110,11 @@ def _stream_completions(
 def _stream_chat(
     state: ServerState, body: protocol.ChatCompletionRequest, group: RequestGroup, name: str
 ) -> AsyncIterator[bytes]:
-    """SSE of /v1/chat/completions: a role chunk per choice, then content deltas, logprobs as asked."""
+    """SSE of /v1/chat/completions: a role chunk per choice, then content deltas, logprobs as asked.
+    An answer that must be tool calls (`forced_tool_schema`) comes whole at its end, as one delta
+    with every call, or as text if it was cut short."""
     deltas = _TextDeltas(len(group.requests))
+    forced = body.forced_tool_schema() is not None
 
     def choices_for(index: int, output: RequestOutput) -> list[protocol.ChatStreamChoice]:
         choices = []
@@ -1109,7 +1122,12 @@ def _stream_chat(
             deltas.started[index] = True
             role = protocol.DeltaMessage(role="assistant", content="")
             choices.append(protocol.ChatStreamChoice(index=index, delta=role))
-        text = deltas.text(index, output.text or "")
+        calls = None
+        if forced:
+            if not output.finished:
+                return choices
+            calls = protocol.forced_tool_calls(output.text or "")
+        text = "" if calls else deltas.text(index, output.text or "")
         logprobs = None
         if body.logprobs:
             entries = list(output.output_token_logprobs or [])
@@ -1119,12 +1137,13 @@ def _stream_chat(
         if not output.finished and not text and (logprobs is None or not logprobs.content):
             return choices
         finish = output.finish_reason if output.finished else None
+        tool_calls = [{"index": i, **call} for i, call in enumerate(calls)] if calls else None
         choices.append(
             protocol.ChatStreamChoice(
                 index=index,
-                delta=protocol.DeltaMessage(content=text or None),
+                delta=protocol.DeltaMessage(content=text or None, tool_calls=tool_calls),
                 logprobs=logprobs,
-                finish_reason=protocol.finish_reason_type(finish),
+                finish_reason="tool_calls" if calls else protocol.finish_reason_type(finish),
                 matched_stop=protocol.matched_stop(finish),
             )
         )

@@ -537,6 +537,67 @@ class _OpenAISampling(BaseModel):
         return params
 
 
+def _tool_function(tool: Any, index: int) -> dict[str, Any]:
+    """A request's tool as `{"name", "parameters"}`, checked: `{"type": "function", "function":
+    {"name": str, "parameters": a JSON schema object (optional)}}`."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    parameters = function.get("parameters", None) if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name or not isinstance(parameters, dict | None):
+        raise ProtocolError(
+            f'tools[{index}] must be {{"type": "function", "function": {{"name": ..., '
+            '"parameters": {...}}}}.',
+            param="tools",
+        )
+    return {"name": name, "parameters": parameters or {"type": "object", "properties": {}}}
+
+
+def _named_tool_choice(choice: Any) -> str:
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise ProtocolError(
+            f'tool_choice must be none, auto, required or {{"type": "function", "function": '
+            f'{{"name": ...}}}}, got {choice!r}.',
+            param="tool_choice",
+        )
+    return name
+
+
+def forced_tool_calls(text: str) -> list[dict[str, Any]] | None:
+    """An answer written under `forced_tool_schema` as OpenAI's `tool_calls` (arguments as JSON
+    text); None when the text is not such an array (cut by max_tokens or a stop string)."""
+    try:
+        calls = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(calls, list) or not all(
+        isinstance(call, dict) and isinstance(call.get("name"), str) and "parameters" in call
+        for call in calls
+    ):
+        return None
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {
+                "name": call["name"],
+                "arguments": json.dumps(call["parameters"], ensure_ascii=False),
+            },
+        }
+        for call in calls
+    ]
+
+
+def _call_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """One call of `tool` as the answer writes it: its name, and parameters that fit its schema."""
+    return {
+        "type": "object",
+        "properties": {"name": {"type": "string", "enum": [tool["name"]]}, "parameters": tool["parameters"]},
+        "required": ["name", "parameters"],
+    }
+
+
 def check_token_budget(name: str, value: int | None) -> None:
     """A negative max_tokens is a 400 naming the field the client sent (not the native one)."""
     if value is not None and value < 0:
@@ -614,6 +675,7 @@ class ChatCompletionRequest(_OpenAISampling):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: StrictBool = True
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -625,16 +687,16 @@ class ChatCompletionRequest(_OpenAISampling):
             )
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs: true.", param="top_logprobs")
-        if self.tool_choice not in (None, "auto", "none"):
-            # No tool-call parser here: a forced or named call cannot be guaranteed or returned.
-            raise ProtocolError(
-                f"tool_choice {self.tool_choice!r} is not supported by this server (auto or none: "
-                "tool calls come back as text).",
-                param="tool_choice",
-            )
-        if self.response_format_grammar() is not None and (self.regex or self.json_schema or self.ebnf):
+        grammars = [key for key in ("regex", "json_schema", "ebnf") if getattr(self, key)]
+        if self.response_format_grammar() is not None and grammars:
             raise ProtocolError(
                 "response_format cannot be set with regex, json_schema or ebnf.", param="response_format"
+            )
+        if self.forced_tool_schema() is not None and (grammars or self.response_format_grammar()):
+            raise ProtocolError(
+                "tool_choice required or a named function cannot be set with response_format, regex, "
+                "json_schema or ebnf.",
+                param="tool_choice",
             )
         check_token_budget("max_tokens", self.max_tokens)
         check_token_budget("max_completion_tokens", self.max_completion_tokens)
@@ -657,11 +719,38 @@ class ChatCompletionRequest(_OpenAISampling):
             )
         return "json_schema", json.dumps(schema)
 
+    def forced_tool_schema(self) -> dict[str, Any] | None:
+        """For `tool_choice` "required" or a named function, the JSON schema of the calls the answer
+        must be (the reference's constraint): an array of `{"name", "parameters"}` objects, each
+        one of the tools (the named one), at most one unless parallel_tool_calls. None otherwise
+        ("auto" and "none": the model writes what it wants, and a call comes back as text)."""
+        choice = self.tool_choice
+        if choice in (None, "auto", "none"):
+            return None
+        tools = [_tool_function(tool, index) for index, tool in enumerate(self.tools or [])]
+        if choice == "required":
+            if not tools:
+                raise ProtocolError("tool_choice required needs tools.", param="tool_choice")
+            items: dict[str, Any] = {"type": "object", "anyOf": [_call_schema(tool) for tool in tools]}
+        else:
+            name = _named_tool_choice(choice)
+            chosen = [tool for tool in tools if tool["name"] == name]
+            if not chosen:
+                raise ProtocolError(f"Tool {name!r} is not among the request's tools.", param="tool_choice")
+            items = _call_schema(chosen[0])
+        schema = {"type": "array", "minItems": 1, "items": items}
+        if not self.parallel_tool_calls:
+            schema["maxItems"] = 1
+        return schema
+
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         params = super().sampling_dict(max_new_tokens)
         grammar = self.response_format_grammar()
         if grammar is not None:
             params[grammar[0]] = grammar[1]
+        calls = self.forced_tool_schema()
+        if calls is not None:
+            params["json_schema"] = json.dumps(calls)
         return params
 
     def max_new_tokens(self) -> int | None:
@@ -782,6 +871,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -57,7 +57,7 @@ def test_valid_grammars_are_accepted(params: dict) -> None:
     SamplingParams.from_dict(params)
 
 
-def test_object_schemas_are_closed_unless_they_say_otherwise() -> None:
+def test_object_schemas_that_name_properties_are_closed_unless_they_say_otherwise() -> None:
     schema = {
         "type": "object",
         "properties": {
@@ -66,7 +66,9 @@ def test_object_schemas_are_closed_unless_they_say_otherwise() -> None:
             "open": {"type": "object", "additionalProperties": True},
         },
         "$defs": {"item": {"properties": {"y": {"const": {"type": "object"}}}}},
-        "items": [{"type": "object"}],
+        "items": [{"type": "object"}, {"type": "object", "properties": {"z": {}}}],
+        "anyOf": [{"type": "object", "properties": {"a": {}}}],
+        "allOf": [{"properties": {"b": {}}}, {"properties": {"c": {"properties": {"d": {}}}}}],
     }
     closed = _closed_objects(schema)
     assert closed["additionalProperties"] is False
@@ -78,7 +80,16 @@ def test_object_schemas_are_closed_unless_they_say_otherwise() -> None:
     item = closed["$defs"]["item"]
     assert item["additionalProperties"] is False
     assert item["properties"]["y"] == {"const": {"type": "object"}}  # data, not a schema
-    assert closed["items"] == [{"type": "object", "additionalProperties": False}]
+    # Any object where no property is named; the members of an anyOf are closed, an allOf's not
+    # (each would refuse the others' properties), though what they nest is.
+    assert closed["items"] == [
+        {"type": "object"},
+        {"type": "object", "properties": {"z": {}}, "additionalProperties": False},
+    ]
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    first, second = closed["allOf"]
+    assert "additionalProperties" not in first and "additionalProperties" not in second
+    assert second["properties"]["c"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the caller's schema is left as it was
 
 
@@ -269,3 +280,15 @@ def test_masks_cover_the_tokenizer_and_the_model(smollm2_path, model_vocab: int)
     assert allowed[0].all() and allowed[1].any() and not allowed[1].all()
     words = [tokenizer.decode([t]) for t in np.flatnonzero(allowed[1])[:50]]
     assert all(re.fullmatch("[a-z]+", word) for word in words), words
+
+
+def test_an_object_schema_without_properties_takes_any_object(smollm2_path) -> None:
+    """`{"type": "object"}` (OpenAI's json_object) stays any object: closed, it would allow `{}` alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
+    grammars = TokenGrammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+    for text, fits in (('{"a": [1, {"b": null}]}', True), ("[1]", False)):
+        grammar = grammars.for_request(SamplingParams.from_dict({"json_schema": '{"type": "object"}'}))
+        ids = tokenizer.encode(text)
+        assert all(grammar.accept(token) for token in ids) is fits, text

@@ -365,6 +365,71 @@ def test_structured_output_beside_free_requests(base_url: str, chat_prompt: str)
     assert generate(base_url, text=chat_prompt, sampling_params=greedy(24)).json()["text"] == alone
 
 
+def test_forced_tool_calls_come_back_as_tool_calls(base_url: str) -> None:
+    """tool_choice named or required: the answer is constrained to calls of the tools and comes
+    back as tool_calls (streamed: one delta with every call at the end); cut short, it is text."""
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}},
+                "required": ["city", "unit"],
+            },
+        },
+    }
+    clock = {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+            },
+        },
+    }
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="none")
+    ask = dict(
+        model="m",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[weather, clock],
+        temperature=0,
+        max_tokens=64,
+    )
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    answer = client.chat.completions.create(**ask, tool_choice=named, parallel_tool_calls=False)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    [call] = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("C", "F"), arguments
+    chunks = list(
+        client.chat.completions.create(**ask, tool_choice=named, parallel_tool_calls=False, stream=True)
+    )
+    streamed = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert [(d.index, d.function.name, d.function.arguments) for d in streamed] == [
+        (0, "get_weather", call.function.arguments)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices and c.choices[0].delta.content for c in chunks)
+    required = client.chat.completions.create(**ask, tool_choice="required").choices[0]
+    assert required.finish_reason == "tool_calls" and required.message.tool_calls
+    for call in required.message.tool_calls:
+        assert call.function.name in ("get_weather", "get_time")
+        assert isinstance(json.loads(call.function.arguments), dict)
+    cut = client.chat.completions.create(**{**ask, "max_tokens": 3}, tool_choice="required").choices[0]
+    assert cut.finish_reason == "length" and cut.message.tool_calls is None and cut.message.content
+    r = requests.post(
+        base_url + "/v1/chat/completions",
+        json={**ask, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["param"] == "tool_choice", r.text
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -299,6 +299,67 @@ def test_openai_user_messages_need_content() -> None:
     )
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "clock"}}
+
+
+def test_forced_tool_calls_are_a_json_array_of_the_tools_calls() -> None:
+    """tool_choice required or named constrains the answer to the reference's array of calls, and
+    the answer comes back as OpenAI's tool_calls."""
+
+    def sampling(**extra: Any) -> dict[str, Any]:
+        body = protocol.validate_model(
+            protocol.ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER, CLOCK], **extra},
+        )
+        body.check_supported()
+        return body.sampling_dict(None)
+
+    def schema(**extra: Any) -> dict[str, Any]:
+        return json.loads(sampling(**extra)["json_schema"])
+
+    named = schema(tool_choice={"type": "function", "function": {"name": "clock"}}, parallel_tool_calls=False)
+    assert named == {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 1,
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": ["clock"]},
+                "parameters": {"type": "object", "properties": {}},
+            },
+            "required": ["name", "parameters"],
+        },
+    }
+    required = schema(tool_choice="required")
+    assert "maxItems" not in required
+    assert [item["properties"]["name"]["enum"] for item in required["items"]["anyOf"]] == [
+        ["weather"],
+        ["clock"],
+    ]
+    assert required["items"]["anyOf"][0]["properties"]["parameters"] == WEATHER["function"]["parameters"]
+    for choice in ("auto", "none", None):
+        assert "json_schema" not in sampling(tool_choice=choice)
+    calls = protocol.forced_tool_calls(
+        '[{"name": "weather", "parameters": {"city": "Zürich"}}, {"name": "clock", "parameters": {}}]'
+    )
+    assert [call["function"] for call in calls] == [
+        {"name": "weather", "arguments": '{"city": "Zürich"}'},
+        {"name": "clock", "arguments": "{}"},
+    ]
+    assert all(call["type"] == "function" and call["id"].startswith("call_") for call in calls)
+    assert len({call["id"] for call in calls}) == 2
+    for cut in ('[{"name": "weather", "parameters": {"ci', "{}", '[{"parameters": {}}]', ""):
+        assert protocol.forced_tool_calls(cut) is None
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -310,12 +371,18 @@ def test_openai_user_messages_need_content() -> None:
             {"response_format": {"type": "json_object"}, "regex": "a+"},
             "response_format cannot be set with regex, json_schema or ebnf.",
         ),
-        ({"tool_choice": "required", "tools": [{"type": "function"}]}, "tool_choice 'required' is not"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice {"),
+        ({"tool_choice": "required", "tools": [{"type": "function"}]}, "tools[0] must be {"),
+        ({"tool_choice": "required"}, "tool_choice required needs tools."),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "Tool 'f' is not among"),
+        ({"tool_choice": "always", "tools": [WEATHER]}, "tool_choice must be none, auto, required or"),
+        (
+            {"tool_choice": "required", "tools": [WEATHER], "response_format": {"type": "json_object"}},
+            "tool_choice required or a named function cannot be set with response_format",
+        ),
         ({"top_logprobs": 2}, "top_logprobs needs logprobs: true."),
     ],
 )
-def test_openai_chat_fields_this_server_cannot_honour(extra: dict, message: str) -> None:
+def test_openai_chat_fields_that_are_refused(extra: dict, message: str) -> None:
     body = protocol.validate_model(
         protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **extra}
     )
