@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the reference's spellings too
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+TOOL_CALL_PARSERS = ("qwen25", "llama3")  # server/tool_parsers.py
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
 LAYER_LOOPS = ("scan", "unrolled")
 # --burst-window-ms: longer would make a lone request wait visibly for company.
@@ -113,6 +114,7 @@ class ServerArgs:
     dtype: str = "auto"
     served_model_name: str | None = None
     chat_template: str | None = None
+    tool_call_parser: str | None = None
 
     # HTTP server
     host: str = "127.0.0.1"
@@ -185,6 +187,8 @@ class ServerArgs:
         _check_choice("--load-format", self.load_format, LOAD_FORMATS)
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--schedule-policy", self.schedule_policy, SCHEDULE_POLICIES)
+        if self.tool_call_parser is not None:
+            _check_choice("--tool-call-parser", self.tool_call_parser, TOOL_CALL_PARSERS)
         _check_choice("--attention-backend", self.attention_backend, KERNEL_BACKENDS)
         _check_choice("--moe-backend", self.moe_backend, KERNEL_BACKENDS)
         _check_choice("--layer-loop", self.layer_loop, LAYER_LOOPS)
@@ -272,6 +276,12 @@ class ServerArgs:
             "--chat-template",
             default=None,
             help="A Jinja template (file or inline) overriding the tokenizer's.",
+        )
+        model.add_argument(
+            "--tool-call-parser",
+            default=None,
+            choices=TOOL_CALL_PARSERS,
+            help="Read the model's own tool calls out of chat answers (tool_choice auto) as tool_calls.",
         )
 
         http = parser.add_argument_group("HTTP server")

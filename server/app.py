@@ -41,6 +41,7 @@ from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import RequestTimer, ServerMetrics
 from server.output_relay import OutputRelay
 from server.protocol import ExpandedRequests, ProtocolError
+from server.tool_parsers import PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -954,10 +955,11 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         if failed is not None:
             return openai_error(failed.error, failed.error_status)
         forced = body.forced_tool_schema() is not None
+        parser = _tool_parser(state, body)
         choices = []
         for index, output in enumerate(outputs):
-            calls = protocol.forced_tool_calls(output.text or "") if forced else None
-            message = protocol.ChatMessageOut(content=None if calls else output.text or "", tool_calls=calls)
+            content, calls = _tool_calls_in(output.text or "", forced, parser)
+            message = protocol.ChatMessageOut(content=content, tool_calls=calls)
             logprobs = None
             if body.logprobs:
                 entries, top = (
@@ -1107,14 +1109,37 @@ def _stream_completions(
     return _stream_openai(state, body, group, name, protocol.CompletionStreamResponse, choices_for)
 
 
+def _tool_parser(state: ServerState, body: protocol.ChatCompletionRequest) -> Any:
+    """The `--tool-call-parser` reading this request's answers: with tools, and tool_choice auto."""
+    name = state.args.tool_call_parser
+    if name is None or not body.tools or body.tool_choice not in (None, "auto"):
+        return None
+    return PARSERS[name]()
+
+
+def _tool_calls_in(text: str, forced: bool, parser: Any) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """A chat answer's content and tool calls: calls forced by tool_choice (`forced_tool_schema`),
+    or written in the model's format (`parser`), or none (the whole text is content)."""
+    if forced:
+        calls = protocol.forced_tool_calls(text)
+        return (None, calls) if calls else (text, None)
+    parsed = parser.parse(text) if parser is not None else None
+    if parsed is None:
+        return text, None
+    content, pairs = parsed
+    return content or None, protocol.openai_tool_calls(pairs)
+
+
 def _stream_chat(
     state: ServerState, body: protocol.ChatCompletionRequest, group: RequestGroup, name: str
 ) -> AsyncIterator[bytes]:
     """SSE of /v1/chat/completions: a role chunk per choice, then content deltas, logprobs as asked.
-    An answer that must be tool calls (`forced_tool_schema`) comes whole at its end, as one delta
-    with every call, or as text if it was cut short."""
+    Tool calls come whole at the answer's end, as one delta with every call: forced ones
+    (`forced_tool_schema`; all the text is held back, and sent as text if it was cut short) and
+    those a `--tool-call-parser` reads (text is held back from where a call may begin)."""
     deltas = _TextDeltas(len(group.requests))
     forced = body.forced_tool_schema() is not None
+    parser = _tool_parser(state, body)
 
     def choices_for(index: int, output: RequestOutput) -> list[protocol.ChatStreamChoice]:
         choices = []
@@ -1122,12 +1147,14 @@ def _stream_chat(
             deltas.started[index] = True
             role = protocol.DeltaMessage(role="assistant", content="")
             choices.append(protocol.ChatStreamChoice(index=index, delta=role))
-        calls = None
-        if forced:
-            if not output.finished:
-                return choices
-            calls = protocol.forced_tool_calls(output.text or "")
-        text = "" if calls else deltas.text(index, output.text or "")
+        full = output.text or ""
+        visible, calls = full, None
+        if forced or parser is not None:
+            if output.finished:
+                calls = _tool_calls_in(full, forced, parser)[1]
+            if calls or not output.finished:
+                visible = "" if forced else full[: parser.hold_from(full)]
+        text = deltas.text(index, visible)
         logprobs = None
         if body.logprobs:
             entries = list(output.output_token_logprobs or [])

@@ -576,16 +576,19 @@ def forced_tool_calls(text: str) -> list[dict[str, Any]] | None:
         for call in calls
     ):
         return None
+    return openai_tool_calls([(call["name"], call["parameters"]) for call in calls])
+
+
+def openai_tool_calls(calls: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """(name, arguments) pairs as OpenAI's `tool_calls`: each with a fresh id, its arguments as
+    JSON text."""
     return [
         {
             "id": f"call_{uuid.uuid4().hex[:24]}",
             "type": "function",
-            "function": {
-                "name": call["name"],
-                "arguments": json.dumps(call["parameters"], ensure_ascii=False),
-            },
+            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
         }
-        for call in calls
+        for name, arguments in calls
     ]
 
 

@@ -76,7 +76,7 @@ def base_url(model_path: Path) -> Iterator[str]:
     """The main server."""
     yield from _served(
         f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 "
-        f"{SERVER_FLAGS} --enable-metrics --log-level warning"
+        f"{SERVER_FLAGS} --enable-metrics --tool-call-parser qwen25 --log-level warning"
     )
 
 
@@ -428,6 +428,42 @@ def test_forced_tool_calls_come_back_as_tool_calls(base_url: str) -> None:
         timeout=60,
     )
     assert r.status_code == 400 and r.json()["param"] == "tool_choice", r.text
+
+
+def test_a_tool_call_parser_reads_the_models_own_calls(base_url: str) -> None:
+    """--tool-call-parser qwen25 (the main server's): a call the model writes in Qwen2.5's format
+    (forced here by a regex: SmolLM2 has no such habit) comes back as tool_calls after its text;
+    streamed, no part of the call goes out as content; with tool_choice none it stays text."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    written = (
+        r'Let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": '
+        r'\{"city": "[A-Z][a-z]{1,12}"\}\}\n</tool_call>'
+    )
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [weather],
+        "temperature": 0,
+        "max_tokens": 64,
+        "regex": written,
+    }
+    url = base_url + "/v1/chat/completions"
+    choice = requests.post(url, json=body, timeout=120).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    assert choice["message"]["content"] == "Let me check."
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    assert set(json.loads(call["function"]["arguments"])) == {"city"}
+    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=120) as r:
+        events = [e for e in sse(r) if e != "[DONE]"]
+    deltas = [e["choices"][0]["delta"] for e in events]
+    content = "".join(d.get("content") or "" for d in deltas)
+    assert content.strip() == "Let me check." and "<tool" not in content, content
+    streamed = [c for d in deltas for c in d.get("tool_calls") or []]
+    assert [(c["index"], c["function"]) for c in streamed] == [(0, call["function"])]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    plain = requests.post(url, json={**body, "tool_choice": "none"}, timeout=120).json()["choices"][0]
+    assert plain["message"]["tool_calls"] is None and "<tool_call>" in plain["message"]["content"]
 
 
 @pytest.mark.parametrize(
