@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the reference's spellings too
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 TOOL_CALL_PARSERS = ("qwen25", "llama3")  # server/tool_parsers.py
+REASONING_PARSERS = ("deepseek-r1", "qwen3")  # server/reasoning_parsers.py
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
 LAYER_LOOPS = ("scan", "unrolled")
 # --burst-window-ms: longer would make a lone request wait visibly for company.
@@ -115,6 +116,7 @@ class ServerArgs:
     served_model_name: str | None = None
     chat_template: str | None = None
     tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     # HTTP server
     host: str = "127.0.0.1"
@@ -189,6 +191,8 @@ class ServerArgs:
         _check_choice("--schedule-policy", self.schedule_policy, SCHEDULE_POLICIES)
         if self.tool_call_parser is not None:
             _check_choice("--tool-call-parser", self.tool_call_parser, TOOL_CALL_PARSERS)
+        if self.reasoning_parser is not None:
+            _check_choice("--reasoning-parser", self.reasoning_parser, REASONING_PARSERS)
         _check_choice("--attention-backend", self.attention_backend, KERNEL_BACKENDS)
         _check_choice("--moe-backend", self.moe_backend, KERNEL_BACKENDS)
         _check_choice("--layer-loop", self.layer_loop, LAYER_LOOPS)
@@ -282,6 +286,12 @@ class ServerArgs:
             default=None,
             choices=TOOL_CALL_PARSERS,
             help="Read the model's own tool calls out of chat answers (tool_choice auto) as tool_calls.",
+        )
+        model.add_argument(
+            "--reasoning-parser",
+            default=None,
+            choices=REASONING_PARSERS,
+            help="Return a reasoning model's <think> section as reasoning_content in chat answers.",
         )
 
         http = parser.add_argument_group("HTTP server")

@@ -41,6 +41,7 @@ from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import RequestTimer, ServerMetrics
 from server.output_relay import OutputRelay
 from server.protocol import ExpandedRequests, ProtocolError
+from server.reasoning_parsers import PARSERS as REASONING_PARSERS
 from server.tool_parsers import PARSERS
 
 logger = logging.getLogger(__name__)
@@ -956,10 +957,15 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
             return openai_error(failed.error, failed.error_status)
         forced = body.forced_tool_schema() is not None
         parser = _tool_parser(state, body)
+        reasoner = _reasoning_parser(state, body)
         choices = []
         for index, output in enumerate(outputs):
-            content, calls = _tool_calls_in(output.text or "", forced, parser)
-            message = protocol.ChatMessageOut(content=content, tool_calls=calls)
+            text, reasoning = output.text or "", None
+            if reasoner is not None:
+                split = reasoner.split(text)
+                text, reasoning = split.content, split.reasoning or None
+            content, calls = _tool_calls_in(text, forced, parser)
+            message = protocol.ChatMessageOut(content=content, reasoning_content=reasoning, tool_calls=calls)
             logprobs = None
             if body.logprobs:
                 entries, top = (
@@ -1117,6 +1123,15 @@ def _tool_parser(state: ServerState, body: protocol.ChatCompletionRequest) -> An
     return PARSERS[name]()
 
 
+def _reasoning_parser(state: ServerState, body: protocol.ChatCompletionRequest) -> Any:
+    """The `--reasoning-parser` splitting this request's thinking out, unless it asks for none
+    (`separate_reasoning: false`)."""
+    name = state.args.reasoning_parser
+    if name is None or not body.separate_reasoning:
+        return None
+    return REASONING_PARSERS[name]()
+
+
 def _tool_calls_in(text: str, forced: bool, parser: Any) -> tuple[str | None, list[dict[str, Any]] | None]:
     """A chat answer's content and tool calls: calls forced by tool_choice (`forced_tool_schema`),
     or written in the model's format (`parser`), or none (the whole text is content)."""
@@ -1136,10 +1151,13 @@ def _stream_chat(
     """SSE of /v1/chat/completions: a role chunk per choice, then content deltas, logprobs as asked.
     Tool calls come whole at the answer's end, as one delta with every call: forced ones
     (`forced_tool_schema`; all the text is held back, and sent as text if it was cut short) and
-    those a `--tool-call-parser` reads (text is held back from where a call may begin)."""
+    those a `--tool-call-parser` reads (text is held back from where a call may begin). With a
+    `--reasoning-parser`, the thinking goes out as `reasoning_content` deltas first."""
     deltas = _TextDeltas(len(group.requests))
+    thinking = _TextDeltas(len(group.requests))
     forced = body.forced_tool_schema() is not None
     parser = _tool_parser(state, body)
+    reasoner = _reasoning_parser(state, body)
 
     def choices_for(index: int, output: RequestOutput) -> list[protocol.ChatStreamChoice]:
         choices = []
@@ -1148,6 +1166,10 @@ def _stream_chat(
             role = protocol.DeltaMessage(role="assistant", content="")
             choices.append(protocol.ChatStreamChoice(index=index, delta=role))
         full = output.text or ""
+        reasoning = ""
+        if reasoner is not None:
+            split = reasoner.split(full, output.finished)
+            reasoning, full = thinking.text(index, split.reasoning), split.content
         visible, calls = full, None
         if forced or parser is not None:
             if output.finished:
@@ -1161,14 +1183,17 @@ def _stream_chat(
             start, end = deltas.logprobs(index, len(entries))
             top = list(output.output_top_logprobs or [])[start:end]
             logprobs = _chat_logprobs(state, entries[start:end], top)
-        if not output.finished and not text and (logprobs is None or not logprobs.content):
+        if not output.finished and not text and not reasoning and (logprobs is None or not logprobs.content):
             return choices
         finish = output.finish_reason if output.finished else None
         tool_calls = [{"index": i, **call} for i, call in enumerate(calls)] if calls else None
+        delta = protocol.DeltaMessage(
+            content=text or None, reasoning_content=reasoning or None, tool_calls=tool_calls
+        )
         choices.append(
             protocol.ChatStreamChoice(
                 index=index,
-                delta=protocol.DeltaMessage(content=text or None, tool_calls=tool_calls),
+                delta=delta,
                 logprobs=logprobs,
                 finish_reason="tool_calls" if calls else protocol.finish_reason_type(finish),
                 matched_stop=protocol.matched_stop(finish),

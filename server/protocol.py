@@ -679,6 +679,7 @@ class ChatCompletionRequest(_OpenAISampling):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool = True
+    separate_reasoning: StrictBool = True  # with --reasoning-parser: the thinking as reasoning_content
     continue_final_message: StrictBool = False
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -874,6 +875,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

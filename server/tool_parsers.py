@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from runtime.detokenizer import partial_stop_suffix
+
 Calls = list[tuple[str, Any]]
 
 
@@ -24,12 +26,7 @@ class Qwen25Parser:
     def hold_from(self, text: str) -> int:
         """Where a call may begin: the first `<tool_call>`, or a tail that could still become one."""
         found = text.find(self.START)
-        if found >= 0:
-            return found
-        for size in range(min(len(self.START) - 1, len(text)), 0, -1):
-            if self.START.startswith(text[-size:]):
-                return len(text) - size
-        return len(text)
+        return found if found >= 0 else len(text) - partial_stop_suffix(text, (self.START,))
 
     def parse(self, text: str) -> tuple[str, Calls] | None:
         """The text before the calls and the calls, or None when the answer holds no complete,

@@ -76,7 +76,8 @@ def base_url(model_path: Path) -> Iterator[str]:
     """The main server."""
     yield from _served(
         f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 "
-        f"{SERVER_FLAGS} --enable-metrics --tool-call-parser qwen25 --log-level warning"
+        f"{SERVER_FLAGS} --enable-metrics --tool-call-parser qwen25 --reasoning-parser qwen3 "
+        "--log-level warning"
     )
 
 
@@ -428,6 +429,30 @@ def test_forced_tool_calls_come_back_as_tool_calls(base_url: str) -> None:
         timeout=60,
     )
     assert r.status_code == 400 and r.json()["param"] == "tool_choice", r.text
+
+
+def test_a_reasoning_parser_returns_the_thinking_apart(base_url: str) -> None:
+    """--reasoning-parser qwen3 (the main server's): an answer that thinks first (forced here by a
+    regex: SmolLM2 does not think) has its thinking in reasoning_content, streamed as its own
+    deltas; separate_reasoning false leaves it in the content."""
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "temperature": 0,
+        "max_tokens": 48,
+        "regex": r"<think>\n[a-z ]{4,60}\n</think>\n\nThe capital of France is Paris\.",
+    }
+    url = base_url + "/v1/chat/completions"
+    message = requests.post(url, json=body, timeout=120).json()["choices"][0]["message"]
+    assert message["content"] == "The capital of France is Paris.", message
+    assert re.fullmatch("[a-z ]{4,60}", message["reasoning_content"]), message
+    with requests.post(url, json={**body, "stream": True}, stream=True, timeout=120) as r:
+        deltas = [e["choices"][0]["delta"] for e in sse(r) if e != "[DONE]"]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas).strip() == message["reasoning_content"]
+    assert "".join(d.get("content") or "" for d in deltas) == message["content"]
+    whole = requests.post(url, json={**body, "separate_reasoning": False}, timeout=120).json()
+    assert whole["choices"][0]["message"]["content"].startswith("<think>\n")
+    assert whole["choices"][0]["message"]["reasoning_content"] is None
 
 
 def test_a_tool_call_parser_reads_the_models_own_calls(base_url: str) -> None:
