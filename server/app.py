@@ -968,19 +968,15 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
             message = protocol.ChatMessageOut(content=content, reasoning_content=reasoning, tool_calls=calls)
             logprobs = None
             if body.logprobs:
-                entries, top = (
-                    list(output.output_token_logprobs or []),
-                    list(output.output_top_logprobs or []),
-                )
-                logprobs = _chat_logprobs(state, entries, top)
+                entries = list(output.output_token_logprobs or [])
+                logprobs = _chat_logprobs(state, entries, list(output.output_top_logprobs or []))
+            finish = "tool_calls" if calls else protocol.finish_reason_type(output.finish_reason)
             choices.append(
                 protocol.ChatChoice(
                     index=index,
                     message=message,
                     logprobs=logprobs,
-                    finish_reason="tool_calls"
-                    if calls
-                    else protocol.finish_reason_type(output.finish_reason),
+                    finish_reason=finish,
                     matched_stop=protocol.matched_stop(output.finish_reason),
                 )
             )
