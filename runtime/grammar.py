@@ -32,6 +32,8 @@ MAX_COMPILED_GRAMMARS = 256
 # JSON Schema keywords whose value maps names to schemas, and those whose value is data.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_VALUES = ("enum", "const", "default", "examples")
+# Keywords that combine a schema with others, whose properties then add up with its own.
+_COMBINING = ("$ref", "allOf", "anyOf", "oneOf")
 # llguidance's name for each key's format ("ebnf" reads GBNF, the reference's syntax, or Lark; a
 # structural tag becomes Lark here first).
 _FORMATS = {"regex": "regex", "json_schema": "json_schema", "ebnf": "ebnf", "structural_tag": "lark"}
@@ -42,8 +44,12 @@ def grammar_source(params: Any) -> tuple[str, str] | None:
     serialised with sorted keys, so equal schemas share one compiled grammar."""
     for key in _SOURCE_KEYS:
         value = getattr(params, key)
-        if value is not None:
+        if value is None:
+            continue
+        try:
             return key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        except RecursionError:
+            raise ValueError(f"Invalid {key}: nested too deeply.") from None
     return None
 
 
@@ -60,40 +66,81 @@ def compile_grammar(key: str, text: str) -> str:
         grammar = llguidance.grammar_from(_FORMATS[key], text)
     except ValueError as exc:  # json.JSONDecodeError is one
         raise ValueError(f"Invalid {key}: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"Invalid {key}: nested too deeply.") from None
     error = LLMatcher.validate_grammar(grammar)
     if error:
         raise ValueError(f"Invalid {key}: {error.strip()}")
     return grammar
 
 
-def _closed_objects(schema: Any, close: bool = True) -> Any:
+def _closed_objects(schema: Any, close: bool = True, open_refs: frozenset[str] | None = None) -> Any:
     """The schema with `"additionalProperties": false` on every object schema that names its
     properties and does not say otherwise: the reference's default backend (xgrammar, strict mode)
     allows no property such a schema does not name, where JSON Schema itself would allow any
-    (SmolLM2, asked for a name and an age, went on to invent six more fields). A schema that names
-    none stays open (`{"type": "object"}` is any object), and so do the members of an `allOf`,
-    whose properties only add up together (`close` false: closed, each would refuse the others')."""
+    (SmolLM2, asked for a name and an age, went on to invent six more fields).
+
+    Left open, since closing would refuse properties that are meant to add up: a schema that names
+    none (`{"type": "object"}` is any object); one that combines its properties with others
+    (`$ref`, `allOf`, `anyOf`, `oneOf` beside them); the members of an `allOf`, and of an `anyOf`
+    or `oneOf` beside properties (`close` false); and a `$defs` entry referenced where it combines
+    so (`open_refs`, `_combined_refs`)."""
+    if open_refs is None:
+        open_refs = frozenset(_combined_refs(schema))
     if isinstance(schema, list):
-        return [_closed_objects(item, close) for item in schema]
+        return [_closed_objects(item, close, open_refs) for item in schema]
     if not isinstance(schema, dict):
         return schema
+    names_properties = "properties" in schema or "patternProperties" in schema
     closed = {}
     for key, value in schema.items():
         if key in _SCHEMA_MAPS and isinstance(value, dict):  # names to schemas: no schema itself
-            closed[key] = {name: _closed_objects(sub) for name, sub in value.items()}
+            closed[key] = {
+                name: _closed_objects(sub, f"#/{key}/{name}" not in open_refs, open_refs)
+                for name, sub in value.items()
+            }
         elif key in _SCHEMA_VALUES:
             closed[key] = value
         else:
-            closed[key] = _closed_objects(value, close=key != "allOf")
-    names_properties = "properties" in schema or "patternProperties" in schema
+            members_add_up = key == "allOf" or (key in ("anyOf", "oneOf") and names_properties)
+            closed[key] = _closed_objects(value, not members_add_up, open_refs)
     if (
         close
         and names_properties
+        and not any(keyword in schema for keyword in _COMBINING)
         and "additionalProperties" not in schema
         and "unevaluatedProperties" not in schema
     ):
         closed["additionalProperties"] = False
     return closed
+
+
+def _combined_refs(schema: Any) -> set[str]:
+    """The `$ref` targets used where their properties add up with others': an `allOf` member's,
+    one beside properties or another combination, an `anyOf` / `oneOf` member's beside
+    properties."""
+    refs: set[str] = set()
+    if isinstance(schema, list):
+        for item in schema:
+            refs |= _combined_refs(item)
+        return refs
+    if not isinstance(schema, dict):
+        return refs
+    names_properties = "properties" in schema or "patternProperties" in schema
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (names_properties or any(k in schema for k in _COMBINING[1:])):
+        refs.add(ref)
+    for key in ("allOf", "anyOf", "oneOf") if names_properties else ("allOf",):
+        members = schema.get(key)
+        if isinstance(members, list):
+            refs.update(m["$ref"] for m in members if isinstance(m, dict) and isinstance(m.get("$ref"), str))
+    for key, value in schema.items():
+        if key in _SCHEMA_VALUES:
+            continue
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            value = list(value.values())
+        refs |= _combined_refs(value)
+    return refs
 
 
 def _structural_tag_lark(tag: Any) -> str:

@@ -42,6 +42,7 @@ from server.metrics import RequestTimer, ServerMetrics
 from server.output_relay import OutputRelay
 from server.protocol import ExpandedRequests, ProtocolError
 from server.reasoning_parsers import PARSERS as REASONING_PARSERS
+from server.reasoning_parsers import ReasoningParser
 from server.tool_parsers import PARSERS
 
 logger = logging.getLogger(__name__)
@@ -1125,7 +1126,9 @@ def _reasoning_parser(state: ServerState, body: protocol.ChatCompletionRequest) 
     name = state.args.reasoning_parser
     if name is None or not body.separate_reasoning:
         return None
-    return REASONING_PARSERS[name]()
+    # A grammar applies from the answer's first token: a constrained answer does not start inside
+    # a thinking section, whatever the template opened.
+    return ReasoningParser(REASONING_PARSERS[name] and not body.is_constrained())
 
 
 def _tool_calls_in(text: str, forced: bool, parser: Any) -> tuple[str | None, list[dict[str, Any]] | None]:

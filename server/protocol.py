@@ -564,12 +564,20 @@ def _named_tool_choice(choice: Any) -> str:
     return name
 
 
+def _json_text(value: Any, param: str = "response_format") -> str:
+    """`value` as JSON text; a 400 naming `param` when it is nested too deeply to write."""
+    try:
+        return json.dumps(value)
+    except RecursionError:
+        raise ProtocolError(f"{param} is nested too deeply.", param=param) from None
+
+
 def forced_tool_calls(text: str) -> list[dict[str, Any]] | None:
     """An answer written under `forced_tool_schema` as OpenAI's `tool_calls` (arguments as JSON
     text); None when the text is not such an array (cut by max_tokens or a stop string)."""
     try:
         calls = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(calls, list) or not all(
         isinstance(call, dict) and isinstance(call.get("name"), str) and "parameters" in call
@@ -714,14 +722,14 @@ class ChatCompletionRequest(_OpenAISampling):
         if fmt.type == "json_object":
             return "json_schema", '{"type": "object"}'
         if fmt.type == "structural_tag":
-            return "structural_tag", json.dumps({"structures": fmt.structures, "triggers": fmt.triggers})
+            return "structural_tag", _json_text({"structures": fmt.structures, "triggers": fmt.triggers})
         schema = (fmt.json_schema or {}).get("schema")
         if not isinstance(schema, dict):
             raise ProtocolError(
                 "response_format json_schema needs json_schema.schema, a JSON schema object.",
                 param="response_format",
             )
-        return "json_schema", json.dumps(schema)
+        return "json_schema", _json_text(schema)
 
     def forced_tool_schema(self) -> dict[str, Any] | None:
         """For `tool_choice` "required" or a named function, the JSON schema of the calls the answer
@@ -745,7 +753,26 @@ class ChatCompletionRequest(_OpenAISampling):
         schema = {"type": "array", "minItems": 1, "items": items}
         if not self.parallel_tool_calls:
             schema["maxItems"] = 1
+        # A tool's `$ref`s point into its own `$defs`: they move to the top, where refs now resolve.
+        for key in ("$defs", "definitions"):
+            merged: dict[str, Any] = {}
+            for tool in tools:
+                definitions = tool["parameters"].get(key)
+                for name, definition in definitions.items() if isinstance(definitions, dict) else ():
+                    if merged.setdefault(name, definition) != definition:
+                        raise ProtocolError(
+                            f"Tools define {key} {name!r} differently: one definition per name.",
+                            param="tools",
+                        )
+            if merged:
+                schema[key] = merged
         return schema
+
+    def is_constrained(self) -> bool:
+        """Whether a grammar shapes the answer from its first token (a native grammar key,
+        `response_format`, or forced tool calls)."""
+        grammars = self.regex or self.json_schema or self.ebnf
+        return bool(grammars or self.response_format_grammar() or self.forced_tool_schema())
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         params = super().sampling_dict(max_new_tokens)
@@ -754,7 +781,7 @@ class ChatCompletionRequest(_OpenAISampling):
             params[grammar[0]] = grammar[1]
         calls = self.forced_tool_schema()
         if calls is not None:
-            params["json_schema"] = json.dumps(calls)
+            params["json_schema"] = _json_text(calls, param="tools")
         return params
 
     def max_new_tokens(self) -> int | None:

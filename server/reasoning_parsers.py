@@ -50,4 +50,5 @@ class ReasoningParser:
         return ThinkingSplit(body[: len(body) - partial_stop_suffix(body, (END,))].lstrip(), "")
 
 
-PARSERS = {"deepseek-r1": lambda: ReasoningParser(True), "qwen3": lambda: ReasoningParser(False)}
+# Each parser by name: whether the model's output starts inside the thinking.
+PARSERS = {"deepseek-r1": True, "qwen3": False}

@@ -39,7 +39,7 @@ class Qwen25Parser:
         while (begin := text.find(self.START, pos)) >= 0:
             try:
                 call, end = _DECODER.raw_decode(text, _skip_blank(text, begin + len(self.START)))
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the interpreter's stack
                 return None
             end = _skip_blank(text, end)
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -92,7 +92,7 @@ def _skip_blank(text: str, pos: int) -> int:
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

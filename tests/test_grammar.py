@@ -64,33 +64,51 @@ def test_object_schemas_that_name_properties_are_closed_unless_they_say_otherwis
             "properties": {"type": "object", "properties": {"x": {"type": "integer"}}},
             "type": {"type": "string"},
             "open": {"type": "object", "additionalProperties": True},
+            "choice": {"anyOf": [{"type": "object", "properties": {"a": {}}}]},
         },
         "$defs": {"item": {"properties": {"y": {"const": {"type": "object"}}}}},
         "items": [{"type": "object"}, {"type": "object", "properties": {"z": {}}}],
-        "anyOf": [{"type": "object", "properties": {"a": {}}}],
-        "allOf": [{"properties": {"b": {}}}, {"properties": {"c": {"properties": {"d": {}}}}}],
     }
     closed = _closed_objects(schema)
     assert closed["additionalProperties"] is False
     inner = closed["properties"]
-    assert set(inner) == {"properties", "type", "open"}  # property names are not schemas
+    assert set(inner) == {"properties", "type", "open", "choice"}  # property names are not schemas
     assert inner["properties"]["additionalProperties"] is False
     assert "additionalProperties" not in inner["type"]
     assert inner["open"]["additionalProperties"] is True
+    assert inner["choice"]["anyOf"][0]["additionalProperties"] is False  # alternatives: each closed
     item = closed["$defs"]["item"]
     assert item["additionalProperties"] is False
     assert item["properties"]["y"] == {"const": {"type": "object"}}  # data, not a schema
-    # Any object where no property is named; the members of an anyOf are closed, an allOf's not
-    # (each would refuse the others' properties), though what they nest is.
+    # Any object where no property is named.
     assert closed["items"] == [
         {"type": "object"},
         {"type": "object", "properties": {"z": {}}, "additionalProperties": False},
     ]
-    assert closed["anyOf"][0]["additionalProperties"] is False
-    first, second = closed["allOf"]
-    assert "additionalProperties" not in first and "additionalProperties" not in second
-    assert second["properties"]["c"]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the caller's schema is left as it was
+
+
+BASE = {"properties": {"id": {"type": "integer"}}, "required": ["id"]}
+EXTRA = {"properties": {"extra": {"type": "string"}}, "required": ["extra"]}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"allOf": [BASE, EXTRA]},
+        {"$defs": {"base": BASE}, "allOf": [{"$ref": "#/$defs/base"}, EXTRA]},
+        {"$defs": {"base": BASE}, "$ref": "#/$defs/base", **EXTRA},
+        {**EXTRA, "anyOf": [BASE]},
+    ],
+    ids=["allOf", "allOf-ref", "ref-beside-properties", "anyOf-beside-properties"],
+)
+def test_schemas_whose_properties_add_up_stay_open(schema: dict) -> None:
+    """Properties that combine (allOf, a $ref or an anyOf beside properties) would refuse each
+    other if each part were closed: those parts stay open, and the schema compiles."""
+    compile_grammar("json_schema", json.dumps(schema))
+    closed = _closed_objects(schema)
+    parts = [*closed.get("allOf", []), *closed.get("anyOf", []), *closed.get("$defs", {}).values(), closed]
+    assert not any("additionalProperties" in part for part in parts), closed
 
 
 def _mask_words(allowed: np.ndarray) -> np.ndarray:

@@ -29,15 +29,15 @@ def test_the_thinking_and_the_answer(starts_thinking: bool) -> None:
 
 
 def test_qwen3_without_the_tag_is_all_answer() -> None:
-    assert PARSERS["qwen3"]().split("Paris.") == ThinkingSplit("", "Paris.")
-    assert PARSERS["deepseek-r1"]().split("Paris.") == ThinkingSplit("Paris.", "")
+    assert ReasoningParser(PARSERS["qwen3"]).split("Paris.") == ThinkingSplit("", "Paris.")
+    assert ReasoningParser(PARSERS["deepseek-r1"]).split("Paris.") == ThinkingSplit("Paris.", "")
 
 
 @pytest.mark.parametrize("name", REASONING_PARSERS)
 def test_a_stream_never_sends_what_it_must_take_back(name: str) -> None:
     """Split at every prefix, each part only grows, ends as the whole split, and never shows a
     piece of a tag."""
-    parser = PARSERS[name]()
+    parser = ReasoningParser(PARSERS[name])
     reasoning, content = "", ""
     for end in range(len(ANSWER) + 1):
         split = parser.split(ANSWER[:end], finished=False)

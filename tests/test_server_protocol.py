@@ -532,3 +532,73 @@ def test_embedding_response() -> None:
             "e2e_latency": 0.5,
         },
     }
+
+
+def test_forced_tools_share_their_defs_at_the_top() -> None:
+    """A tool's `$ref`s point into its own `$defs`; in the array of calls they resolve at the top,
+    so the definitions move there (two tools defining one name differently is a 400)."""
+    from runtime.grammar import compile_grammar
+
+    location = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    parameters = {
+        "$defs": {"Loc": location},
+        "properties": {"loc": {"$ref": "#/$defs/Loc"}},
+        "required": ["loc"],
+    }
+    tool = {"type": "function", "function": {"name": "weather", "parameters": parameters}}
+
+    def body(*tools: dict) -> Any:
+        return protocol.validate_model(
+            protocol.ChatCompletionRequest,
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": list(tools),
+                "tool_choice": "required",
+            },
+        )
+
+    schema = body(tool).forced_tool_schema()
+    assert schema["$defs"] == {"Loc": location}
+    compile_grammar("json_schema", json.dumps(schema))
+    other = {
+        "type": "function",
+        "function": {"name": "clock", "parameters": {"$defs": {"Loc": {"type": "string"}}}},
+    }
+    with pytest.raises(ProtocolError, match="Tools define \\$defs 'Loc' differently"):
+        body(tool, other).forced_tool_schema()
+
+
+def test_nesting_past_the_stack_is_a_400_or_text() -> None:
+    """A schema or a model's output nested deeper than Python's stack: a 400 for the schema, and
+    an answer that stays text, never a 500."""
+    from server.tool_parsers import Llama3Parser, Qwen25Parser
+
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(2000):
+        node["anyOf"] = [{}]
+        node = node["anyOf"][0]
+    body = protocol.validate_model(
+        protocol.ChatCompletionRequest,
+        {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+    )
+    body.response_format = protocol.ResponseFormat(type="json_schema", json_schema={"schema": deep})
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        body.sampling_dict(None)
+    with pytest.raises(ValueError, match="^Invalid json_schema: nested too deeply"):
+        SamplingParams.from_dict({"json_schema": "[" * 5000 + "]" * 5000})
+    nested = "[" * 5000
+    assert protocol.forced_tool_calls(nested) is None
+    assert Qwen25Parser().parse("<tool_call>" + nested) is None
+    assert Llama3Parser().parse('{"name": "f", "parameters": ' + nested) is None
+
+
+def test_a_constrained_chat_request_says_so() -> None:
+    def constrained(**extra: Any) -> bool:
+        return protocol.validate_model(
+            protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], **extra}
+        ).is_constrained()
+
+    assert not constrained() and not constrained(tools=[WEATHER], tool_choice="auto")
+    assert constrained(regex="a+") and constrained(response_format={"type": "json_object"})
+    assert constrained(tools=[WEATHER], tool_choice="required")
