@@ -956,7 +956,7 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         failed = _first_error(outputs)
         if failed is not None:
             return openai_error(failed.error, failed.error_status)
-        forced = body.forced_tool_schema() is not None
+        forced = body.forced_tool_schema is not None
         parser = _tool_parser(state, body)
         reasoner = _reasoning_parser(state, body)
         choices = []
@@ -1154,7 +1154,7 @@ def _stream_chat(
     `--reasoning-parser`, the thinking goes out as `reasoning_content` deltas first."""
     deltas = _TextDeltas(len(group.requests))
     thinking = _TextDeltas(len(group.requests))
-    forced = body.forced_tool_schema() is not None
+    forced = body.forced_tool_schema is not None
     parser = _tool_parser(state, body)
     reasoner = _reasoning_parser(state, body)
 

@@ -10,6 +10,7 @@ in the order `[p0 x n, p1 x n, ...]`, which is also the order of the answer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 import uuid
@@ -29,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from runtime.grammar import GRAMMAR_KEYS
 from runtime.io_struct import EngineRequest, RequestKind
 from runtime.sampling_params import MAX_N, SamplingParams
 
@@ -699,12 +701,12 @@ class ChatCompletionRequest(_OpenAISampling):
             )
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs: true.", param="top_logprobs")
-        grammars = [key for key in ("regex", "json_schema", "ebnf") if getattr(self, key)]
-        if self.response_format_grammar() is not None and grammars:
+        grammars = self.native_grammars()
+        if self.response_format_grammar is not None and grammars:
             raise ProtocolError(
                 "response_format cannot be set with regex, json_schema or ebnf.", param="response_format"
             )
-        if self.forced_tool_schema() is not None and (grammars or self.response_format_grammar()):
+        if self.forced_tool_schema is not None and (grammars or self.response_format_grammar):
             raise ProtocolError(
                 "tool_choice required or a named function cannot be set with response_format, regex, "
                 "json_schema or ebnf.",
@@ -713,6 +715,7 @@ class ChatCompletionRequest(_OpenAISampling):
         check_token_budget("max_tokens", self.max_tokens)
         check_token_budget("max_completion_tokens", self.max_completion_tokens)
 
+    @functools.cached_property
     def response_format_grammar(self) -> tuple[str, str] | None:
         """What `response_format` asks for as a native grammar key and its text: a JSON schema (a
         json_object is any object, as the reference reads it) or a structural tag."""
@@ -731,6 +734,7 @@ class ChatCompletionRequest(_OpenAISampling):
             )
         return "json_schema", _json_text(schema)
 
+    @functools.cached_property
     def forced_tool_schema(self) -> dict[str, Any] | None:
         """For `tool_choice` "required" or a named function, the JSON schema of the calls the answer
         must be (the reference's constraint): an array of `{"name", "parameters"}` objects, each
@@ -768,18 +772,21 @@ class ChatCompletionRequest(_OpenAISampling):
                 schema[key] = merged
         return schema
 
+    def native_grammars(self) -> list[str]:
+        """The native grammar keys (SGLang's extension fields) the request sets."""
+        return [key for key in GRAMMAR_KEYS if getattr(self, key)]
+
     def is_constrained(self) -> bool:
         """Whether a grammar shapes the answer from its first token (a native grammar key,
         `response_format`, or forced tool calls)."""
-        grammars = self.regex or self.json_schema or self.ebnf
-        return bool(grammars or self.response_format_grammar() or self.forced_tool_schema())
+        return bool(self.native_grammars() or self.response_format_grammar or self.forced_tool_schema)
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         params = super().sampling_dict(max_new_tokens)
-        grammar = self.response_format_grammar()
+        grammar = self.response_format_grammar
         if grammar is not None:
             params[grammar[0]] = grammar[1]
-        calls = self.forced_tool_schema()
+        calls = self.forced_tool_schema
         if calls is not None:
             params["json_schema"] = _json_text(calls, param="tools")
         return params

@@ -557,7 +557,7 @@ def test_forced_tools_share_their_defs_at_the_top() -> None:
             },
         )
 
-    schema = body(tool).forced_tool_schema()
+    schema = body(tool).forced_tool_schema
     assert schema["$defs"] == {"Loc": location}
     compile_grammar("json_schema", json.dumps(schema))
     other = {
@@ -565,7 +565,7 @@ def test_forced_tools_share_their_defs_at_the_top() -> None:
         "function": {"name": "clock", "parameters": {"$defs": {"Loc": {"type": "string"}}}},
     }
     with pytest.raises(ProtocolError, match="Tools define \\$defs 'Loc' differently"):
-        body(tool, other).forced_tool_schema()
+        body(tool, other).check_supported()
 
 
 def test_nesting_past_the_stack_is_a_400_or_text() -> None:
