@@ -24,6 +24,7 @@ mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PY=${PYTHON:-python3} MODEL=${MODEL:-/tmp/qwen2.5-0.5b-shape} results
+TOKENIZER_DIR=${TOKENIZER_DIR:-.cache/models/SmolLM2-135M-Instruct}
 export SERVER_ARGS="--load-format dummy --skip-tokenizer-init --dtype bfloat16 --max-total-tokens 262144"
 ONE_BATCH=(scripts/bench_one_batch.py --model-path "$MODEL" --load-format dummy --dtype bfloat16 --iters 20)
 EVERY_CASE=(--decode-batches 1 8 32 64 --prefill-cases 1x512 4x128 --mixed-cases 32+1x256)
@@ -149,6 +150,17 @@ for step in "${steps[@]}"; do
     serving_no_command_buffers_b64) run_step serving_no_command_buffers_b64 300 \
         env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
         bash -c 'serving reference 64 no_command_buffers_b64' ;;
+    # offline_b64's workload with a tokenizer (SmolLM2's, carried from the model cache: the machine
+    # has none; the Qwen shape's masks are then wider than it), no request constrained, then every
+    # request following a regex: the masked sampler and the read-back each grammar step waits on.
+    offline_tokenizer_b64 | offline_constrained_b64)
+        declare -A constrained=([offline_tokenizer_b64]=0 [offline_constrained_b64]=64)
+        mkdir -p /tmp/model_with_tokenizer && cp "$MODEL"/config.json "$TOKENIZER_DIR"/tokenizer*.json \
+            /tmp/model_with_tokenizer/
+        run_step "$step" 240 $PY scripts/bench_offline.py --model-path /tmp/model_with_tokenizer \
+            --server-args "${SERVER_ARGS/--skip-tokenizer-init/} --attention-backend reference" \
+            --num-prompts 64 --input-len-range 128 128 --output-len-range 256 256 --warmup-pass --repeats 2 \
+            --stream --regex "[a-z,. ]+" --constrained "${constrained[$step]}" --output-file "$results/$step.json" ;;
     *) echo "unknown step $step" >&2 ;;
     esac
 done
