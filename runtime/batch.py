@@ -18,8 +18,12 @@ from runtime.sampling import SamplingBatch
 MIN_PAGE_TABLE_WIDTH = 8
 # With a prefill chunk in the batch the decode rows pad to at least this many (the chunk dwarfs them).
 MIN_MIXED_DECODE_ROWS = 8
-# A step may run on a compiled program this much larger (tokens, decode rows, width) while its own compiles.
+# On a CPU, a step may run on a compiled program this much larger (tokens, decode rows, width) while
+# its own compiles. Off a CPU any larger one will do (`StepPrograms`).
 MAX_BORROW_FACTOR = 2
+# Off a CPU, the warm-up compiles mixed programs this many decode rows deep (and the most) to hold a
+# burst's steps (`burst_shapes`).
+BURST_DECODE_ROWS = 64
 
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
@@ -137,26 +141,52 @@ class StepShape:
         )
 
 
-def borrowable_shape(need: StepShape, compiled: Iterable[StepShape]) -> StepShape | None:
-    """The cheapest compiled shape that holds `need` at most MAX_BORROW_FACTOR larger, else None.
+def borrowable_shape(
+    need: StepShape, compiled: Iterable[StepShape], max_factor: float | None = MAX_BORROW_FACTOR
+) -> StepShape | None:
+    """The cheapest compiled shape that holds `need` at most `max_factor` larger (None: any
+    larger), else None.
 
     Larger means tokens, decode rows (from MIN_MIXED_DECODE_ROWS) and page-table
     width; a decode-only step borrows only decode-only programs.
 
     Running a step padded further costs a little (every padded token goes through the
-    matmuls); compiling its own program first stalls every running request for a
-    second or two (0.5-2.5 s a program on the 2-core box and on an H200).
+    matmuls: on a CPU a step's time grows with them); compiling its own program first
+    stalls every running request for a second or two (0.5-2.5 s a program on the 2-core
+    box and on an H200, where a step takes milliseconds).
     """
+    limit = float("inf") if max_factor is None else max_factor
     fits = [
         shape
         for shape in compiled
         if shape.holds(need)
         and (shape.max_q == 0) == (need.max_q == 0)  # decode-only steps keep their own attention path
-        and shape.tokens <= MAX_BORROW_FACTOR * need.tokens
-        and shape.decode <= MAX_BORROW_FACTOR * max(need.decode, MIN_MIXED_DECODE_ROWS)
-        and shape.width <= MAX_BORROW_FACTOR * need.width
+        and shape.tokens <= limit * need.tokens
+        and shape.decode <= limit * max(need.decode, MIN_MIXED_DECODE_ROWS)
+        and shape.width <= limit * need.width
     ]
     return min(fits, key=lambda s: (s.tokens, s.width, s.prefill_seqs, s.max_q), default=None)
+
+
+def burst_shapes(buckets: Buckets, page_size: int, longest_prompt: int) -> list[StepShape]:
+    """Mixed step shapes that hold a burst's steps, for a warm-up where borrowing has no size limit.
+
+    A burst of requests meets mixed steps (prompts beside the decode rows of those
+    before them) whose shapes depend on how it arrives: an H200's first burst of 64
+    requests met five, each compiled inline while every request waited (TTFT 4.8 s;
+    docs/benchmarks.md, fifth GPU session). These hold every such step of up to the
+    most prompts a step takes, each up to `longest_prompt` tokens, among decode rows up
+    to twice that deep: BURST_DECODE_ROWS decode rows and the most. A step borrows the
+    smaller one while its own program compiles aside.
+    """
+    seqs = buckets.prefill_seqs[-1]
+    tokens = bucket_for(min(seqs * longest_prompt, buckets.prefill_tokens[-1]), buckets.prefill_tokens)
+    max_q = min(next_power_of_two(longest_prompt, 16), tokens)
+    widths = buckets.page_table_width
+    width = bucket_for(min(-(-2 * longest_prompt // page_size), widths[-1]), widths)
+    most = buckets.decode_seqs[-1]
+    decode_rows = {bucket_for(min(BURST_DECODE_ROWS, most), buckets.decode_seqs), most}
+    return [StepShape(decode, seqs, tokens, max_q, width) for decode in sorted(decode_rows)]
 
 
 def sampler_rows(seqs: int) -> int:

@@ -25,7 +25,7 @@ from flax import nnx
 from models.layers import KernelBackends, unstack_layer_weights
 from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
-from runtime.batch import StepShape, step_shape
+from runtime.batch import StepShape, burst_shapes, step_shape
 from runtime.expert_stats import write_expert_distribution
 from runtime.grammar import TokenGrammars
 from runtime.host_memory import keep_freed_memory
@@ -248,8 +248,9 @@ class Engine:
         """Compile the common programs before serving, from their shapes alone: decode steps at
         every row count, one prompt per prefill bucket up to WARMUP_MAX_PROMPT tokens with the
         decode width it leads to (a first chat request then finds its programs compiled instead of
-        waiting about a second each), and the samplers of those row counts. Then one short request
-        runs the whole path. Running requests of each shape to compile them took twice as long.
+        waiting about a second each), and the samplers of those row counts. Off a CPU, also mixed
+        steps large enough to hold a burst's (`burst_shapes`). Then one short request runs the
+        whole path. Running requests of each shape to compile them took twice as long.
 
         With the persistent compile cache warm this mostly loads programs from disk.
         """
@@ -279,6 +280,8 @@ class Engine:
             shapes.add(step_shape(buckets, page_size, 1, [], [length + 1]))
             if length == longest:
                 break
+        if self.runner.step_programs.max_borrow_factor is None:  # off a CPU: a burst's steps borrow these
+            shapes.update(burst_shapes(buckets, page_size, longest))
         return sorted(shapes, key=lambda shape: shape.key)
 
     # -- requests -------------------------------------------------------------------------------

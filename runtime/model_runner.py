@@ -24,7 +24,7 @@ from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
 from models.layers import unstack_layer_weights
-from runtime.batch import ScheduledBatch, StepShape, sampler_rows
+from runtime.batch import MAX_BORROW_FACTOR, ScheduledBatch, StepShape, sampler_rows
 from runtime.kv_pool import KVPool
 from runtime.packed_inputs import PackedArrays
 from runtime.sampling import (
@@ -132,6 +132,7 @@ class ModelRunner:
             self._compile_shape,
             enabled=borrow_programs,
             compile_companions=lambda shape: self.compile_samplers(shape.decode + shape.prefill_seqs),
+            max_borrow_factor=MAX_BORROW_FACTOR if jax.default_backend() == "cpu" else None,
         )
 
     def _commit_state(self) -> None:

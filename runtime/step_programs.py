@@ -8,6 +8,8 @@ to a larger compiled program costs a little more on that step alone. So a step
 whose shape a compiled program holds (`batch.borrowable_shape`) runs padded to
 it, while its own programs compile on this module's thread and serve the next
 step of that shape. A step that nothing compiled holds still compiles inline.
+On a CPU a step borrows a program at most MAX_BORROW_FACTOR larger (the padding
+costs it compute); elsewhere any larger one (a step there takes milliseconds).
 
 Some shapes can be seen coming: a decode batch's contexts grow into the next
 page-table width. The scheduler asks for those ahead (`prepare`). A step whose
@@ -27,7 +29,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from runtime.batch import StepShape, borrowable_shape
+from runtime.batch import MAX_BORROW_FACTOR, StepShape, borrowable_shape
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,14 @@ class StepPrograms:
         compile_shape: Callable[[StepShape], Any],
         enabled: bool = True,
         compile_companions: Callable[[StepShape], None] | None = None,
+        max_borrow_factor: float | None = MAX_BORROW_FACTOR,
     ) -> None:
         """`compile_companions(shape)`, when given, compiles here what a step of `shape` may run
         after its forward (the samplers of its row count), for shapes whose forward compiled
-        inline (`compile_companions_of`)."""
+        inline (`compile_companions_of`). `max_borrow_factor`: how much larger a borrowed
+        program may be (None: any larger)."""
         self.enabled = enabled
+        self.max_borrow_factor = max_borrow_factor
         self._compile_shape = compile_shape
         self._compile_companions = compile_companions
         self._lock = threading.Lock()
@@ -75,7 +80,7 @@ class StepPrograms:
         with self._lock:
             if not self.enabled or self._closed or need in self._compiled or need in self._failed:
                 return need
-            borrowed = borrowable_shape(need, self._compiled)
+            borrowed = borrowable_shape(need, self._compiled, self.max_borrow_factor)
             if borrowed is None:
                 if need == self._compiling:
                     self._wait_for(need)

@@ -9,6 +9,7 @@ from runtime.batch import (
     StepShape,
     borrowable_shape,
     bucket_for,
+    burst_shapes,
     prefill_token_buckets,
     step_shape,
     width_buckets,
@@ -89,3 +90,30 @@ def test_borrowing_takes_the_cheapest_holder_at_most_twice_as_large():
     assert borrowable_shape(need, []) is None
     mixed = StepShape(decode=8, prefill_seqs=1, prefill_tokens=16, max_q=16, width=12)
     assert borrowable_shape(StepShape(8, 1, 16, 16, 8), [mixed, decode8_w16]) == mixed
+    # with no size limit (off a CPU) the larger holders serve too, the cheapest first
+    assert borrowable_shape(need, [decode16, StepShape(8, 0, 0, 0, 32)], None) == StepShape(8, 0, 0, 0, 32)
+    assert borrowable_shape(need, [decode16], None) == decode16
+    assert borrowable_shape(need, [mixed], None) is None  # still decode-only from decode-only
+
+
+def test_the_burst_shapes_hold_the_steps_a_burst_of_prompts_meets():
+    """An H200's first burst of 64 requests (128-token prompts, 8192-token chunks) met these five
+    mixed steps, each compiled inline: the burst shapes hold every one, the smaller shape first."""
+    buckets = Buckets.build(256, 16, 8192, 2048)
+    shapes = burst_shapes(buckets, page_size=16, longest_prompt=512)
+    assert [shape.key for shape in shapes] == [(8256, 80, 64, 64, 512), (8448, 272, 64, 256, 512)]
+    met = [
+        step_shape(buckets, 16, 1, [128] * 14, [129] * 15),
+        step_shape(buckets, 16, 16, [128] * 16, [140] * 32),
+        step_shape(buckets, 16, 32, [128] * 16, [140] * 48),
+        step_shape(buckets, 16, 64, [128], [384] * 65),
+        step_shape(buckets, 16, 7, [128] * 7, [140] * 8),
+    ]
+    for need in met:
+        assert borrowable_shape(need, shapes, None) == shapes[0]
+        assert borrowable_shape(need, shapes) is None  # past twice the size: a CPU compiles instead
+    assert borrowable_shape(step_shape(buckets, 16, 100, [128], [300] * 101), shapes, None) == shapes[1]
+    assert borrowable_shape(step_shape(buckets, 16, 8, [1024], [1024] * 9), shapes, None) is None
+    # a small engine: its chunk bounds the tokens, its running requests the decode rows
+    small = burst_shapes(Buckets.build(32, 16, 512, 64), page_size=16, longest_prompt=512)
+    assert [shape.key for shape in small] == [(544, 48, 64, 32, 512)]
