@@ -169,15 +169,16 @@ def borrowable_shape(
 
 
 def burst_shapes(buckets: Buckets, page_size: int, longest_prompt: int) -> list[StepShape]:
-    """Mixed step shapes that hold a burst's steps, for a warm-up where borrowing has no size limit.
+    """Step shapes that hold a burst's steps, for a warm-up where borrowing has no size limit.
 
     A burst of requests meets mixed steps (prompts beside the decode rows of those
     before them) whose shapes depend on how it arrives: an H200's first burst of 64
     requests met five, each compiled inline while every request waited (TTFT 4.8 s;
-    docs/benchmarks.md, fifth GPU session). These hold every such step of up to the
-    most prompts a step takes, each up to `longest_prompt` tokens, among decode rows up
-    to twice that deep: BURST_DECODE_ROWS decode rows and the most. A step borrows the
-    smaller one while its own program compiles aside.
+    docs/benchmarks.md, fifth GPU session), then decode steps of page-table widths the
+    warm-up had not compiled. These hold every mixed step of up to the most prompts a
+    step takes, each up to `longest_prompt` tokens, among decode rows up to twice that
+    deep, and every decode step that deep: at BURST_DECODE_ROWS decode rows and at the
+    most. A step borrows the smallest that holds it while its own program compiles aside.
     """
     seqs = buckets.prefill_seqs[-1]
     tokens = bucket_for(min(seqs * longest_prompt, buckets.prefill_tokens[-1]), buckets.prefill_tokens)
@@ -186,7 +187,8 @@ def burst_shapes(buckets: Buckets, page_size: int, longest_prompt: int) -> list[
     width = bucket_for(min(-(-2 * longest_prompt // page_size), widths[-1]), widths)
     most = buckets.decode_seqs[-1]
     decode_rows = {bucket_for(min(BURST_DECODE_ROWS, most), buckets.decode_seqs), most}
-    return [StepShape(decode, seqs, tokens, max_q, width) for decode in sorted(decode_rows)]
+    mixed = [StepShape(decode, seqs, tokens, max_q, width) for decode in sorted(decode_rows)]
+    return mixed + [StepShape(decode, 0, 0, 0, width) for decode in sorted(decode_rows)]
 
 
 def sampler_rows(seqs: int) -> int:

@@ -219,10 +219,13 @@ class TokenGrammars:
         self._executor = llguidance.LLExecutor()
 
     def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        """Under the lock."""
+        """Under the lock. llguidance refuses an EOS id past the tokenizer's tokens (a model config's
+        EOS in the padded part of its vocabulary, or a tokenizer of another model), and every grammar
+        request then failed: the grammars end at the EOS ids the tokenizer has (its own if none)."""
         if self._tokenizer is None:
+            known = sorted(i for i in self._eos_ids if i < len(self._hf_tokenizer))
             self._tokenizer = llguidance.hf.from_tokenizer(
-                self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=sorted(self._eos_ids)
+                self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=known or None
             )
         return self._tokenizer
 

@@ -12,15 +12,18 @@ On a CPU a step borrows a program at most MAX_BORROW_FACTOR larger (the padding
 costs it compute); elsewhere any larger one (a step there takes milliseconds).
 
 Some shapes can be seen coming: a decode batch's contexts grow into the next
-page-table width. The scheduler asks for those ahead (`prepare`). A step whose
-shape is compiling here when it arrives waits for it rather than compiling it a
-second time inline; one whose shape is still queued compiles inline, and the
-queue then skips it.
+page-table width. The scheduler asks for those ahead (`prepare`), and they
+compile before the queued shapes of steps that borrowed (those have a program
+that runs them; an H200's first burst queued five such shapes ahead of the next
+widths, whose steps then compiled inline). A step whose shape is compiling here
+when it arrives waits for it rather than compiling it a second time inline; one
+whose shape is still queued compiles inline, and the queue then skips it.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import queue
 import threading
@@ -32,6 +35,9 @@ from typing import Any
 from runtime.batch import MAX_BORROW_FACTOR, StepShape, borrowable_shape
 
 logger = logging.getLogger(__name__)
+
+# The queue's tiers, first served first: a stop, shapes asked for ahead, everything else.
+_STOP, _AHEAD, _LATER = range(3)
 
 
 class StepPrograms:
@@ -65,7 +71,9 @@ class StepPrograms:
         self._compiling: StepShape | None = None  # the shape this thread compiles now
         self._failed: set[StepShape] = set()
         self._companions_pending = 0
-        self._queue: queue.Queue[tuple[str, StepShape] | None] = queue.Queue()
+        # (tier, order of arrival, kind, shape): FIFO within a tier
+        self._queue: queue.PriorityQueue[tuple[int, int, str, StepShape | None]] = queue.PriorityQueue()
+        self._arrivals = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="step-compiler", daemon=True)
         self._thread.start()
@@ -88,7 +96,7 @@ class StepPrograms:
             first = need not in self._queued
             if first:
                 self._queued.add(need)
-                self._queue.put(("programs", need))
+                self._put(_LATER, "programs", need)
         if first:
             logger.info(
                 "Step %s runs on the compiled %s while its own programs compile", need.key, borrowed.key
@@ -118,7 +126,7 @@ class StepPrograms:
             if not self.enabled or self._closed or known:
                 return
             self._queued.add(shape)
-            self._queue.put(("programs", shape))
+            self._put(_AHEAD, "programs", shape)
         logger.info("Compiling step %s ahead of its first step", shape.key)
 
     def note_compiled(self, shape: StepShape) -> None:
@@ -134,7 +142,10 @@ class StepPrograms:
             if queue_companions:
                 self._companions_pending += 1
         if queue_companions:
-            self._queue.put(("companions", shape))
+            self._put(_LATER, "companions", shape)
+
+    def _put(self, tier: int, kind: str, shape: StepShape | None) -> None:
+        self._queue.put((tier, next(self._arrivals), kind, shape))
 
     def add(self, shape: StepShape, programs: Any) -> None:
         """Programs for `shape` compiled elsewhere (by the warm-up), to serve its steps."""
@@ -159,8 +170,10 @@ class StepPrograms:
             return len(self._queued - self._compiled - self._failed) + self._companions_pending
 
     def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            kind, shape = item
+        while True:
+            _, _, kind, shape = self._queue.get()
+            if shape is None:  # close
+                return
             if kind == "companions":
                 self._companions(shape)
                 continue
@@ -216,13 +229,13 @@ class StepPrograms:
         if first:
             while True:
                 try:
-                    item = self._queue.get_nowait()
+                    _, _, kind, _ = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None and item[0] == "companions":
+                if kind == "companions":
                     with self._lock:
                         self._companions_pending -= 1
-            self._queue.put(None)
+            self._put(_STOP, "stop", None)
         if threading.current_thread() is not self._thread:  # a second caller (atexit) waits too
             self._thread.join()
 

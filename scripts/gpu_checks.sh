@@ -9,15 +9,17 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). First come the serving figures (fused greedy
-# sampling, not yet run on a GPU, against one sampler dispatch a step) with their host
-# profile: the served loop is host-bound on a GPU. Then step times and kernels.
+# (docs/benchmarks.md, GPU section). First come the serving figures: the fifth GPU session's
+# fixes to a burst's compiles, the engine alone with and without the layer loop in CUDA graphs
+# (the served loop is host-bound on a GPU), the host profile, structured output's cost. Then step
+# times and kernels.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 offline_b64 serving_first_burst_b64
-    serving_reference_b1 serving_unfused_b64 host_profile_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
+[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_first_burst_b64 offline_b64
+    offline_b64_while_graphs host_profile_b64 offline_tokenizer_b64 offline_constrained_b64 serving_reference_b1
+    serving_unfused_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
     one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
     one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
 mkdir -p "$results"
@@ -56,8 +58,10 @@ serving_host_profile() {
         kill -0 $server || return 1
         sleep 1
     done
+    # 1024 new tokens each: at batch 64 an H200 served 256 in 0.88 s, and the recorded second
+    # (0.8 s in) caught mostly the idle loop after the pass (fifth GPU session).
     local bench=($PY scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --num-prompts "$1"
-        --input-len-range 128 128 --output-len-range 256 256 --disable-tqdm)
+        --input-len-range 128 128 --output-len-range 1024 1024 --disable-tqdm)
     "${bench[@]}" >/dev/null
     "${bench[@]}" --output-file "$results/serving_host_profile_b$1.json" &
     client=$!
@@ -150,6 +154,14 @@ for step in "${steps[@]}"; do
     serving_no_command_buffers_b64) run_step serving_no_command_buffers_b64 300 \
         env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
         bash -c 'serving reference 64 no_command_buffers_b64' ;;
+    # offline_b64 with the layer loop inside XLA's CUDA graphs: the scheduler thread launches each
+    # layer's ~24 kernels itself (0.6-0.7 ms of its 2.9 ms step at batch 64, fifth GPU session),
+    # which a bare step's pipelined time hides and a served step pays.
+    offline_b64_while_graphs) run_step offline_b64_while_graphs 240 env \
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1" \
+        $PY scripts/bench_offline.py --model-path "$MODEL" \
+        --server-args "$SERVER_ARGS --attention-backend reference" --num-prompts 64 --input-len-range 128 128 \
+        --output-len-range 256 256 --warmup-pass --repeats 2 --stream --output-file "$results/$step.json" ;;
     # offline_b64's workload with a tokenizer (SmolLM2's, carried from the model cache: the machine
     # has none; the Qwen shape's masks are then wider than it), no request constrained, then every
     # request following a regex: the masked sampler and the read-back each grammar step waits on.

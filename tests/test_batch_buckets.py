@@ -101,7 +101,12 @@ def test_the_burst_shapes_hold_the_steps_a_burst_of_prompts_meets():
     mixed steps, each compiled inline: the burst shapes hold every one, the smaller shape first."""
     buckets = Buckets.build(256, 16, 8192, 2048)
     shapes = burst_shapes(buckets, page_size=16, longest_prompt=512)
-    assert [shape.key for shape in shapes] == [(8256, 80, 64, 64, 512), (8448, 272, 64, 256, 512)]
+    assert [shape.key for shape in shapes] == [
+        (8256, 80, 64, 64, 512),
+        (8448, 272, 64, 256, 512),
+        (64, 64, 64, 64, 0),
+        (256, 256, 64, 256, 0),
+    ]
     met = [
         step_shape(buckets, 16, 1, [128] * 14, [129] * 15),
         step_shape(buckets, 16, 16, [128] * 16, [140] * 32),
@@ -114,6 +119,10 @@ def test_the_burst_shapes_hold_the_steps_a_burst_of_prompts_meets():
         assert borrowable_shape(need, shapes) is None  # past twice the size: a CPU compiles instead
     assert borrowable_shape(step_shape(buckets, 16, 100, [128], [300] * 101), shapes, None) == shapes[1]
     assert borrowable_shape(step_shape(buckets, 16, 8, [1024], [1024] * 9), shapes, None) is None
+    # and the decode steps of the contexts' growing widths, from the first
+    for rows, depth in ((64, 140), (64, 384), (32, 384), (1, 1000)):
+        assert borrowable_shape(step_shape(buckets, 16, rows, [], [depth] * rows), shapes, None) == shapes[2]
+    assert borrowable_shape(step_shape(buckets, 16, 100, [], [300] * 100), shapes, None) == shapes[3]
     # a small engine: its chunk bounds the tokens, its running requests the decode rows
     small = burst_shapes(Buckets.build(32, 16, 512, 64), page_size=16, longest_prompt=512)
-    assert [shape.key for shape in small] == [(544, 48, 64, 32, 512)]
+    assert [shape.key for shape in small] == [(544, 48, 64, 32, 512), (32, 32, 64, 32, 0)]

@@ -113,6 +113,13 @@ def test_native_backend(base_url: str, tmp_path: Path) -> None:
     assert "programs_compiled_during_run" in result["server_info"]
 
 
+def test_a_warm_up_pass_leaves_nothing_compiling_for_the_measured_one(base_url: str, tmp_path: Path) -> None:
+    result = run_bench(tmp_path, base_url, "--warmup-pass")
+    check_result(result, "sglax")
+    assert result["workload"]["warmup_pass"]
+    assert result["server_info"]["pending_compiles_at_start"] == 0
+
+
 def test_openai_backend(base_url: str, tmp_path: Path) -> None:
     check_result(run_bench(tmp_path, base_url, "--backend", "openai", "--request-rate", "20"), "openai")
 

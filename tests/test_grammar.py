@@ -285,11 +285,12 @@ def test_a_structural_tag_constrains_each_call_and_leaves_the_text_free(smollm2_
 @pytest.mark.parametrize("model_vocab", [49000, 49408])
 def test_masks_cover_the_tokenizer_and_the_model(smollm2_path, model_vocab: int) -> None:
     """A model whose logits are narrower than its tokenizer (or wider, padded) still gets masks:
-    as wide as the wider of the two, with no bit set past the tokenizer's tokens."""
+    as wide as the wider of the two, with no bit set past the tokenizer's tokens. An EOS id of the
+    model's past the tokenizer's tokens (llguidance refuses it) is left out of the grammar's."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
-    grammars = TokenGrammars(tokenizer, model_vocab, frozenset({tokenizer.eos_token_id}))
+    grammars = TokenGrammars(tokenizer, model_vocab, frozenset({tokenizer.eos_token_id, 49300}))
     grammar = grammars.for_request(SamplingParams.from_dict({"regex": "[a-z]+"}))
     masks = np.full((2, grammars.mask_words), -1, np.int32)
     grammars.fill_masks([(grammar, 1)], masks)

@@ -180,6 +180,26 @@ def test_a_prepared_shape_still_queued_compiles_inline_and_leaves_the_queue():
         programs.close()
 
 
+def test_shapes_asked_for_ahead_compile_before_those_of_steps_that_borrowed():
+    """A borrowing step has a program that runs it; a shape asked for ahead has none yet, and its
+    first step would compile inline if it were still queued: it goes first."""
+    held = HeldCompile()
+    programs = StepPrograms(held)
+    try:
+        busy, borrowed, ahead = decode_shape(64, width=24), decode_shape(4), decode_shape(64, width=28)
+        programs.prepare(busy)
+        assert held.started.wait(10)
+        programs.note_compiled(HELD)
+        assert programs.shape_for(borrowed) == HELD
+        programs.prepare(ahead)
+        held.release.set()
+        assert programs.wait(timeout=10)
+        assert held.compiled == [busy, ahead, borrowed]
+    finally:
+        held.release.set()
+        programs.close()
+
+
 def test_close_wakes_a_step_waiting_for_a_prepared_shape():
     held = HeldCompile()
     programs = StepPrograms(held)
