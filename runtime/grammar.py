@@ -229,6 +229,12 @@ class TokenGrammars:
             )
         return self._tokenizer
 
+    def prepare(self) -> None:
+        """Make llguidance's view of the tokenizer now (the warm-up has it made aside), not at the
+        first grammar request."""
+        with self._lock:
+            self._llg_tokenizer()
+
     def for_request(self, params: Any) -> RequestGrammar | None:
         """A fresh matcher for the request's grammar, or None if it has none; ValueError when the
         grammar does not compile against this tokenizer."""

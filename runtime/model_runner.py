@@ -135,6 +135,13 @@ class ModelRunner:
             max_borrow_factor=MAX_BORROW_FACTOR if jax.default_backend() == "cpu" else None,
         )
 
+    @property
+    def steps_are_cheap(self) -> bool:
+        """Off a CPU a step takes milliseconds and a compile seconds, on cores the loop leaves
+        spare: a step borrows any larger compiled program, and programs a later step may need are
+        compiled ahead (the warm-up's burst shapes, the samplers with grammar masks)."""
+        return self.step_programs.max_borrow_factor is None
+
     def _commit_state(self) -> None:
         """Place all device state explicitly: a step's outputs are committed, and a jit cache
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
@@ -246,16 +253,23 @@ class ModelRunner:
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(sampler_rows(seqs)))  # the usual layout
         return self._forward.lower(*self._abstract_state, jax.tree.map(_shape_of, inputs), sampling).compile()
 
-    def compile_samplers(self, seqs: int) -> None:
+    def compile_samplers(self, seqs: int, mask_words: int = 0) -> None:
         """Compile aside the sampler programs a step of `seqs` sequences may take (`sampler_rows`),
         where none is compiled yet: the general one, and the branch-free one unless the forward
         samples greedily itself. (Fused, greedy steps never run the general sampler, so a first
-        sampled request would otherwise compile it inline.)"""
+        sampled request would otherwise compile it inline.) With `mask_words`, those of a step
+        with a grammar row instead, whose masks are that wide: both, since such a step's forward
+        does not sample it."""
         rows = sampler_rows(seqs)
-        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(rows))  # the usual layout
+        idle = self._idle_sampling_for(rows)  # the usual layout
+        if mask_words:
+            batch = make_sampling_batch([], rows)
+            batch.allowed_words = np.full((rows, mask_words), -1, np.int32)
+            idle = sampling_inputs(batch, np.zeros(rows, np.bool_))
+        sampling = jax.tree.map(_shape_of, idle)
         logits = jax.ShapeDtypeStruct((rows, self.vocab_size), jnp.float32)
-        for plain in (False,) if self.fused_greedy else (True, False):
-            key = (rows, MIN_SUPPRESSED_WIDTH, 0, plain)
+        for plain in (False,) if self.fused_greedy and not mask_words else (True, False):
+            key = (rows, MIN_SUPPRESSED_WIDTH, mask_words, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
                     logits,

@@ -23,6 +23,7 @@ whose shape is still queued compiles inline, and the queue then skips it.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import itertools
 import logging
 import queue
@@ -70,9 +71,10 @@ class StepPrograms:
         self._queued: set[StepShape] = set()
         self._compiling: StepShape | None = None  # the shape this thread compiles now
         self._failed: set[StepShape] = set()
-        self._companions_pending = 0
-        # (tier, order of arrival, kind, shape): FIFO within a tier
-        self._queue: queue.PriorityQueue[tuple[int, int, str, StepShape | None]] = queue.PriorityQueue()
+        self._jobs_pending = 0  # `compile_aside` jobs queued or running
+        # (tier, order of arrival, item): a shape to compile, a job (`compile_aside`) or None (stop);
+        # FIFO within a tier
+        self._queue: queue.PriorityQueue[tuple[int, int, StepShape | _Job | None]] = queue.PriorityQueue()
         self._arrivals = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="step-compiler", daemon=True)
@@ -96,7 +98,7 @@ class StepPrograms:
             first = need not in self._queued
             if first:
                 self._queued.add(need)
-                self._put(_LATER, "programs", need)
+                self._put(_LATER, need)
         if first:
             logger.info(
                 "Step %s runs on the compiled %s while its own programs compile", need.key, borrowed.key
@@ -126,7 +128,7 @@ class StepPrograms:
             if not self.enabled or self._closed or known:
                 return
             self._queued.add(shape)
-            self._put(_AHEAD, "programs", shape)
+            self._put(_AHEAD, shape)
         logger.info("Compiling step %s ahead of its first step", shape.key)
 
     def note_compiled(self, shape: StepShape) -> None:
@@ -137,15 +139,22 @@ class StepPrograms:
     def compile_companions_of(self, shape: StepShape) -> None:
         """Compile here the companions of a shape that compiled inline, once its step has run the
         ones it takes itself (compiled inline too, not twice)."""
-        with self._lock:
-            queue_companions = self._compile_companions is not None and not self._closed
-            if queue_companions:
-                self._companions_pending += 1
-        if queue_companions:
-            self._put(_LATER, "companions", shape)
+        compile_companions = self._compile_companions
+        if compile_companions is not None:
+            self.compile_aside(f"the samplers of step {shape.key}", lambda: compile_companions(shape))
 
-    def _put(self, tier: int, kind: str, shape: StepShape | None) -> None:
-        self._queue.put((tier, next(self._arrivals), kind, shape))
+    def compile_aside(self, what: str, job: Callable[[], None]) -> None:
+        """Run `job` (programs a step may take, compiled from their shapes) on this thread, after
+        the shapes queued before it; `wait` waits for it too. A failure is logged: those programs
+        then compile inline when first run, where an error reaches the requests."""
+        with self._lock:
+            if self._closed:
+                return
+            self._jobs_pending += 1
+        self._put(_LATER, _Job(what, job))
+
+    def _put(self, tier: int, item: StepShape | _Job | None) -> None:
+        self._queue.put((tier, next(self._arrivals), item))
 
     def add(self, shape: StepShape, programs: Any) -> None:
         """Programs for `shape` compiled elsewhere (by the warm-up), to serve its steps."""
@@ -164,19 +173,19 @@ class StepPrograms:
 
     @property
     def num_pending(self) -> int:
-        """Shapes queued here whose programs are not compiled (nor failed) yet, and inline-compiled
-        shapes whose companions are not."""
+        """Shapes queued here whose programs are not compiled (nor failed) yet, and jobs not run."""
         with self._lock:
-            return len(self._queued - self._compiled - self._failed) + self._companions_pending
+            return len(self._queued - self._compiled - self._failed) + self._jobs_pending
 
     def _loop(self) -> None:
         while True:
-            _, _, kind, shape = self._queue.get()
-            if shape is None:  # close
+            _, _, item = self._queue.get()
+            if item is None:  # close
                 return
-            if kind == "companions":
-                self._companions(shape)
+            if isinstance(item, _Job):
+                self._run(item)
                 continue
+            shape = item
             with self._lock:
                 if shape in self._compiled:  # a step compiled it inline while it was queued
                     continue
@@ -196,26 +205,27 @@ class StepPrograms:
                 self._compiling = None
             logger.info("Compiled step %s in the background in %.1f s", shape.key, time.monotonic() - started)
 
-    def _companions(self, shape: StepShape) -> None:
-        assert self._compile_companions is not None
+    def _run(self, job: _Job) -> None:
+        started = time.monotonic()
         try:
-            self._compile_companions(shape)
-        except Exception:  # they compile inline when first run, where an error reaches the requests
-            logger.exception("Background compile of step %s's samplers failed", shape.key)
+            job.run()
+            logger.info("Made %s in the background in %.1f s", job.what, time.monotonic() - started)
+        except Exception:
+            logger.exception("Making %s in the background failed", job.what)
         finally:
             with self._lock:
-                self._companions_pending -= 1
+                self._jobs_pending -= 1
 
     def wait(self, timeout: float = 600.0) -> bool:
-        """Block until every queued shape is compiled (or failed), and the companions of shapes
-        compiled inline; False if `timeout` passed first."""
+        """Block until every queued shape is compiled (or failed) and every job has run; False if
+        `timeout` passed first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
                 if (
                     self._closed
                     or not self._thread.is_alive()
-                    or (self._queued <= self._compiled | self._failed and not self._companions_pending)
+                    or (self._queued <= self._compiled | self._failed and not self._jobs_pending)
                 ):
                     return True
             time.sleep(0.05)
@@ -229,15 +239,23 @@ class StepPrograms:
         if first:
             while True:
                 try:
-                    _, _, kind, _ = self._queue.get_nowait()
+                    _, _, item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if kind == "companions":
+                if isinstance(item, _Job):
                     with self._lock:
-                        self._companions_pending -= 1
-            self._put(_STOP, "stop", None)
+                        self._jobs_pending -= 1
+            self._put(_STOP, None)
         if threading.current_thread() is not self._thread:  # a second caller (atexit) waits too
             self._thread.join()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """Work queued by `compile_aside`, described for the log."""
+
+    what: str
+    run: Callable[[], None]
 
 
 def _close_at_exit(ref: weakref.ReferenceType[StepPrograms]) -> None:

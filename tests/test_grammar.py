@@ -311,3 +311,38 @@ def test_an_object_schema_without_properties_takes_any_object(smollm2_path) -> N
         grammar = grammars.for_request(SamplingParams.from_dict({"json_schema": '{"type": "object"}'}))
         ids = tokenizer.encode(text)
         assert all(grammar.accept(token) for token in ids) is fits, text
+
+
+def test_the_first_grammar_request_has_the_masked_samplers_compiled_aside(tiny_llama_path) -> None:
+    """A step with a grammar row runs a sampler with masks, which the warm-up does not compile:
+    off a CPU (forced here) the first grammar request has them compiled aside for every row count,
+    so later grammar steps, greedy or sampled, at other row counts compile no sampler inline. The
+    warm-up makes llguidance's view of the tokenizer aside."""
+    from runtime.sampling import MIN_SUPPRESSED_WIDTH
+
+    engine = Engine(
+        model_path=str(tiny_llama_path), max_total_tokens=4096, max_running_requests=8, random_seed=0
+    )
+    try:
+        runner, grammars = engine.runner, engine.grammars
+        assert not runner.steps_are_cheap  # a CPU's default: masked samplers compile as steps need them
+        runner.step_programs.max_borrow_factor = None
+        engine.warmup()
+        runner.wait_for_background_compiles()
+        assert grammars is not None and grammars._tokenizer is not None  # made by the warm-up, aside
+        regex = {"max_new_tokens": 6, "regex": "[a-z ]+"}
+        engine.generate(input_ids=[5, 6, 7], sampling_params={**regex, "temperature": 0})
+        runner.wait_for_background_compiles()
+        compiled = set(runner._background_samplers) | runner._sampler_shapes
+        for rows in (1, 2, 4, 8, 16, 32):  # 8 running requests and 16 prompts: at most 32 rows
+            for plain in (True, False):
+                assert (rows, MIN_SUPPRESSED_WIDTH, grammars.mask_words, plain) in compiled
+        inline = set(runner._sampler_shapes)
+        rng = np.random.default_rng(4)
+        prompts = [rng.integers(5, 200, int(n)).tolist() for n in (3, 9, 17, 30, 5)]
+        params = [{**regex, "temperature": 0} if i % 2 else {**regex, "temperature": 0.8} for i in range(5)]
+        outputs = engine.generate(input_ids=prompts, sampling_params=params)
+        assert all(re.fullmatch(regex["regex"], out["text"]) for out in outputs), outputs
+        assert runner._sampler_shapes == inline
+    finally:
+        engine.shutdown()

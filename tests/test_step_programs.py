@@ -200,6 +200,32 @@ def test_shapes_asked_for_ahead_compile_before_those_of_steps_that_borrowed():
         programs.close()
 
 
+def test_jobs_aside_run_in_order_and_close_drops_the_queued_ones():
+    held = HeldCompile()
+    programs = StepPrograms(held)
+    ran: list[str] = []
+    try:
+        programs.prepare(decode_shape(2))
+        assert held.started.wait(10)
+        programs.compile_aside("a job", lambda: ran.append("first"))
+        programs.compile_aside("another", lambda: ran.append("second"))
+        assert programs.num_pending == 3 and not programs.wait(timeout=0.1)
+        held.release.set()
+        assert programs.wait(timeout=10) and ran == ["first", "second"] and programs.num_pending == 0
+        held.release.clear()
+        held.started.clear()
+        programs.prepare(decode_shape(4))
+        assert held.started.wait(10)
+        programs.compile_aside("queued at close", lambda: ran.append("dropped"))
+        threading.Timer(0.2, held.release.set).start()
+        programs.close()
+        programs.compile_aside("after close", lambda: ran.append("late"))
+        assert ran == ["first", "second"] and programs.num_pending == 0
+    finally:
+        held.release.set()
+        programs.close()
+
+
 def test_close_wakes_a_step_waiting_for_a_prepared_shape():
     held = HeldCompile()
     programs = StepPrograms(held)
