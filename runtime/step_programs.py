@@ -144,9 +144,10 @@ class StepPrograms:
             self.compile_aside(f"the samplers of step {shape.key}", lambda: compile_companions(shape))
 
     def compile_aside(self, what: str, job: Callable[[], None]) -> None:
-        """Run `job` (programs a step may take, compiled from their shapes) on this thread, after
-        the shapes queued before it; `wait` waits for it too. A failure is logged: those programs
-        then compile inline when first run, where an error reaches the requests."""
+        """Run `job` on this thread, after the shapes queued before it: work a later step would
+        otherwise do inline (programs compiled from their shapes; llguidance's view of the
+        tokenizer). `wait` waits for it too. A failure is logged: that work is then done inline
+        when first needed, where an error reaches the requests."""
         with self._lock:
             if self._closed:
                 return
