@@ -157,11 +157,18 @@ for step in "${steps[@]}"; do
     # offline_b64 with the layer loop inside XLA's CUDA graphs: the scheduler thread launches each
     # layer's ~24 kernels itself (0.6-0.7 ms of its 2.9 ms step at batch 64, fifth GPU session),
     # which a bare step's pipelined time hides and a served step pays.
-    offline_b64_while_graphs) run_step offline_b64_while_graphs 240 env \
-        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1" \
-        $PY scripts/bench_offline.py --model-path "$MODEL" \
-        --server-args "$SERVER_ARGS --attention-backend reference" --num-prompts 64 --input-len-range 128 128 \
-        --output-len-range 256 256 --warmup-pass --repeats 2 --stream --output-file "$results/$step.json" ;;
+    # Or the layers unrolled (no loop: XLA's default command buffers can take the whole step; its
+    # cold warm-up took 150 s in the second GPU session, so not among the default steps).
+    offline_b64_while_graphs | offline_b64_unrolled)
+        declare -A variant=(
+            [offline_b64_while_graphs]="--xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1"
+            [offline_b64_unrolled]="")
+        declare -A loop=([offline_b64_while_graphs]=scan [offline_b64_unrolled]=unrolled)
+        run_step "$step" 300 env XLA_FLAGS="${XLA_FLAGS:-} ${variant[$step]}" \
+            $PY scripts/bench_offline.py --model-path "$MODEL" \
+            --server-args "$SERVER_ARGS --attention-backend reference --layer-loop ${loop[$step]}" \
+            --num-prompts 64 --input-len-range 128 128 --output-len-range 256 256 --warmup-pass --repeats 2 \
+            --stream --output-file "$results/$step.json" ;;
     # offline_b64's workload with a tokenizer (SmolLM2's, carried from the model cache: the machine
     # has none; the Qwen shape's masks are then wider than it), no request constrained, then every
     # request following a regex: the masked sampler and the read-back each grammar step waits on.
