@@ -231,6 +231,7 @@ class ScheduledBatch:
     sample_rows: np.ndarray  # int32[S]: flat index of each sequence's last token
     sample_valid: np.ndarray  # bool[R], R = sampler_rows(S): the row's token is really wanted
     sampling: SamplingBatch  # numpy arrays of R rows: one per sequence, then padding
+    grammar_masks: np.ndarray | None = None  # int32[R, W] when a row has a grammar (`grammar_masks`)
 
     @property
     def num_padded_tokens(self) -> int:

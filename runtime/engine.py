@@ -25,7 +25,7 @@ from flax import nnx
 from models.layers import KernelBackends, unstack_layer_weights
 from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
-from runtime.batch import StepShape, burst_shapes, power_of_two_buckets, sampler_rows, step_shape
+from runtime.batch import StepShape, burst_shapes, step_shape
 from runtime.expert_stats import write_expert_distribution
 from runtime.grammar import TokenGrammars
 from runtime.host_memory import keep_freed_memory
@@ -112,7 +112,6 @@ class Engine:
         self.encoder = None
         self.scheduler: Scheduler | None = None
         self.grammars: TokenGrammars | None = None  # with a tokenizer: structured output
-        self._masked_samplers_queued = False  # at the first grammar (`_compile_masked_samplers`)
         if loaded.architecture == "BertModel":
             from runtime.encoder_runner import EncoderRunner
 
@@ -355,8 +354,6 @@ class Engine:
         except ValueError as exc:
             deliver(whole(failed_output(req, str(exc), status=400)))
             return
-        if grammar is not None and self.runner.steps_are_cheap and not self._masked_samplers_queued:
-            self._compile_masked_samplers()
         self.scheduler.submit(
             Req(
                 request=req,
@@ -368,22 +365,6 @@ class Engine:
                 grammar=grammar,
             )
         )
-
-    def _compile_masked_samplers(self) -> None:
-        """At the first grammar request, off a CPU, compile aside the samplers of every row count
-        with grammar masks: a step with a grammar row runs one of those, not the warm-up's, and each
-        compiled inline while every running request waited. (On the 2-core box they take 0.5-1 s
-        each, 10-15 s in all, on the cores the loop runs on: there they compile as steps need them.)"""
-        assert self.grammars is not None and self.scheduler is not None
-        self._masked_samplers_queued = True
-        buckets, runner, mask_words = self.scheduler.buckets, self.runner, self.grammars.mask_words
-        most = sampler_rows(buckets.decode_seqs[-1] + buckets.prefill_seqs[-1])
-
-        def compile_all() -> None:
-            for rows in power_of_two_buckets(1, most):
-                runner.compile_samplers(rows, mask_words)
-
-        runner.step_programs.compile_aside("the samplers with grammar masks", compile_all)
 
     def _score_last_non_pad(self, req: EngineRequest) -> EngineRequest:
         """HF's sequence classifiers score the last token that is not the pad token (a prompt may

@@ -34,6 +34,7 @@ from runtime.sampling import (
     full_logprobs,
     is_plain_greedy,
     make_sampling_batch,
+    mask_disallowed,
     reset_penalty_rows,
     sample,
     update_output_counts,
@@ -113,7 +114,8 @@ class ModelRunner:
         # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(2, 4), static_argnames=("plain",))
+        self._sample = jax.jit(self._sample_fn, donate_argnums=(3, 5), static_argnames=("plain",))
+        self._mask_disallowed = jax.jit(mask_disallowed)
         # A step its forward did not sample that is all greedy without penalties takes a sampler with
         # no branch: off a CPU, each `lax.cond`'s predicate is read back to the host; on a CPU it is
         # the cheaper program (2-core box, batch-32 decode 75.3 -> 73.5 ms, batch 64 172.5 -> 164.7).
@@ -125,9 +127,9 @@ class ModelRunner:
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn, static_argnames=("whole",))
         self._full_logprobs = jax.jit(full_logprobs)
-        # (sampler rows, suppressed-ids width, grammar-mask width, plain) in _sample's cache
-        self._sampler_shapes: set[tuple[int, int, int, bool]] = set()
-        self._background_samplers: dict[tuple[int, int, int, bool], jax.stages.Compiled] = {}
+        # (sampler rows, suppressed-ids width, plain) in _sample's cache
+        self._sampler_shapes: set[tuple[int, int, bool]] = set()
+        self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
         self.step_programs = StepPrograms(
             self._compile_shape,
             enabled=borrow_programs,
@@ -138,8 +140,8 @@ class ModelRunner:
     @property
     def steps_are_cheap(self) -> bool:
         """Off a CPU a step takes milliseconds and a compile seconds, on cores the loop leaves
-        spare: a step borrows any larger compiled program, and programs a later step may need are
-        compiled ahead (the warm-up's burst shapes, the samplers with grammar masks)."""
+        spare: a step borrows any larger compiled program, and the warm-up compiles programs that
+        hold a burst's steps (`batch.burst_shapes`)."""
         return self.step_programs.max_borrow_factor is None
 
     def _commit_state(self) -> None:
@@ -211,9 +213,10 @@ class ModelRunner:
         return logits, hidden, k_pool, v_pool, expert_hist, greedy
 
     @staticmethod
-    def _sample_fn(logits, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
-        """The sampler is its own program: it depends on the row count only, so few compile."""
-        return _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain)
+    def _sample_fn(logits, raw, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
+        """The sampler is its own program: it depends on the row count only, so few compile. It
+        draws from `logits` (a grammar step's masked ones) and scores the draws by `raw`."""
+        return _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain, raw=raw)
 
     # -- programs compiled aside (runtime/step_programs.py) -----------------------------------
 
@@ -253,25 +256,19 @@ class ModelRunner:
         sampling = jax.tree.map(_shape_of, self._idle_sampling_for(sampler_rows(seqs)))  # the usual layout
         return self._forward.lower(*self._abstract_state, jax.tree.map(_shape_of, inputs), sampling).compile()
 
-    def compile_samplers(self, seqs: int, mask_words: int = 0) -> None:
+    def compile_samplers(self, seqs: int) -> None:
         """Compile aside the sampler programs a step of `seqs` sequences may take (`sampler_rows`),
         where none is compiled yet: the general one, and the branch-free one unless the forward
         samples greedily itself. (Fused, greedy steps never run the general sampler, so a first
-        sampled request would otherwise compile it inline.) With `mask_words`, those of a step
-        with a grammar row instead, whose masks are that wide: both, since such a step's forward
-        does not sample it."""
+        sampled request would otherwise compile it inline.)"""
         rows = sampler_rows(seqs)
-        idle = self._idle_sampling_for(rows)  # the usual layout
-        if mask_words:
-            batch = make_sampling_batch([], rows)
-            batch.allowed_words = np.full((rows, mask_words), -1, np.int32)
-            idle = sampling_inputs(batch, np.zeros(rows, np.bool_))
-        sampling = jax.tree.map(_shape_of, idle)
+        sampling = jax.tree.map(_shape_of, self._idle_sampling_for(rows))  # the usual layout
         logits = jax.ShapeDtypeStruct((rows, self.vocab_size), jnp.float32)
-        for plain in (False,) if self.fused_greedy and not mask_words else (True, False):
-            key = (rows, MIN_SUPPRESSED_WIDTH, mask_words, plain)
+        for plain in (False,) if self.fused_greedy else (True, False):
+            key = (rows, MIN_SUPPRESSED_WIDTH, plain)
             if key not in self._sampler_shapes and key not in self._background_samplers:
                 self._background_samplers[key] = self._sample.lower(
+                    logits,
                     logits,
                     sampling,
                     *self._abstract_sampler_state,
@@ -311,7 +308,8 @@ class ModelRunner:
         # The forward takes the step's sampling inputs where their layout is the usual one.
         usual = sampling.layout == idle.layout
         plain_greedy = is_plain_greedy(batch.sampling)
-        fused = self.fused_greedy and usual and plain_greedy
+        # A grammar step's greedy tokens are those of its masked logits: the sampler takes them.
+        fused = self.fused_greedy and usual and plain_greedy and batch.grammar_masks is None
         inputs = forward_inputs(
             input_ids=batch.input_ids,
             token_source=batch.token_source,
@@ -364,14 +362,15 @@ class ModelRunner:
             return step.greedy
         batch = step.batch
         plain = step.plain_greedy
-        sampling = batch.sampling
-        widths = (int(sampling.suppressed_ids.shape[1]), int(sampling.allowed_words.shape[1]))
-        sampler_key = (len(batch.sample_valid), *widths, plain)
+        sampler_key = (len(batch.sample_valid), int(batch.sampling.suppressed_ids.shape[1]), plain)
         sampler = self._background_samplers.get(sampler_key)
         if sampler is None:
             sampler = functools.partial(self._sample, plain=plain)
             self._sampler_shapes.add(sampler_key)
+        masks = batch.grammar_masks
+        logits = step.logits if masks is None else self._mask_disallowed(step.logits, masks)
         tokens, chosen, self.output_counts, self.slot_tokens = sampler(
+            logits,
             step.logits,
             step.sampling,
             self.output_counts,
@@ -488,13 +487,15 @@ def _sample_and_record(
     slot_tokens: jax.Array,
     plain: bool,
     apply: jax.Array | bool = True,
+    raw: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Sample a step's rows (`sample`), count each sampled token for the penalties and keep it for
-    the next step's forward; `apply` false (traced) leaves both tables as they were."""
+    """Sample a step's rows (`sample`; `raw` scores the draws), count each sampled token for the
+    penalties and keep it for the next step's forward; `apply` false (traced) leaves both tables
+    as they were."""
     fields = inputs.unpack()
     valid = fields.pop("sample_valid") & apply
     sampling = SamplingBatch(**fields)
-    out = sample(logits, sampling, output_counts, prompt_mask, plain)
+    out = sample(logits, sampling, output_counts, prompt_mask, plain, raw=raw)
     output_counts = update_output_counts(output_counts, sampling.penalty_slot, out.tokens, valid)
     slot_tokens = slot_tokens.at[jnp.where(valid, sampling.penalty_slot, 0)].set(out.tokens)
     return out.tokens, out.chosen_logprob, output_counts, slot_tokens

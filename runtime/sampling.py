@@ -63,9 +63,6 @@ class SamplingBatch:
     output_index: Any  # i32[S]: index of the token being sampled in its request's output
     suppressed_ids: Any  # i32[S, K]: ids banned this step, -1 padding
     penalty_slot: Any  # i32[S]: row of the penalty tables
-    # i32[S, W]: each row's grammar mask, bit t % 32 of word t // 32 set where token t is allowed
-    # (runtime/grammar.py), all bits set in rows without one; W = 0 when no row has a grammar.
-    allowed_words: Any
 
 
 @jax.tree_util.register_dataclass
@@ -112,11 +109,8 @@ def suppressed_ids_of(row: SamplingRow) -> list[int]:
     return list(dict.fromkeys([*row.eos_ids, *params.stop_token_ids]))
 
 
-def make_sampling_batch(
-    rows: Sequence[SamplingRow], pad_to: int, grammars: TokenGrammars | None = None
-) -> SamplingBatch:
+def make_sampling_batch(rows: Sequence[SamplingRow], pad_to: int) -> SamplingBatch:
     """Numpy `SamplingBatch` of `pad_to` rows; K is a power of two >= MIN_SUPPRESSED_WIDTH.
-    `grammars` makes the masks of rows with a grammar (it must be given when one has).
 
     Built a column at a time: the serving loop builds one per step, at up to hundreds of rows.
     """
@@ -135,12 +129,6 @@ def make_sampling_batch(
     for i, ids in enumerate(banned):
         suppressed[i, : len(ids)] = ids
     int32_max = np.iinfo(np.int32).max
-    constrained = [(row.grammar, i) for i, row in enumerate(rows) if row.grammar is not None]
-    allowed = np.zeros((pad_to, 0), np.int32)
-    if constrained:
-        assert grammars is not None, "rows with a grammar need the engine's grammars for their masks"
-        allowed = np.full((pad_to, grammars.mask_words), -1, np.int32)
-        grammars.fill_masks(constrained, allowed)
     return SamplingBatch(
         temperature=column([p.temperature for p in params], 0.0, np.float32),
         top_p=column([p.top_p for p in params], 1.0, np.float32),
@@ -153,8 +141,22 @@ def make_sampling_batch(
         output_index=column([row.output_index for row in rows], 0, np.int32),
         suppressed_ids=suppressed,
         penalty_slot=column([row.penalty_slot for row in rows], 0, np.int32),
-        allowed_words=allowed,
     )
+
+
+def grammar_masks(
+    rows: Sequence[SamplingRow], pad_to: int, grammars: TokenGrammars | None
+) -> np.ndarray | None:
+    """int32 [pad_to, W] mask words of a step whose rows include one with a grammar, else None:
+    bit t % 32 of word t // 32 set where token t may come next (runtime/grammar.py), every bit
+    set in the other rows. `grammars` must be given when a row has a grammar."""
+    constrained = [(row.grammar, i) for i, row in enumerate(rows) if row.grammar is not None]
+    if not constrained:
+        return None
+    assert grammars is not None, "rows with a grammar need the engine's grammars for their masks"
+    words = np.full((pad_to, grammars.mask_words), -1, np.int32)
+    grammars.fill_masks(constrained, words)
+    return words
 
 
 # ----------------------------------------------------------------------------- device functions
@@ -391,18 +393,20 @@ def sample(
     output_counts: jax.Array,
     prompt_mask: jax.Array,
     plain: bool = False,
+    raw: jax.Array | None = None,
 ) -> SampleOutput:
     """Next tokens of S rows from logits f32[S, V], with penalties from the tables [R, V].
 
-    Order: penalties (only when some row has one), suppressed ids -> -inf, tokens a row's
-    grammar does not allow -> -inf, then greedy rows (temperature < 1e-6 or top_k == 1) take
-    the argmax and the rest are scaled by temperature, filtered by top-k, top-p and min-p,
-    and drawn.
+    Order: penalties (only when some row has one), suppressed ids -> -inf, then greedy rows
+    (temperature < 1e-6 or top_k == 1) take the argmax and the rest are scaled by temperature,
+    filtered by top-k, top-p and min-p, and drawn. The chosen tokens' logprobs come from `raw`
+    (default: `logits`), the model's own logits: grammar masks (`mask_disallowed`) come before
+    this, and a masked logit stays -inf through the penalties.
     The sampling branch runs only when some row samples. `plain` (static; only for
     batches `is_plain_greedy` accepts) leaves both branches out of the program.
     """
     logits = logits.astype(jnp.float32)
-    raw = logits
+    raw = logits if raw is None else raw.astype(jnp.float32)
     rows, vocab = logits.shape
     if not plain:
         logits = jax.lax.cond(
@@ -420,8 +424,6 @@ def sample(
         )
     banned = jnp.where(batch.suppressed_ids >= 0, batch.suppressed_ids, vocab)
     logits = logits.at[jnp.arange(rows)[:, None], banned].set(-jnp.inf, mode="drop")
-    if batch.allowed_words.shape[-1]:  # static: only steps with a grammar row take this program
-        logits = jnp.where(allowed_tokens(batch.allowed_words, vocab), logits, -jnp.inf)
     greedy_tokens = _first_argmax(logits)
     if plain:
         tokens = greedy_tokens
@@ -435,8 +437,16 @@ def sample(
     return SampleOutput(tokens=tokens, chosen_logprob=chosen_logprobs(raw, tokens))
 
 
+def mask_disallowed(logits: jax.Array, words: jax.Array) -> jax.Array:
+    """`logits` [S, V] with the tokens no row's grammar allows at -inf, from mask words i32 [S, W]
+    (`grammar_masks`). Its own small program: the samplers, one per row count and compiled by the
+    warm-up, then serve steps with and without grammar rows alike (one with the masks inside
+    compiled at the first grammar step of each row count: 0.12 s for SmolLM2 on the 2-core box)."""
+    return jnp.where(allowed_tokens(words, logits.shape[1]), logits, jnp.array(-jnp.inf, logits.dtype))
+
+
 def allowed_tokens(words: jax.Array, vocab: int) -> jax.Array:
-    """bool [S, vocab] from grammar mask words i32 [S, W] (`SamplingBatch.allowed_words`)."""
+    """bool [S, vocab] from grammar mask words i32 [S, W] (`grammar_masks`)."""
     bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
     return bits.reshape(words.shape[0], -1)[:, :vocab] != 0
 

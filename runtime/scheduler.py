@@ -31,7 +31,7 @@ from runtime.output_deltas import OutputDelta
 from runtime.profiler import StepProfiler
 from runtime.radix_cache import RadixCache
 from runtime.request import Req
-from runtime.sampling import SamplingBatch, SamplingRow, make_sampling_batch
+from runtime.sampling import SamplingBatch, SamplingRow, grammar_masks, make_sampling_batch
 from runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -604,7 +604,7 @@ class Scheduler:
             offset += take
         cu_q_lens[num_decode + len(prefills) + 1 :] = offset
         plan.sample_rows = sample_rows
-        sampling = self._sampling_batch(
+        sampling, masks = self._sampling_batch(
             decodes, decode_output_index, num_seqs, prefill_rows, len(sample_valid)
         )
         return ScheduledBatch(
@@ -621,6 +621,7 @@ class Scheduler:
             sample_rows=sample_rows,
             sample_valid=sample_valid,
             sampling=sampling,
+            grammar_masks=masks,
         )
 
     def _prepare_next_width(self, shape: StepShape, decodes: list[Req], deepest: int) -> None:
@@ -660,9 +661,10 @@ class Scheduler:
         num_seqs: int,
         prefill_rows: dict[int, SamplingRow],
         pad_to: int,
-    ) -> SamplingBatch:
+    ) -> tuple[SamplingBatch, np.ndarray | None]:
         """The step's sampling knobs, decode rows first (`decode_output_index`: the index of the
-        token each samples). A step whose prefill chunks sample nothing (decode-only, or with
+        token each samples), and its grammar masks when a row has a grammar (`grammar_masks`).
+        A step whose prefill chunks sample nothing (decode-only, or with
         unfinished chunks, padding to the sampler), with the same decode requests as the last such
         step, takes that step's batch with the output indices moved on: nothing else in a row
         changes while its request runs (a retraction, which changes its penalty slot, drops the
@@ -674,18 +676,19 @@ class Scheduler:
             if kept is not None and kept[1] == pad_to and kept[0] == tuple(decodes):
                 output_index = np.zeros(pad_to, np.int32)
                 output_index[: len(decodes)] = decode_output_index
-                return dataclasses.replace(kept[2], output_index=output_index)
+                return dataclasses.replace(kept[2], output_index=output_index), None
         rows = [PADDING_ROW] * num_seqs
         for seq, req in enumerate(decodes):
             rows[seq] = self._sampling_row(req, int(decode_output_index[seq]))
         for seq, row in prefill_rows.items():
             rows[seq] = row
-        sampling = make_sampling_batch(rows, pad_to, self.grammars)
+        sampling = make_sampling_batch(rows, pad_to)
+        masks = grammar_masks(rows, pad_to, self.grammars)
         if not prefill_rows:
             # Masks change every step, as bans do while min_new_tokens is not reached.
-            fixed = not (sampling.suppressed_ids >= 0).any() and not sampling.allowed_words.shape[1]
+            fixed = not (sampling.suppressed_ids >= 0).any() and masks is None
             self._decode_sampling = (tuple(decodes), pad_to, sampling) if fixed else None
-        return sampling
+        return sampling, masks
 
     # -- reading results back ------------------------------------------------------------------------
 

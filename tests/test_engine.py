@@ -499,7 +499,7 @@ def test_fused_greedy_sampling_serves_plain_greedy_steps_only(tiny_llama_path, t
         assert general and not any(general)  # every step was all-greedy: the forwards sampled them
         # What warm-up compiles after its greedy steps: the general sampler of a row count, which a
         # first sampled request then runs without compiling inline.
-        key = (2, MIN_SUPPRESSED_WIDTH, 0, False)  # two short prompts: every step of theirs has 2 rows
+        key = (2, MIN_SUPPRESSED_WIDTH, False)  # two short prompts: every step of theirs has 2 rows
         assert key not in runner._sampler_shapes  # greedy steps never ran the general sampler
         # A step of 2 rows that compiled aside (while it borrowed a bigger program, as timing has it)
         # compiled this sampler with it: forget it, so that only compile_samplers can bring it back.

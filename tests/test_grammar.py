@@ -4,17 +4,17 @@ decoding under the same grammar."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from runtime.engine import Engine
 from runtime.grammar import TokenGrammars, _closed_objects, compile_grammar
-from runtime.sampling import SamplingRow, allowed_tokens, make_sampling_batch, sample
+from runtime.sampling import SamplingRow, allowed_tokens, make_sampling_batch, mask_disallowed, sample
 from runtime.sampling_params import SamplingParams
 from tests.conftest import greedy_agrees
 
@@ -145,10 +145,12 @@ def test_the_sampler_draws_only_allowed_tokens() -> None:
             ],
             rows,
         )
-        masked = sample(
-            logits, dataclasses.replace(batch, allowed_words=_mask_words(allowed)), counts, prompt_mask
-        )
+        masked_logits = mask_disallowed(logits, jnp.asarray(_mask_words(allowed)))
+        masked = sample(masked_logits, batch, counts, prompt_mask, raw=logits)
         tokens = np.asarray(masked.tokens)
+        # the draws are scored by the model's own logits, not the masked ones
+        own = np.asarray(jax.nn.log_softmax(logits, axis=-1))[np.arange(rows), tokens]
+        np.testing.assert_allclose(np.asarray(masked.chosen_logprob), own, rtol=1e-5, atol=1e-5)
         assert allowed[np.arange(rows), tokens].all(), tokens
         best = np.where(allowed, np.asarray(logits), -np.inf).argmax(-1)
         assert tokens[:2].tolist() == best[:2].tolist()
@@ -313,36 +315,29 @@ def test_an_object_schema_without_properties_takes_any_object(smollm2_path) -> N
         assert all(grammar.accept(token) for token in ids) is fits, text
 
 
-def test_the_first_grammar_request_has_the_masked_samplers_compiled_aside(tiny_llama_path) -> None:
-    """A step with a grammar row runs a sampler with masks, which the warm-up does not compile:
-    off a CPU (forced here) the first grammar request has them compiled aside for every row count,
-    so later grammar steps, greedy or sampled, at other row counts compile no sampler inline. The
-    warm-up makes llguidance's view of the tokenizer aside."""
-    from runtime.sampling import MIN_SUPPRESSED_WIDTH
-
+def test_grammar_steps_run_the_warm_ups_samplers(tiny_llama_path) -> None:
+    """A step with a grammar row masks its logits in a small program of its own, then runs the
+    usual sampler of its row count: after the warm-up, grammar requests at several row counts,
+    greedy and sampled, compile no sampler (one with the masks inside compiled inline at the first
+    grammar step of each row count). The warm-up makes llguidance's view of the tokenizer aside."""
     engine = Engine(
-        model_path=str(tiny_llama_path), max_total_tokens=4096, max_running_requests=8, random_seed=0
+        model_path=str(tiny_llama_path), max_total_tokens=4096, max_running_requests=16, random_seed=0
     )
     try:
-        runner, grammars = engine.runner, engine.grammars
-        assert not runner.steps_are_cheap  # a CPU's default: masked samplers compile as steps need them
-        runner.step_programs.max_borrow_factor = None
         engine.warmup()
+        runner, grammars = engine.runner, engine.grammars
         runner.wait_for_background_compiles()
-        assert grammars is not None and grammars._tokenizer is not None  # made by the warm-up, aside
+        assert grammars is not None and grammars._tokenizer is not None  # made aside by the warm-up
+        samplers = (set(runner._background_samplers), set(runner._sampler_shapes))  # this runner's
         regex = {"max_new_tokens": 6, "regex": "[a-z ]+"}
-        engine.generate(input_ids=[5, 6, 7], sampling_params={**regex, "temperature": 0})
-        runner.wait_for_background_compiles()
-        compiled = set(runner._background_samplers) | runner._sampler_shapes
-        for rows in (1, 2, 4, 8, 16, 32):  # 8 running requests and 16 prompts: at most 32 rows
-            for plain in (True, False):
-                assert (rows, MIN_SUPPRESSED_WIDTH, grammars.mask_words, plain) in compiled
-        inline = set(runner._sampler_shapes)
         rng = np.random.default_rng(4)
         prompts = [rng.integers(5, 200, int(n)).tolist() for n in (3, 9, 17, 30, 5)]
-        params = [{**regex, "temperature": 0} if i % 2 else {**regex, "temperature": 0.8} for i in range(5)]
-        outputs = engine.generate(input_ids=prompts, sampling_params=params)
-        assert all(re.fullmatch(regex["regex"], out["text"]) for out in outputs), outputs
-        assert runner._sampler_shapes == inline
+        for count in (1, 2, 5):
+            params = [{**regex, "temperature": 0.8 if i % 2 else 0.0} for i in range(count)]
+            outputs = engine.generate(input_ids=prompts[:count], sampling_params=params)
+            assert all(re.fullmatch(regex["regex"], out["text"]) for out in outputs), outputs
+        runner.wait_for_background_compiles()
+        assert (set(runner._background_samplers), set(runner._sampler_shapes)) == samplers
+        assert runner._mask_disallowed._cache_size() >= 2  # one small program per row count met
     finally:
         engine.shutdown()
