@@ -6,8 +6,10 @@ shows what the queue, the wait and the shutdown do around it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 from runtime.batch import StepShape
 from runtime.step_programs import StepPrograms
@@ -135,12 +137,22 @@ class HeldCompile:
         return f"program {shape.key}"
 
 
-def test_a_prepared_shape_is_waited_for_not_compiled_twice():
-    """A shape asked for ahead (`prepare`) that a step needs while this thread compiles it, with
-    nothing compiled to hold it: the step waits for it and runs its programs."""
+@contextlib.contextmanager
+def held_programs() -> Iterator[tuple[HeldCompile, StepPrograms]]:
+    """A `StepPrograms` whose compiles hold until released; released and closed at the end."""
     held = HeldCompile()
     programs = StepPrograms(held)
     try:
+        yield held, programs
+    finally:
+        held.release.set()
+        programs.close()
+
+
+def test_a_prepared_shape_is_waited_for_not_compiled_twice():
+    """A shape asked for ahead (`prepare`) that a step needs while this thread compiles it, with
+    nothing compiled to hold it: the step waits for it and runs its programs."""
+    with held_programs() as (held, programs):
         wider = decode_shape(4, width=24)
         programs.prepare(wider)
         programs.prepare(wider)  # queued once
@@ -154,17 +166,12 @@ def test_a_prepared_shape_is_waited_for_not_compiled_twice():
         programs.note_compiled(HELD)
         programs.prepare(HELD)
         assert programs.wait(timeout=1) and held.compiled == [wider]
-    finally:
-        held.release.set()
-        programs.close()
 
 
 def test_a_prepared_shape_still_queued_compiles_inline_and_leaves_the_queue():
     """Waiting for a shape queued behind others could take several compiles: it compiles inline
     (one), and this thread then skips it."""
-    held = HeldCompile()
-    programs = StepPrograms(held)
-    try:
+    with held_programs() as (held, programs):
         first, behind = decode_shape(64, width=24), decode_shape(2, width=24)
         programs.prepare(first)
         programs.prepare(behind)
@@ -175,17 +182,12 @@ def test_a_prepared_shape_still_queued_compiles_inline_and_leaves_the_queue():
         programs.note_compiled(behind)
         held.release.set()
         assert programs.wait(timeout=10) and held.compiled == [first]
-    finally:
-        held.release.set()
-        programs.close()
 
 
 def test_shapes_asked_for_ahead_compile_before_those_of_steps_that_borrowed():
     """A borrowing step has a program that runs it; a shape asked for ahead has none yet, and its
     first step would compile inline if it were still queued: it goes first."""
-    held = HeldCompile()
-    programs = StepPrograms(held)
-    try:
+    with held_programs() as (held, programs):
         busy, borrowed, ahead = decode_shape(64, width=24), decode_shape(4), decode_shape(64, width=28)
         programs.prepare(busy)
         assert held.started.wait(10)
@@ -195,16 +197,11 @@ def test_shapes_asked_for_ahead_compile_before_those_of_steps_that_borrowed():
         held.release.set()
         assert programs.wait(timeout=10)
         assert held.compiled == [busy, ahead, borrowed]
-    finally:
-        held.release.set()
-        programs.close()
 
 
 def test_jobs_aside_run_in_order_and_close_drops_the_queued_ones():
-    held = HeldCompile()
-    programs = StepPrograms(held)
     ran: list[str] = []
-    try:
+    with held_programs() as (held, programs):
         programs.prepare(decode_shape(2))
         assert held.started.wait(10)
         programs.compile_aside("a job", lambda: ran.append("first"))
@@ -221,15 +218,10 @@ def test_jobs_aside_run_in_order_and_close_drops_the_queued_ones():
         programs.close()
         programs.compile_aside("after close", lambda: ran.append("late"))
         assert ran == ["first", "second"] and programs.num_pending == 0
-    finally:
-        held.release.set()
-        programs.close()
 
 
 def test_close_wakes_a_step_waiting_for_a_prepared_shape():
-    held = HeldCompile()
-    programs = StepPrograms(held)
-    try:
+    with held_programs() as (held, programs):
         programs.prepare(decode_shape(2))  # in flight until released
         assert held.started.wait(10)
         threading.Timer(0.3, programs.close).start()
@@ -237,6 +229,3 @@ def test_close_wakes_a_step_waiting_for_a_prepared_shape():
         began = time.monotonic()
         assert programs.shape_for(decode_shape(2)) == decode_shape(2)
         assert 0.25 <= time.monotonic() - began < 0.55  # woken by close, before the compile ends
-    finally:
-        held.release.set()
-        programs.close()
