@@ -127,6 +127,10 @@ class Scheduler:
         # The decode rows, sampler rows and sampling batch of the last step in which no prefill
         # chunk sampled (`_sampling_batch`): its other rows are padding to the sampler.
         self._decode_sampling: tuple[tuple[Req, ...], int, SamplingBatch] | None = None
+        # A step split for want of a program (`_part_with_a_program`): whether a mixed step's
+        # prefill chunks ran last time, and the decode rows a decode step left out.
+        self._split_ran_prefills = False
+        self._left_out: frozenset[Req] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
         self._hold_admission = False
@@ -339,7 +343,8 @@ class Scheduler:
                 # Every running request waits for pages that only another can give back.
                 self._retract(max(stuck, key=lambda r: r.admitted_at or 0.0))
             return plan, None
-        batch = self._build_batch(plan, decodes, prefills)
+        decodes, prefills, need = self._part_with_a_program(decodes, prefills)
+        batch = self._build_batch(plan, decodes, prefills, need)
         if plan.num_new_seqs:
             seen = plan.num_cached_tokens + plan.num_new_tokens
             self.last_cache_hit_rate = plan.num_cached_tokens / max(seen, 1)
@@ -514,16 +519,57 @@ class Scheduler:
         plan.num_cached_tokens += match.num_tokens
         return take
 
-    def _build_batch(
-        self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]]
-    ) -> ScheduledBatch:
-        ps = self.page_size
+    def _step_need(self, decodes: list[Req], prefills: list[tuple[Req, int]]) -> StepShape:
+        """The padded shape of a step of these decode rows and prefill chunks."""
         takes = [take for _, take in prefills]
         kv_after = [r.num_computed + 1 for r in decodes] + [r.num_computed + take for r, take in prefills]
-        need = step_shape(self.buckets, ps, len(decodes), takes, kv_after)
+        return step_shape(self.buckets, self.page_size, len(decodes), takes, kv_after)
+
+    def _part_with_a_program(
+        self, decodes: list[Req], prefills: list[tuple[Req, int]]
+    ) -> tuple[list[Req], list[tuple[Req, int]], StepShape]:
+        """The step's rows and their padded shape; or, when no compiled program runs them all, the
+        part that one runs, while the step's own programs compile aside and the rest waits a step.
+
+        Compiling inline stalls every running request: a second user arriving while a first one
+        streams meets a mixed step (a decode row beside the new prompt), then a decode step of both
+        rows at the prompt's width, that no warm-up compiles; each stalled both users for 0.1-1.2 s
+        on the 2-core box (docs/benchmarks.md). So a mixed step runs its prefill chunks or its
+        decode rows alone, taking turns, and a decode step runs as many of its rows as a compiled
+        program holds, the rows left out last time first. Only where no part has a program does
+        the step compile inline."""
+        programs = self.runner.step_programs
+        need = self._step_need(decodes, prefills)
+        if programs.has_program(need):
+            self._left_out = frozenset()
+            return decodes, prefills, need
+        if decodes and prefills:
+            parts = [([], prefills), (decodes, [])]
+            if self._split_ran_prefills:
+                parts.reverse()
+        else:
+            first = sorted(decodes, key=lambda r: r not in self._left_out)  # stable: the rest in order
+            parts = [(first[:n], []) for n in range(len(first) - 1, 0, -1)]
+        for part_decodes, part_prefills in parts:
+            part_need = self._step_need(part_decodes, part_prefills)
+            if programs.has_program(part_need):
+                programs.prepare(need)
+                if prefills:
+                    self._split_ran_prefills = bool(part_prefills)
+                else:
+                    self._left_out = frozenset(decodes).difference(part_decodes)
+                return part_decodes, part_prefills, part_need
+        return decodes, prefills, need
+
+    def _build_batch(
+        self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]], need: StepShape
+    ) -> ScheduledBatch:
+        """The step of these rows, whose padded shape is `need` (`_step_need`)."""
+        ps = self.page_size
+        takes = [take for _, take in prefills]
         shape = self.runner.step_programs.shape_for(need)
         if not prefills:
-            self._prepare_next_width(need, decodes, max(kv_after))
+            self._prepare_next_width(need, decodes, max(r.num_computed + 1 for r in decodes))
         num_decode, max_q, width = shape.decode, shape.max_q, shape.width
         num_tokens, num_seqs = shape.tokens, shape.decode + shape.prefill_seqs
 

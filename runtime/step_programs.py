@@ -117,6 +117,15 @@ class StepPrograms:
             "Step %s waited %.2f s for its programs compiling aside", need.key, time.monotonic() - started
         )
 
+    def has_program(self, need: StepShape) -> bool:
+        """Whether a step of `need` runs without compiling inline: its shape is compiled, or a
+        compiled one holds it (`shape_for`). Also true where this thread compiles nothing (steps
+        then compile inline anyway) and for a shape whose compile here failed."""
+        with self._lock:
+            if not self.enabled or self._closed or need in self._compiled or need in self._failed:
+                return True
+            return borrowable_shape(need, self._compiled, self.max_borrow_factor) is not None
+
     def is_compiled(self, shape: StepShape) -> bool:
         with self._lock:
             return shape in self._compiled

@@ -547,9 +547,14 @@ def test_plain_greedy_sampler_serves_greedy_steps_only(tiny, tiny_ref, monkeypat
             result = greedy_agrees(tokens, tiny_ref[f"greedy_{i}"], tiny_ref[f"greedy_margin_{i}"])
             assert result, f"prompt {i}: {result}"
         assert taken and all(plain for *_, plain in taken)
-        taken.clear()
         # fewer tokens than the seeded request: every step of the greedy one holds a sampled row
-        beside = tiny.generate(input_ids=[prompts[1], prompts[0]], sampling_params=[seeded, _greedy(6)])
+        # (once the two-row steps' programs are compiled: a step with no program runs its rows
+        # apart meanwhile, `Scheduler._part_with_a_program`)
+        pair = dict(input_ids=[prompts[1], prompts[0]], sampling_params=[seeded, _greedy(6)])
+        tiny.generate(**pair)
+        tiny.runner.wait_for_background_compiles()
+        taken.clear()
+        beside = tiny.generate(**pair)
         assert beside[0]["text"] == alone
         assert taken and not any(plain for *_, plain in taken)
     finally:
@@ -727,6 +732,64 @@ def test_where_borrowing_has_no_size_limit_a_burst_compiles_nothing_inline(tiny_
         engine.runner.wait_for_background_compiles()
         engine.flush_cache()
         assert _batched_ids(engine, prompts, [4] * len(prompts)) == first
+    finally:
+        engine.shutdown()
+
+
+def test_a_second_user_meets_no_inline_compile_while_a_first_one_streams(tiny_llama_path):
+    """A prompt arriving while another request decodes makes a mixed step, then a two-row decode
+    at the prompt's width, that the warm-up does not compile. Each runs as parts that compiled
+    programs hold (the prompt alone, then the rows by turns) while its own programs compile aside:
+    nothing compiles inline, and both get the tokens they get alone."""
+    engine = _engine(tiny_llama_path, chunked_prefill_size=512, warmup=True)
+    programs = engine.runner.step_programs
+    inline: list[StepShape] = []
+    note_compiled = programs.note_compiled
+    programs.note_compiled = lambda shape: inline.append(shape) or note_compiled(shape)
+    dispatch = engine.runner.forward
+    steps: list[list[int]] = []  # the query lengths of each step's sequences
+
+    def recording(batch):
+        lengths = np.diff(batch.cu_q_lens)
+        steps.append(lengths[lengths > 0].tolist())
+        return dispatch(batch)
+
+    engine.runner.forward = recording
+    try:
+        rng = np.random.default_rng(8)
+        first_prompt, second_prompt = rng.integers(5, 200, 20).tolist(), rng.integers(5, 200, 300).tolist()
+        started, done = threading.Event(), threading.Event()
+        outputs: dict[str, list[int]] = {}
+
+        def collect(output):
+            outputs[output.rid] = output.output_ids
+            if len(output.output_ids) >= 4:
+                started.set()
+            if output.finished and len(outputs) == 2 and len(outputs["first"]) == 300:
+                done.set()
+
+        first = EngineRequest(
+            rid="first",
+            input_ids=first_prompt,
+            sampling_params=SamplingParams.from_dict(_greedy(300)),
+            stream=True,
+        )
+        engine.submit(first, collect)
+        assert started.wait(60)
+        second = EngineRequest(
+            rid="second", input_ids=second_prompt, sampling_params=SamplingParams.from_dict(_greedy(30))
+        )
+        engine.submit(second, collect)
+        assert done.wait(120)
+        assert not inline, inline
+        assert [300] in steps and [1, 300] not in steps  # the prompt ran alone
+        engine.runner.wait_for_background_compiles()  # the two shapes compiled aside
+        assert programs.is_compiled(StepShape(decode=2, prefill_seqs=0, prefill_tokens=0, max_q=0, width=20))
+        assert any(shape.decode and shape.prefill_seqs for shape in programs._programs)
+        engine.flush_cache()
+        assert outputs["first"] == _batched_ids(engine, [first_prompt], [300])[0]
+        assert outputs["second"] == _batched_ids(engine, [second_prompt], [30])[0]
+        assert _pool_whole(engine)
     finally:
         engine.shutdown()
 
