@@ -748,10 +748,13 @@ def test_a_second_user_meets_no_inline_compile_while_a_first_one_streams(tiny_ll
     programs.note_compiled = lambda shape: inline.append(shape) or note_compiled(shape)
     dispatch = engine.runner.forward
     steps: list[list[int]] = []  # the query lengths of each step's sequences
+    alone: list[bool] = []  # for each one-row decode step: whether it was the second request's
 
     def recording(batch):
         lengths = np.diff(batch.cu_q_lens)
         steps.append(lengths[lengths > 0].tolist())
+        if steps[-1] == [1]:
+            alone.append(int(batch.positions[0]) >= 300)
         return dispatch(batch)
 
     engine.runner.forward = recording
@@ -783,6 +786,9 @@ def test_a_second_user_meets_no_inline_compile_while_a_first_one_streams(tiny_ll
         assert done.wait(120)
         assert not inline, inline
         assert [300] in steps and [1, 300] not in steps  # the prompt ran alone
+        # then the two rows by turns, each step the row left out of the one before
+        turns = alone[alone.index(True) - 1 :][:8]
+        assert turns == [False, True] * 4, alone
         engine.runner.wait_for_background_compiles()  # the two shapes compiled aside
         assert programs.is_compiled(StepShape(decode=2, prefill_seqs=0, prefill_tokens=0, max_q=0, width=20))
         assert any(shape.decode and shape.prefill_seqs for shape in programs._programs)
