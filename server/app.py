@@ -43,7 +43,7 @@ from server.output_relay import OutputRelay
 from server.protocol import ExpandedRequests, ProtocolError
 from server.reasoning_parsers import PARSERS as REASONING_PARSERS
 from server.reasoning_parsers import ReasoningParser
-from server.tool_parsers import PARSERS
+from server.tool_parsers import PARSERS, offered_calls
 
 logger = logging.getLogger(__name__)
 
@@ -771,9 +771,13 @@ def _completion_logprobs(
         result.text_offset.append(offset)
         offset += len(token)
         candidates = top[position] if position < len(top) else None
-        result.top_logprobs.append(
-            {decode.decode([cid]): clp for clp, cid in candidates} if candidates else None
-        )
+        if not candidates:
+            result.top_logprobs.append(None)
+            continue
+        best = {decode.decode([cid]): clp for clp, cid in candidates}
+        if logprob is not None:  # the chosen token too, as OpenAI's: up to logprobs + 1 entries
+            best.setdefault(token, logprob)
+        result.top_logprobs.append(best)
     return result
 
 
@@ -1047,14 +1051,15 @@ async def _stream_openai(
     choices_for: Callable[[int, RequestOutput], list[Any]],
 ) -> AsyncIterator[bytes]:
     """The SSE both OpenAI routes share: each output's choices (from `choices_for`) as chunks,
-    engine errors as error events, the usage chunk when asked, then [DONE] (`GroupEventStream`
-    aborts what a client leaving mid-stream leaves running)."""
+    engine errors as error events (`{"error": {...}}`, as the reference sends them and the openai
+    client raises them), the usage chunk when asked, then [DONE] (`GroupEventStream` aborts what
+    a client leaving mid-stream leaves running)."""
     finals: list[RequestOutput | None] = [None] * len(group.requests)
     created = int(time.time())
     stream_id = group.requests[0].rid  # one id for every chunk of the stream, as OpenAI's
     async for index, output in group.outputs():
         if output.error:
-            yield sse_event(openai_error_body(output.error, output.error_status))
+            yield sse_event({"error": openai_error_body(output.error, output.error_status)})
             continue
         if output.finished:
             finals[index] = output
@@ -1117,7 +1122,7 @@ def _tool_parser(state: ServerState, body: protocol.ChatCompletionRequest) -> An
     name = state.args.tool_call_parser
     if name is None or not body.tools or body.tool_choice not in (None, "auto"):
         return None
-    return PARSERS[name]()
+    return PARSERS[name](body.tool_names)
 
 
 def _reasoning_parser(state: ServerState, body: protocol.ChatCompletionRequest) -> Any:
@@ -1137,7 +1142,7 @@ def _tool_calls_in(text: str, forced: bool, parser: Any) -> tuple[str | None, li
     if forced:
         calls = protocol.forced_tool_calls(text)
         return (None, calls) if calls else (text, None)
-    parsed = parser.parse(text) if parser is not None else None
+    parsed = offered_calls(parser.parse(text), parser.offered) if parser is not None else None
     if parsed is None:
         return text, None
     content, pairs = parsed

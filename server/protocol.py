@@ -457,6 +457,15 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool | None = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: dict[str, Any] | None = None
+    structures: list[Any] | None = None  # structural_tag, as the native key reads them
+    triggers: list[Any] | None = None
+
+
 class _OpenAISampling(BaseModel):
     """The sampling fields shared by completions and chat, with SGLang's extensions."""
 
@@ -487,6 +496,7 @@ class _OpenAISampling(BaseModel):
     regex: str | None = None
     json_schema: str | None = None
     ebnf: str | None = None
+    response_format: ResponseFormat | None = None  # chat's, and vLLM's extension for completions
     lora_path: Any = None
     session_params: Any = None
     rid: str | None = None
@@ -511,6 +521,33 @@ class _OpenAISampling(BaseModel):
             raise ProtocolError(f"n may be at most {MAX_N}, got {self.n}.", param="n")
         if self.stream_options is not None and not self.stream:
             raise ProtocolError("stream_options can only be set when stream is true.", param="stream_options")
+        if self.response_format_grammar is not None and self.native_grammars():
+            raise ProtocolError(
+                "response_format cannot be set with regex, json_schema or ebnf.", param="response_format"
+            )
+
+    @functools.cached_property
+    def response_format_grammar(self) -> tuple[str, str] | None:
+        """What `response_format` asks for as a native grammar key and its text: a JSON schema (a
+        json_object is any object, as the reference reads it) or a structural tag."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return "json_schema", '{"type": "object"}'
+        if fmt.type == "structural_tag":
+            return "structural_tag", _json_text({"structures": fmt.structures, "triggers": fmt.triggers})
+        schema = (fmt.json_schema or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ProtocolError(
+                "response_format json_schema needs json_schema.schema, a JSON schema object.",
+                param="response_format",
+            )
+        return "json_schema", _json_text(schema)
+
+    def native_grammars(self) -> list[str]:
+        """The native grammar keys (SGLang's extension fields) the request sets."""
+        return [key for key in GRAMMAR_KEYS if getattr(self, key)]
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         """The native sampling_params equivalent; unset fields keep the native defaults."""
@@ -536,6 +573,9 @@ class _OpenAISampling(BaseModel):
         }
         params = {key: value for key, value in mapping.items() if value is not None}
         params["max_new_tokens"] = max_new_tokens
+        grammar = self.response_format_grammar
+        if grammar is not None:
+            params[grammar[0]] = grammar[1]
         return params
 
 
@@ -668,15 +708,6 @@ class ChatMessage(BaseModel):
         return self
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    type: Literal["text", "json_object", "json_schema", "structural_tag"]
-    json_schema: dict[str, Any] | None = None
-    structures: list[Any] | None = None  # structural_tag, as the native key reads them
-    triggers: list[Any] | None = None
-
-
 class ChatCompletionRequest(_OpenAISampling):
     """POST /v1/chat/completions."""
 
@@ -685,7 +716,6 @@ class ChatCompletionRequest(_OpenAISampling):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool = True
@@ -701,12 +731,8 @@ class ChatCompletionRequest(_OpenAISampling):
             )
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError("top_logprobs needs logprobs: true.", param="top_logprobs")
-        grammars = self.native_grammars()
-        if self.response_format_grammar is not None and grammars:
-            raise ProtocolError(
-                "response_format cannot be set with regex, json_schema or ebnf.", param="response_format"
-            )
-        if self.forced_tool_schema is not None and (grammars or self.response_format_grammar):
+        _ = self.tool_names  # every tool well-formed, whatever tool_choice: a 400 before any work
+        if self.forced_tool_schema is not None and (self.native_grammars() or self.response_format_grammar):
             raise ProtocolError(
                 "tool_choice required or a named function cannot be set with response_format, regex, "
                 "json_schema or ebnf.",
@@ -716,23 +742,9 @@ class ChatCompletionRequest(_OpenAISampling):
         check_token_budget("max_completion_tokens", self.max_completion_tokens)
 
     @functools.cached_property
-    def response_format_grammar(self) -> tuple[str, str] | None:
-        """What `response_format` asks for as a native grammar key and its text: a JSON schema (a
-        json_object is any object, as the reference reads it) or a structural tag."""
-        fmt = self.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return "json_schema", '{"type": "object"}'
-        if fmt.type == "structural_tag":
-            return "structural_tag", _json_text({"structures": fmt.structures, "triggers": fmt.triggers})
-        schema = (fmt.json_schema or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise ProtocolError(
-                "response_format json_schema needs json_schema.schema, a JSON schema object.",
-                param="response_format",
-            )
-        return "json_schema", _json_text(schema)
+    def tool_names(self) -> frozenset[str]:
+        """The names of the request's tools (checked as `forced_tool_schema` checks them)."""
+        return frozenset(_tool_function(tool, index)["name"] for index, tool in enumerate(self.tools or []))
 
     @functools.cached_property
     def forced_tool_schema(self) -> dict[str, Any] | None:
@@ -772,10 +784,6 @@ class ChatCompletionRequest(_OpenAISampling):
                 schema[key] = merged
         return schema
 
-    def native_grammars(self) -> list[str]:
-        """The native grammar keys (SGLang's extension fields) the request sets."""
-        return [key for key in GRAMMAR_KEYS if getattr(self, key)]
-
     def is_constrained(self) -> bool:
         """Whether a grammar shapes the answer from its first token (a native grammar key,
         `response_format`, or forced tool calls)."""
@@ -783,9 +791,6 @@ class ChatCompletionRequest(_OpenAISampling):
 
     def sampling_dict(self, max_new_tokens: int | None) -> dict[str, Any]:
         params = super().sampling_dict(max_new_tokens)
-        grammar = self.response_format_grammar
-        if grammar is not None:
-            params[grammar[0]] = grammar[1]
         calls = self.forced_tool_schema
         if calls is not None:
             params["json_schema"] = _json_text(calls, param="tools")
@@ -801,11 +806,16 @@ class ChatCompletionRequest(_OpenAISampling):
             item = message.model_dump(exclude_none=True)
             if isinstance(message.content, list):
                 texts = []
-                for part in message.content:
-                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                for number, part in enumerate(message.content):
+                    if part.get("type") != "text":
                         raise ProtocolError(
                             f"messages[{index}].content: only text parts are supported by this server, "
                             f"got type {part.get('type')!r}.",
+                            param="messages",
+                        )
+                    if not isinstance(part.get("text"), str):
+                        raise ProtocolError(
+                            f"messages[{index}].content[{number}]: a text part needs its text, a string.",
                             param="messages",
                         )
                     texts.append(part["text"])

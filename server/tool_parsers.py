@@ -10,14 +10,24 @@ no part of a call goes out as content.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Collection
 from typing import Any
 
 from runtime.detokenizer import partial_stop_suffix
 
 Calls = list[tuple[str, Any]]
+logger = logging.getLogger(__name__)
 
 
-class Qwen25Parser:
+class _ToolCallParser:
+    """`offered`: the names of the request's tools (`offered_calls` drops calls of others)."""
+
+    def __init__(self, offered: Collection[str] = ()) -> None:
+        self.offered = offered
+
+
+class Qwen25Parser(_ToolCallParser):
     """Qwen2.5 (and Hermes-style templates): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`,
     one block per call, after any text."""
 
@@ -46,12 +56,13 @@ class Qwen25Parser:
                 return None
             if not text.startswith(self.END, end):
                 return None
-            calls.append((call["name"], call.get("arguments", {})))
+            # "parameters" as Llama's format names them: some Qwen-template models write that
+            calls.append((call["name"], call.get("arguments", call.get("parameters", {}))))
             pos = end + len(self.END)
         return text[:start].strip(), calls
 
 
-class Llama3Parser:
+class Llama3Parser(_ToolCallParser):
     """Llama 3.1 / 3.2 JSON calls: the whole answer is `{"name": ..., "parameters": {...}}`, several
     separated by `;`, after an optional `<|python_tag|>` (a special token, so usually not in the
     text)."""
@@ -80,6 +91,21 @@ class Llama3Parser:
 
 
 PARSERS = {"qwen25": Qwen25Parser, "llama3": Llama3Parser}
+
+
+def offered_calls(parsed: tuple[str, Calls] | None, offered: Collection[str]) -> tuple[str, Calls] | None:
+    """A parser's result less the calls of tools the request did not offer (logged and dropped,
+    as the reference does: a client looks its handlers up by name). An answer left with no call
+    is returned as text (None), as one with a malformed call is."""
+    if parsed is None:
+        return None
+    content, calls = parsed
+    kept = [(name, arguments) for name, arguments in calls if name in offered]
+    for name in {name for name, _ in calls} - set(offered):
+        logger.warning("The model called %r, which is not among the request's tools: dropped", name)
+    return (content, kept) if kept else None
+
+
 _DECODER = json.JSONDecoder()
 
 

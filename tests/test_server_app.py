@@ -203,7 +203,12 @@ class FakeEngine:
                 if len(state["ids"]) < len(state["plan"]):
                     state["ids"].append(state["plan"][len(state["ids"])])
                 done = len(state["ids"]) >= len(state["plan"])
-                if done:
+                if rid.startswith("fail-") and len(state["ids"]) == 2:  # the engine fails mid-request
+                    del self.active[rid]
+                    output = self._output(state, True, {"type": "abort", "message": "boom"})
+                    output.error = "internal error: boom"
+                    state["cb"](output)
+                elif done:
                     del self.active[rid]
                     self.finished.append(rid)
                     state["cb"](self._output(state, True, {"type": "length", "length": len(state["plan"])}))
@@ -684,6 +689,16 @@ def test_openai_logprobs(live: LiveServer) -> None:
     assert len(logprobs.tokens) == 4  # the fake reports the last prompt token, then 3 outputs
 
 
+def test_completion_top_logprobs_hold_the_chosen_token() -> None:
+    """Legacy completions' top logprobs hold the chosen token as well as the `logprobs` most
+    likely ones, as OpenAI's do (up to logprobs + 1 entries); an echoed first prompt token has none."""
+    state = SimpleNamespace(token_texts=SimpleNamespace(decode=lambda ids: f"<{ids[0]}>"))
+    entries = [(None, 1), (-3.0, 7), (-0.1, 5)]
+    top = [None, [(-0.5, 5)], [(-0.1, 5)]]
+    logprobs = app_module._completion_logprobs(state, entries, top, 0)
+    assert logprobs.top_logprobs == [None, {"<5>": -0.5, "<7>": -3.0}, {"<5>": -0.1}]
+
+
 def test_openai_streams_match_non_streamed(live: LiveServer) -> None:
     """Streamed choices (n=2, echo, logprobs) add up to the non-streamed response."""
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
@@ -709,6 +724,26 @@ def test_openai_streams_match_non_streamed(live: LiveServer) -> None:
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in chat.logprobs.content]
     assert all(len(e.top_logprobs) == 2 for e in streamed)
     assert chunks[-1].choices[0].finish_reason == chat.finish_reason == "length"
+
+
+def test_an_engine_error_mid_stream_reaches_the_openai_client_as_an_error(live: LiveServer) -> None:
+    """An error after a stream started is an `{"error": {...}}` event, as the reference sends it:
+    the openai client raises it (an event of the error body alone reads as an empty chunk)."""
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="none")
+    chat = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True)
+    with pytest.raises(openai.APIError, match="internal error: boom"):
+        list(client.chat.completions.create(**chat, extra_body={"rid": "fail-chat"}))
+    with pytest.raises(openai.APIError, match="internal error: boom"):
+        list(
+            client.completions.create(
+                model="m", prompt="hey", max_tokens=8, stream=True, extra_body={"rid": "fail-c"}
+            )
+        )
+    raw = requests.post(
+        live.url + "/v1/completions", json={"prompt": "hey", "max_tokens": 8, "stream": True, "rid": "fail-r"}
+    )
+    error = next(event for event in sse_events(raw) if isinstance(event, dict) and "error" in event)["error"]
+    assert error["code"] == 500 and error["type"] == "InternalServerError" and error["object"] == "error"
 
 
 def test_openai_errors(live: LiveServer) -> None:

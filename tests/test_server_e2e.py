@@ -332,6 +332,17 @@ def test_structured_output_beside_free_requests(base_url: str, chat_prompt: str)
     assert chat.choices[0].finish_reason == "stop"
     native = generate(base_url, text=chat_prompt, sampling_params=greedy(48, json_schema=schema)).json()
     assert set(json.loads(native["text"])) == {"city", "country"}, native
+    # completions take response_format too (vLLM's extension), as the same native grammar
+    completion = client.completions.create(
+        model="m",
+        prompt=chat_prompt,
+        temperature=0,
+        max_tokens=48,
+        extra_body={
+            "response_format": {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+        },
+    )
+    assert completion.choices[0].text == native["text"], completion
     tag = {
         "structures": [{"begin": "<city=", "schema": {"enum": ["Lyon"]}, "end": ">"}],
         "triggers": ["<city="],

@@ -221,6 +221,11 @@ def test_openai_sampling_mapping() -> None:
     )
     with pytest.raises(ProtocolError, match="only text parts"):
         image.template_messages()
+    textless = protocol.validate_model(
+        protocol.ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}
+    )
+    with pytest.raises(ProtocolError, match=r"content\[0\]: a text part needs its text"):
+        textless.template_messages()
 
 
 def test_openai_response_format_becomes_the_native_grammar() -> None:
@@ -245,6 +250,33 @@ def test_openai_response_format_becomes_the_native_grammar() -> None:
         },
     )
     assert json.loads(body.sampling_dict(None)["structural_tag"]) == tag
+    completion = protocol.validate_model(
+        protocol.CompletionRequest, {"prompt": "hi", "response_format": {"type": "json_object"}}
+    )
+    completion.check_supported()
+    assert json.loads(completion.sampling_dict(16)["json_schema"]) == {"type": "object"}
+    both = protocol.validate_model(
+        protocol.CompletionRequest, {"prompt": "hi", "response_format": {"type": "json_object"}, "regex": "a"}
+    )
+    with pytest.raises(ProtocolError, match="response_format cannot be set with regex"):
+        both.check_supported()
+
+
+def test_a_malformed_tool_is_a_400_whatever_the_tool_choice() -> None:
+    """With tool_choice auto the tool names still read the answer's calls (`tool_names`): a tool
+    without a name is refused before any work, as with tool_choice required."""
+    for choice in ("auto", "required"):
+        body = protocol.validate_model(
+            protocol.ChatCompletionRequest,
+            {
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"parameters": {}}}],
+                "tool_choice": choice,
+            },
+        )
+        with pytest.raises(ProtocolError, match=r"tools\[0\] must be") as error:
+            body.check_supported()
+        assert error.value.param == "tools"
 
 
 def test_openai_chat_roles() -> None:

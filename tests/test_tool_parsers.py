@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.server_args import TOOL_CALL_PARSERS
-from server.tool_parsers import PARSERS, Llama3Parser, Qwen25Parser
+from server.tool_parsers import PARSERS, Llama3Parser, Qwen25Parser, offered_calls
 
 
 def test_every_flag_value_has_a_parser() -> None:
@@ -27,6 +27,22 @@ def test_qwen25_reads_each_block_after_the_text() -> None:
     assert parser.parse("No tools needed.") is None
     assert parser.parse('<tool_call>\n{"name": "weather", "argu') is None  # cut short: text
     assert parser.parse('<tool_call>\n{"arguments": {}}\n</tool_call>') is None  # no name
+
+
+def test_qwen25_takes_parameters_where_a_model_writes_them_for_arguments() -> None:
+    text = '<tool_call>\n{"name": "weather", "parameters": {"city": "Paris"}}\n</tool_call>'
+    assert Qwen25Parser().parse(text) == ("", [("weather", {"city": "Paris"})])
+
+
+def test_calls_of_tools_not_offered_are_dropped() -> None:
+    """A client looks its handlers up by name: a call of a tool the request did not offer is
+    dropped (logged), and an answer left with no call is text, as one with a malformed call is."""
+    parser = Qwen25Parser({"weather"})
+    block = '<tool_call>\n{{"name": "{}", "arguments": {{}}}}\n</tool_call>'
+    both = "Hm.\n" + block.format("launch_rocket") + block.format("weather")
+    assert offered_calls(parser.parse(both), parser.offered) == ("Hm.", [("weather", {})])
+    assert offered_calls(parser.parse(block.format("launch_rocket")), parser.offered) is None
+    assert offered_calls(None, parser.offered) is None
 
 
 @pytest.mark.parametrize(
