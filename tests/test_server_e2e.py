@@ -500,6 +500,11 @@ def test_a_tool_call_parser_reads_the_models_own_calls(base_url: str) -> None:
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
     plain = requests.post(url, json={**body, "tool_choice": "none"}, timeout=120).json()["choices"][0]
     assert plain["message"]["tool_calls"] is None and "<tool_call>" in plain["message"]["content"]
+    # a call of a tool the request did not offer is dropped: the answer stays text
+    other = {**body, "regex": written.replace("get_weather", "launch_rocket")}
+    unoffered = requests.post(url, json=other, timeout=120).json()["choices"][0]
+    assert unoffered["message"]["tool_calls"] is None and unoffered["finish_reason"] != "tool_calls"
+    assert '"launch_rocket"' in unoffered["message"]["content"]
 
 
 @pytest.mark.parametrize(
