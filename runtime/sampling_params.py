@@ -120,6 +120,9 @@ class SamplingParams:
                 f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], "
                 f"got {self.min_new_tokens}."
             )
+        if self.sampling_seed is not None and not -(2**63) <= self.sampling_seed < 2**64:
+            # Seeds are 64-bit (`seeds_to_key_data`): a wider one would collide with another.
+            raise ValueError(f"sampling_seed must be in [-2**63, 2**64), got {self.sampling_seed}.")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if self.n > MAX_N:

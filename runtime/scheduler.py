@@ -774,7 +774,7 @@ class Scheduler:
                 req.output_logprobs.append((float(chosen[row]), token))
                 if req.request.top_logprobs_num:
                     req.output_top_logprobs.append(_top(full[row], req.request.top_logprobs_num))
-                if req.request.token_ids_logprob:
+                if req.request.token_ids_logprob is not None:  # one entry a token, [] ids too
                     req.output_ids_logprobs.append(
                         [(float(full[row, t]), t) for t in req.request.token_ids_logprob]
                     )
@@ -810,7 +810,7 @@ class Scheduler:
             req.input_logprobs.append((float(chosen[i]), req.all_ids[target]))
             if request.top_logprobs_num:
                 req.input_top_logprobs.append(_top(full[i], request.top_logprobs_num))
-            if request.token_ids_logprob:
+            if request.token_ids_logprob is not None:
                 req.input_ids_logprobs.append([(float(full[i, t]), t) for t in request.token_ids_logprob])
 
     def _hidden_states(self, plan: _Plan, output: StepOutput) -> None:

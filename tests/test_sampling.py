@@ -97,6 +97,8 @@ def test_defaults_match_the_reference() -> None:
             "structural_tag cannot be set with regex, json_schema or ebnf.",
         ),
         ({"stop_token_ids": [3, -1]}, "stop_token_ids must be non-negative token ids, got -1."),
+        ({"sampling_seed": 2**64 + 5}, f"sampling_seed must be in [-2**63, 2**64), got {2**64 + 5}."),
+        ({"sampling_seed": -(2**70)}, f"sampling_seed must be in [-2**63, 2**64), got {-(2**70)}."),
     ],
 )
 def test_invalid_values_give_the_reference_messages(params: dict, message: str) -> None:

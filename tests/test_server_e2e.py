@@ -233,6 +233,18 @@ def test_logprob_shapes(base_url: str, tokenizer: Any) -> None:
     assert all(top[0][1] == entry[1] for top, entry in zip(meta["output_top_logprobs"], outputs, strict=True))
     assert len(meta["input_top_logprobs"]) == len(ids) and meta["input_top_logprobs"][0] is None
     assert all(len(pos) == 2 for pos in meta["output_token_ids_logprobs"])
+    # an empty id list still gives an entry a token, lined up with the tokens (null, as the
+    # reference writes an empty position)
+    empty = generate(
+        base_url,
+        input_ids=ids,
+        sampling_params=greedy(2),
+        return_logprob=True,
+        logprob_start_len=0,
+        token_ids_logprob=[],
+    ).json()["meta_info"]
+    assert empty["input_token_ids_logprobs"] == [None] * len(ids)
+    assert empty["output_token_ids_logprobs"] == [None, None]
 
 
 def test_hidden_states(base_url: str) -> None:
