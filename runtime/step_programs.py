@@ -7,7 +7,9 @@ serving run met two in its measured pass and its TTFT was 4.2 s); a step padded
 to a larger compiled program costs a little more on that step alone. So a step
 whose shape a compiled program holds (`batch.borrowable_shape`) runs padded to
 it, while its own programs compile on this module's thread and serve the next
-step of that shape. A step that nothing compiled holds still compiles inline.
+step of that shape. A step that nothing compiled holds runs the part of its
+rows that a compiled program holds, if any (the scheduler's choice:
+`has_program`), while its own shape compiles here; else it compiles inline.
 On a CPU a step borrows a program at most MAX_BORROW_FACTOR larger (the padding
 costs it compute); elsewhere any larger one (a step there takes milliseconds).
 
