@@ -430,7 +430,7 @@ class Engine:
         """The runner whose MoE layers record; None for a model without experts, whose record
         stays empty (the reference answers these routes for any model, as the contract does)."""
         if self.scheduler is None or not self.runner.num_experts:
-            logger.warning("This model has no MoE layers: its expert distribution record stays empty.")
+            logger.warning("This engine runs no MoE layers: its expert distribution record stays empty.")
             return None
         return self.runner
 

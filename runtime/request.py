@@ -47,6 +47,7 @@ class Req:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
+    last_decode_step: int = 0  # the scheduler's count of decode steps when this row last ran in one
     output_logprobs: list[tuple[float | None, int]] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)
     output_ids_logprobs: list[list[tuple[float, int]]] = dataclasses.field(default_factory=list)

@@ -121,7 +121,8 @@ class SamplingParams:
                 f"got {self.min_new_tokens}."
             )
         if self.sampling_seed is not None and not -(2**63) <= self.sampling_seed < 2**64:
-            # Seeds are 64-bit (`seeds_to_key_data`): a wider one would collide with another.
+            # A seed is its 64 bits (`seeds_to_key_data`): a wider one would stand for another (a
+            # JSON number past 64 bits even reaches here rounded, as a float).
             raise ValueError(f"sampling_seed must be in [-2**63, 2**64), got {self.sampling_seed}.")
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
@@ -169,6 +170,8 @@ class SamplingParams:
         seed = self.sampling_seed
         if seed is not None:
             seed += sample_index
+            if seed >= 2**64:  # the same 64 bits, in range
+                seed -= 2**64
         return dataclasses.replace(self, n=1, sampling_seed=seed)
 
 

@@ -75,6 +75,14 @@ class _Plan:
         self.num_decode = 0
         self.constrained = False  # a request with a grammar samples: its next mask needs this token
 
+    def take_admissions(self, other: _Plan) -> None:
+        """Move `other`'s admission figures (new requests, their cached tokens and queue wait) here."""
+        self.num_new_seqs += other.num_new_seqs
+        self.num_cached_tokens += other.num_cached_tokens
+        self.queue_wait += other.queue_wait
+        other.num_new_seqs = other.num_cached_tokens = 0
+        other.queue_wait = 0.0
+
 
 class Scheduler:
     """Continuous batching with chunked prefill, a radix prefix cache and retraction."""
@@ -128,9 +136,10 @@ class Scheduler:
         # chunk sampled (`_sampling_batch`): its other rows are padding to the sampler.
         self._decode_sampling: tuple[tuple[Req, ...], int, SamplingBatch] | None = None
         # A step split for want of a program (`_part_with_a_program`): whether a mixed step's
-        # prefill chunks ran last time, and the decode rows a decode step left out.
+        # prefill chunks ran last time, and the admissions of requests whose chunks were left out.
         self._split_ran_prefills = False
-        self._left_out: frozenset[Req] = frozenset()
+        self._held_admissions = _Plan()
+        self._decode_steps = 0  # steps built with decode rows (`Req.last_decode_step`)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sglax-scheduler", daemon=True)
         self._hold_admission = False
@@ -343,7 +352,9 @@ class Scheduler:
                 # Every running request waits for pages that only another can give back.
                 self._retract(max(stuck, key=lambda r: r.admitted_at or 0.0))
             return plan, None
-        decodes, prefills, need = self._part_with_a_program(decodes, prefills)
+        decodes, prefills, need = self._part_with_a_program(plan, decodes, prefills)
+        if prefills:
+            plan.take_admissions(self._held_admissions)
         batch = self._build_batch(plan, decodes, prefills, need)
         if plan.num_new_seqs:
             seen = plan.num_cached_tokens + plan.num_new_tokens
@@ -526,7 +537,7 @@ class Scheduler:
         return step_shape(self.buckets, self.page_size, len(decodes), takes, kv_after)
 
     def _part_with_a_program(
-        self, decodes: list[Req], prefills: list[tuple[Req, int]]
+        self, plan: _Plan, decodes: list[Req], prefills: list[tuple[Req, int]]
     ) -> tuple[list[Req], list[tuple[Req, int]], StepShape]:
         """The step's rows and their padded shape; or, when no compiled program runs them all, the
         part that one runs, while the step's own programs compile aside and the rest waits a step.
@@ -535,29 +546,27 @@ class Scheduler:
         streams meets a mixed step (a decode row beside the new prompt), then a decode step of both
         rows at the prompt's width, that no warm-up compiles; each stalled both users for 0.1-1.2 s
         on the 2-core box (docs/benchmarks.md). So a mixed step runs its prefill chunks or its
-        decode rows alone, taking turns, and a decode step runs as many of its rows as a compiled
-        program holds, the rows left out last time first. Only where no part has a program does
+        decode rows alone, taking turns, and a decode step (or a mixed step's decode turn) runs as
+        many of its rows as a compiled program holds, those that ran longest ago first
+        (`Req.last_decode_step`): every row gets its turn. Only where no part has a program does
         the step compile inline."""
         programs = self.runner.step_programs
         need = self._step_need(decodes, prefills)
         if programs.has_program(need):
-            self._left_out = frozenset()
             return decodes, prefills, need
-        if decodes and prefills:
-            parts = [([], prefills), (decodes, [])]
-            if self._split_ran_prefills:
-                parts.reverse()
-        else:
-            first = sorted(decodes, key=lambda r: r not in self._left_out)  # stable: the rest in order
-            parts = [(first[:n], []) for n in range(len(first) - 1, 0, -1)]
+        by_turn = sorted(decodes, key=lambda r: r.last_decode_step)  # stable: ties keep their order
+        longest = len(by_turn) if prefills else len(by_turn) - 1  # a decode step's own rows all: `need`
+        parts = [(by_turn[:n], []) for n in range(longest, 0, -1)]
+        if prefills:
+            parts.insert(len(parts) if self._split_ran_prefills else 0, ([], prefills))
         for part_decodes, part_prefills in parts:
             part_need = self._step_need(part_decodes, part_prefills)
             if programs.has_program(part_need):
                 programs.prepare(need)
                 if prefills:
                     self._split_ran_prefills = bool(part_prefills)
-                else:
-                    self._left_out = frozenset(decodes).difference(part_decodes)
+                    if not part_prefills:  # admitted, their chunks wait: counted when they run
+                        self._held_admissions.take_admissions(plan)
                 return part_decodes, part_prefills, part_need
         return decodes, prefills, need
 
@@ -611,11 +620,13 @@ class Scheduler:
             decode_output_index = facts[:, 4]
             sample_rows[:n] = np.arange(n)
             sample_valid[:n] = True
+            self._decode_steps += 1
             for seq, req in enumerate(decodes):
                 pages = req.page_row()
                 page_table[seq, : len(pages)] = pages
                 req.num_computed += 1
                 req.inflight += 1
+                req.last_decode_step = self._decode_steps
             plan.sampled.extend(zip(decodes, range(n), strict=True))
             plan.constrained = any(r.grammar is not None for r in decodes)
         plan.num_decode = len(decodes)

@@ -17,9 +17,11 @@ Some shapes can be seen coming: a decode batch's contexts grow into the next
 page-table width. The scheduler asks for those ahead (`prepare`), and they
 compile before the queued shapes of steps that borrowed (those have a program
 that runs them; an H200's first burst queued five such shapes ahead of the next
-widths, whose steps then compiled inline). A step whose shape is compiling here
-when it arrives waits for it rather than compiling it a second time inline; one
-whose shape is still queued compiles inline, and the queue then skips it.
+widths, whose steps then compiled inline); so do the shapes of steps that run
+split meanwhile. A step whose shape is compiling here when it arrives, with no
+part that a program holds, waits for it rather than compiling it a second time
+inline; one whose shape is still queued compiles inline, and the queue then
+skips it.
 """
 
 from __future__ import annotations
@@ -122,9 +124,12 @@ class StepPrograms:
     def has_program(self, need: StepShape) -> bool:
         """Whether a step of `need` runs without compiling inline: its shape is compiled, or a
         compiled one holds it (`shape_for`). Also true where this thread compiles nothing (steps
-        then compile inline anyway) and for a shape whose compile here failed."""
+        then compile inline anyway: disabled, closed or its thread gone) and for a shape whose
+        compile here failed."""
         with self._lock:
-            if not self.enabled or self._closed or need in self._compiled or need in self._failed:
+            if not self.enabled or self._closed or not self._thread.is_alive():
+                return True
+            if need in self._compiled or need in self._failed:
                 return True
             return borrowable_shape(need, self._compiled, self.max_borrow_factor) is not None
 
@@ -133,7 +138,8 @@ class StepPrograms:
             return shape in self._compiled
 
     def prepare(self, shape: StepShape) -> None:
-        """Compile `shape`'s programs here before a step needs them, unless compiled or queued."""
+        """Compile `shape`'s programs here before the queued shapes of steps that borrowed, unless
+        compiled or queued: a step about to need it, or one running split until it is ready."""
         with self._lock:
             known = shape in self._compiled or shape in self._queued or shape in self._failed
             if not self.enabled or self._closed or known:

@@ -800,6 +800,36 @@ def test_a_second_user_meets_no_inline_compile_while_a_first_one_streams(tiny_ll
         engine.shutdown()
 
 
+def test_decode_rows_a_step_cannot_hold_all_take_turns(tiny_llama_path):
+    """Three rows at a width the warm-up compiled for one row only: until their own program
+    compiles aside, each step runs the row that ran longest ago, so all three advance in turn
+    (none waits for the compile), and each gets the tokens it gets alone."""
+    engine = _engine(tiny_llama_path, chunked_prefill_size=1024, warmup=True)
+    dispatch = engine.runner.forward
+    turns: list[int] = []  # the first page of each one-row decode step's row: whose turn it was
+
+    def recording(batch):
+        lengths = np.diff(batch.cu_q_lens)
+        if lengths[lengths > 0].tolist() == [1]:
+            turns.append(int(batch.page_table[0, 0]))
+        return dispatch(batch)
+
+    engine.runner.forward = recording
+    try:
+        rng = np.random.default_rng(9)
+        prompts = [rng.integers(5, 200, n).tolist() for n in (300, 305, 310)]
+        together = _batched_ids(engine, prompts, [12] * 3)
+        assert len(turns) >= 6, turns
+        for window in range(len(turns[:9]) - 2):
+            assert len(set(turns[window : window + 3])) == 3, turns
+        engine.runner.wait_for_background_compiles()
+        engine.flush_cache()
+        assert together == [_batched_ids(engine, [p], [12])[0] for p in prompts]
+        assert _pool_whole(engine)
+    finally:
+        engine.shutdown()
+
+
 def test_a_decode_batch_gets_its_next_width_compiled_before_it_grows_into_it(tiny_llama_path):
     """A decode step whose rows will outgrow its page-table width has the next width compiled
     aside: the step that first needs it runs that program (waiting for it if its compile is still

@@ -107,6 +107,15 @@ def test_invalid_values_give_the_reference_messages(params: dict, message: str) 
     assert str(err.value) == message
 
 
+def test_the_samples_of_a_seed_at_the_top_of_the_range_stay_in_it() -> None:
+    """Sample j of n uses seed + j, as its 64 bits: the client's top seed does not become a 400."""
+    params = SamplingParams.from_dict({"sampling_seed": 2**64 - 1, "n": 3})
+    seeds = [params.for_sample(j).sampling_seed for j in range(3)]
+    assert seeds == [2**64 - 1, 0, 1]
+    for j in range(3):
+        params.for_sample(j).validate()
+
+
 def test_repeated_stop_token_ids_count_once() -> None:
     params = SamplingParams.from_dict({"stop_token_ids": [7, 3, 7] * 1000})
     assert params.stop_token_ids == [7, 3]
