@@ -230,6 +230,9 @@ class Engine:
             eos_ids=eos_ids,
             burst_window=args.burst_window_ms / 1000,
             grammars=self.grammars,
+            dispatch_thread={"auto": jax.devices()[0].platform != "cpu", "on": True, "off": False}[
+                args.dispatch_thread
+            ],
         )
         self.scheduler.start()
         logger.info(

@@ -152,6 +152,7 @@ class ServerArgs:
     moe_backend: str = "auto"
     layer_loop: str = "scan"
     fused_greedy_sampling: str = "auto"
+    dispatch_thread: str = "auto"
     warmup: bool = False
     enable_compile_cache: bool = True
     borrow_compiled_programs: bool = True
@@ -197,6 +198,7 @@ class ServerArgs:
         _check_choice("--moe-backend", self.moe_backend, KERNEL_BACKENDS)
         _check_choice("--layer-loop", self.layer_loop, LAYER_LOOPS)
         _check_choice("--fused-greedy-sampling", self.fused_greedy_sampling, ON_OFF_AUTO)
+        _check_choice("--dispatch-thread", self.dispatch_thread, ON_OFF_AUTO)
         _check_choice("--log-level", self.log_level.lower(), LOG_LEVELS)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}.")
@@ -365,6 +367,14 @@ class ServerArgs:
             choices=ON_OFF_AUTO,
             help="Sample greedily inside each step's forward, so that an all-greedy step without "
             "penalties dispatches one program instead of two (auto: on unless the backend is a CPU).",
+        )
+        kern.add_argument(
+            "--dispatch-thread",
+            default=default("dispatch_thread"),
+            choices=ON_OFF_AUTO,
+            help="Dispatch each step's forward from a thread of its own, so that launching its "
+            "kernels overlaps the previous step's output work (auto: on unless the backend is a CPU, "
+            "where XLA's own threads run the program).",
         )
         kern.add_argument(
             "--warmup",

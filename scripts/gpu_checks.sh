@@ -10,7 +10,7 @@
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
 # (docs/benchmarks.md, GPU section). First come the serving figures: the fifth GPU session's
-# fixes to a burst's compiles, the engine alone with and without the layer loop in CUDA graphs
+# fixes to a burst's compiles, the engine alone with and without its dispatch thread and the layer loop in CUDA graphs
 # (the served loop is host-bound on a GPU), the host profile, structured output's cost. Then step
 # times and kernels.
 set -u
@@ -18,7 +18,7 @@ results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_first_burst_b64 offline_b64
-    offline_b64_while_graphs host_profile_b64 offline_tokenizer_b64 offline_constrained_b64 serving_reference_b1
+    offline_b64_no_dispatch_thread offline_b64_while_graphs host_profile_b64 offline_tokenizer_b64 offline_constrained_b64 serving_reference_b1
     serving_unfused_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
     one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
     one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
@@ -159,14 +159,20 @@ for step in "${steps[@]}"; do
     # which a bare step's pipelined time hides and a served step pays.
     # Or the layers unrolled (no loop: XLA's default command buffers can take the whole step; its
     # cold warm-up took 150 s in the second GPU session, so not among the default steps).
-    offline_b64_while_graphs | offline_b64_unrolled)
+    # Or the forward dispatched from the scheduler thread itself (`--dispatch-thread off`; a GPU's
+    # default dispatches it from a thread of its own, so that the launch overlaps the previous
+    # step's output work: not measured on a GPU yet).
+    offline_b64_while_graphs | offline_b64_unrolled | offline_b64_no_dispatch_thread)
         declare -A variant=(
             [offline_b64_while_graphs]="--xla_gpu_enable_command_buffer=+WHILE --xla_gpu_graph_min_graph_size=1"
-            [offline_b64_unrolled]="")
-        declare -A loop=([offline_b64_while_graphs]=scan [offline_b64_unrolled]=unrolled)
+            [offline_b64_unrolled]="" [offline_b64_no_dispatch_thread]="")
+        declare -A loop=([offline_b64_while_graphs]=scan [offline_b64_unrolled]=unrolled
+            [offline_b64_no_dispatch_thread]=scan)
+        declare -A dispatch=([offline_b64_while_graphs]=auto [offline_b64_unrolled]=auto
+            [offline_b64_no_dispatch_thread]=off)
         run_step "$step" 300 env XLA_FLAGS="${XLA_FLAGS:-} ${variant[$step]}" \
             $PY scripts/bench_offline.py --model-path "$MODEL" \
-            --server-args "$SERVER_ARGS --attention-backend reference --layer-loop ${loop[$step]}" \
+            --server-args "$SERVER_ARGS --attention-backend reference --layer-loop ${loop[$step]} --dispatch-thread ${dispatch[$step]}" \
             --num-prompts 64 --input-len-range 128 128 --output-len-range 256 256 --warmup-pass --repeats 2 \
             --stream --output-file "$results/$step.json" ;;
     # offline_b64's workload with a tokenizer (SmolLM2's, carried from the model cache: the machine

@@ -53,10 +53,13 @@ def test_bench_offline_counts_every_token_and_writes_its_result(tmp_path, capsys
     # at least one step per token of the longest request; the scheduler's CPU clock read (Linux)
     assert all(p["steps"] >= max(r.output_len for r in workload) for p in result["passes"])
     assert all(p["scheduler_cpu_ms_per_step"] > 0 for p in result["passes"])
+    assert all(p["dispatch_cpu_ms_per_step"] is None for p in result["passes"])  # a CPU has none
     assert "output tok/s" in capsys.readouterr().out
-    streamed = bench_offline.main([*args[:-2], "--stream", "--repeats", "1"])
+    threaded = [*args[:3], args[3] + " --dispatch-thread on", *args[4:-2]]
+    streamed = bench_offline.main([*threaded, "--stream", "--repeats", "1"])
     assert [p["output_tokens"] for p in streamed["passes"]] == [expected]
     assert streamed["workload"]["stream"] is True
+    assert all(p["dispatch_cpu_ms_per_step"] > 0 for p in streamed["passes"])
     constrained = bench_offline.main(
         [*args[:-2], "--repeats", "1", "--regex", "[a-z ]+", "--constrained", "4"]
     )

@@ -830,6 +830,47 @@ def test_decode_rows_a_step_cannot_hold_all_take_turns(tiny_llama_path):
         engine.shutdown()
 
 
+def test_a_dispatch_thread_serves_what_the_scheduler_thread_serves(tiny_llama_path):
+    """With the forward dispatched from a thread of its own (a GPU's default, forced here), while
+    the scheduler thread reads the previous step: the same tokens, logprobs, sampled draws and
+    constrained answers as dispatching inline, and the pool whole after."""
+    rng = np.random.default_rng(12)
+    prompts = [rng.integers(5, 200, int(n)).tolist() for n in rng.integers(3, 150, 10)]
+    lengths = [int(n) for n in rng.integers(1, 24, len(prompts))]
+    seeded = {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 10, "sampling_seed": 3, "ignore_eos": True}
+    results, threads = [], set()
+    for mode in ("on", "off"):
+        engine = _engine(tiny_llama_path, chunked_prefill_size=128, dispatch_thread=mode)
+
+        def noting(batch, dispatch=engine.runner.forward):
+            threads.add(threading.current_thread().name)
+            return dispatch(batch)
+
+        engine.runner.forward = noting
+        try:
+            ids = _batched_ids(engine, prompts, lengths)
+            logprobs = engine.generate(
+                input_ids=prompts[:3],
+                sampling_params=_greedy(4),
+                return_logprob=True,
+                logprob_start_len=0,
+                top_logprobs_num=2,
+            )
+            sampled = engine.generate(input_ids=prompts[:4], sampling_params=seeded)
+            constrained = engine.generate(
+                prompt="The answer:", sampling_params=_greedy(12, regex="( yes| no)[.!]", ignore_eos=False)
+            )
+            keys = ("input_token_logprobs", "output_token_logprobs", "output_top_logprobs")
+            logprobs = [(o["text"], [o["meta_info"][key] for key in keys]) for o in logprobs]
+            results.append((ids, logprobs, [o["text"] for o in sampled], constrained["text"]))
+            assert _pool_whole(engine)
+        finally:
+            engine.shutdown()
+    assert any(name.startswith("sglax-dispatch") for name in threads), threads
+    assert results[0] == results[1]
+    assert results[0][3] in (" yes.", " yes!", " no.", " no!")
+
+
 def test_a_decode_batch_gets_its_next_width_compiled_before_it_grows_into_it(tiny_llama_path):
     """A decode step whose rows will outgrow its page-table width has the next width compiled
     aside: the step that first needs it runs that program (waiting for it if its compile is still

@@ -108,6 +108,7 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"dtype": "int8"}, "--dtype must be one of"),
         ({"layer_loop": "auto"}, "--layer-loop must be one of scan, unrolled"),
         ({"fused_greedy_sampling": "yes"}, "--fused-greedy-sampling must be one of auto, on, off"),
+        ({"dispatch_thread": "yes"}, "--dispatch-thread must be one of auto, on, off"),
         ({"load_format": "pt"}, "--load-format must be one of"),
         ({"context_length": 1}, "--context-length must be at least 2"),
         ({"tp_size": 2}, "--tp-size 2: this server runs on one device"),
