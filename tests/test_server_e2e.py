@@ -207,21 +207,21 @@ def test_batch_and_n_order(base_url: str) -> None:
 
 def test_logprob_shapes(base_url: str, tokenizer: Any) -> None:
     ids = tokenizer.encode("The quick brown fox jumps over")
-    default = generate(base_url, input_ids=ids, sampling_params=greedy(4), return_logprob=True).json()[
-        "meta_info"
-    ]
+
+    def meta_info(new_tokens: int, **logprob_args: Any) -> dict[str, Any]:
+        body = dict(input_ids=ids, sampling_params=greedy(new_tokens), return_logprob=True, **logprob_args)
+        return generate(base_url, **body).json()["meta_info"]
+
+    default = meta_info(4)
     assert default["input_token_logprobs"] == [[None, ids[-1], None]]
     assert [len(e) for e in default["output_token_logprobs"]] == [3] * 4
-    meta = generate(
-        base_url,
-        input_ids=ids,
-        sampling_params=greedy(4),
-        return_logprob=True,
+    meta = meta_info(
+        4,
         logprob_start_len=0,
         top_logprobs_num=3,
         token_ids_logprob=[ids[0], ids[1]],
         return_text_in_logprobs=True,
-    ).json()["meta_info"]
+    )
     inputs = meta["input_token_logprobs"]
     assert len(inputs) == len(ids) and inputs[0][0] is None
     assert [entry[1] for entry in inputs] == ids
@@ -235,14 +235,7 @@ def test_logprob_shapes(base_url: str, tokenizer: Any) -> None:
     assert all(len(pos) == 2 for pos in meta["output_token_ids_logprobs"])
     # an empty id list still gives an entry a token, lined up with the tokens (null, as the
     # reference writes an empty position)
-    empty = generate(
-        base_url,
-        input_ids=ids,
-        sampling_params=greedy(2),
-        return_logprob=True,
-        logprob_start_len=0,
-        token_ids_logprob=[],
-    ).json()["meta_info"]
+    empty = meta_info(2, logprob_start_len=0, token_ids_logprob=[])
     assert empty["input_token_ids_logprobs"] == [None] * len(ids)
     assert empty["output_token_ids_logprobs"] == [None, None]
 
