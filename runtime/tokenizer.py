@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.server_args import ServerArgs
+from runtime.weights import gguf_tokenizer
 
 
 def chat_template_text(value: str) -> str:
@@ -28,15 +29,45 @@ def chat_template_text(value: str) -> str:
 
 
 def load_tokenizer(server_args: ServerArgs) -> Any:
-    """The HF tokenizer (with --chat-template applied), or None with --skip-tokenizer-init."""
+    """The HF tokenizer (with --chat-template applied), or None with --skip-tokenizer-init.
+
+    From a local folder, or rebuilt from a GGUF's vocabulary (the file, or a folder holding one
+    and no tokenizer files). Never from the model hub: this server loads local models only, and a
+    missing path would otherwise retry the hub for a minute before failing. A --chat-template
+    that cannot render a one-message chat is refused here, at launch, rather than failing every
+    chat request as the client's mistake."""
     if server_args.skip_tokenizer_init:
         return None
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+    path = Path(server_args.tokenizer_path)
+    if not path.exists():
+        raise ValueError(
+            f"tokenizer path {path} does not exist (pass --tokenizer-path or --skip-tokenizer-init)"
+        )
+    try:
+        if path.is_file():
+            tokenizer = gguf_tokenizer(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        if not (path.is_dir() and any(path.glob("*.gguf"))):
+            raise ValueError(f"no tokenizer in {path}: {_first_line(exc)}") from exc
+        tokenizer = gguf_tokenizer(path)
     if server_args.chat_template:
         tokenizer.chat_template = chat_template_text(server_args.chat_template)
+        try:
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:
+            raise ValueError(f"--chat-template cannot render a one-message chat: {_first_line(exc)}") from exc
     return tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:

@@ -96,6 +96,8 @@ class EngineClient:
 
     def _start(self, server_args: ServerArgs) -> tuple:
         """Load the tokenizer while the engine process loads the model; its READY message."""
+        if not Path(server_args.model_path).exists():  # said plainly, before any tokenizer error
+            raise EngineStartError(f"model path {server_args.model_path} does not exist", True)
         try:
             self.tokenizer = load_tokenizer(server_args)
         except Exception as exc:
