@@ -867,8 +867,27 @@ def test_a_dispatch_thread_serves_what_the_scheduler_thread_serves(tiny_llama_pa
         finally:
             engine.shutdown()
     assert any(name.startswith("sglax-dispatch") for name in threads), threads
-    assert results[0] == results[1]
-    assert results[0][3] in (" yes.", " yes!", " no.", " no!")
+    # Logprobs to the last bits only within one batching: how requests arrive decides a step's
+    # shape, and other matmul shapes round differently.
+    (ids, logprobs, sampled, constrained), (ids_off, logprobs_off, sampled_off, constrained_off) = results
+    assert (ids, sampled, constrained) == (ids_off, sampled_off, constrained_off)
+    for (text, tables), (text_off, tables_off) in zip(logprobs, logprobs_off, strict=True):
+        assert text == text_off
+        flat = [e for table in tables for e in _flatten(table)]
+        flat_off = [e for table in tables_off for e in _flatten(table)]
+        assert [e[1] for e in flat] == [e[1] for e in flat_off]
+        assert np.allclose([e[0] or 0.0 for e in flat], [e[0] or 0.0 for e in flat_off], atol=1e-4), (
+            flat,
+            flat_off,
+        )
+    assert constrained in (" yes.", " yes!", " no.", " no!")
+
+
+def _flatten(table: list) -> list[list]:
+    """The [logprob, id, text] entries of a logprob table, at any nesting."""
+    if table and isinstance(table[0], (int, float)) or (table and table[0] is None):
+        return [table]
+    return [entry for item in table if item is not None for entry in _flatten(item)]
 
 
 def test_a_decode_batch_gets_its_next_width_compiled_before_it_grows_into_it(tiny_llama_path):
