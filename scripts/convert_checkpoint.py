@@ -73,6 +73,9 @@ def convert(model_path: str, output: str, dtype: str = "auto", overwrite: bool =
     """
     source = Path(model_path)
     out = Path(output)
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        # --overwrite empties the output first: that would delete the source before it is read
+        raise WeightError(f"the output {out} holds the source {source}; write the checkpoint elsewhere")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise WeightError(f"{out} exists and is not empty; pass --overwrite to replace it")
     config = load_config(source)

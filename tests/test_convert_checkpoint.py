@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -71,5 +72,15 @@ def test_refuses_to_overwrite_and_wrong_format(tmp_path: Path, capsys: pytest.Ca
     assert convert_checkpoint.main(["--model-path", str(source), "--output", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert convert_checkpoint.main(["--model-path", str(source), "--output", str(out), "--overwrite"]) == 0
+    # an output that is the source or holds it is refused, whatever --overwrite says: emptying it
+    # first would delete the source
+    copy = tmp_path / "parent" / "model"
+    shutil.copytree(source, copy)
+    for output in (copy, copy.parent):
+        assert (
+            convert_checkpoint.main(["--model-path", str(copy), "--output", str(output), "--overwrite"]) == 1
+        )
+        assert "holds the source" in capsys.readouterr().err
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in source.iterdir())
     with pytest.raises(WeightError, match="orbax checkpoint, not safetensors"):
         loader.load_model(str(out), load_format="safetensors")
