@@ -62,8 +62,8 @@ def check_request(req: EngineRequest, limits: RequestLimits) -> None:
             raise ValueError(f"Token id {token} is outside the vocabulary (size {info.vocab_size}).")
     context = info.context_length
     if len(req.input_ids) >= context and req.kind == "generate" or len(req.input_ids) > context:
-        if limits.allow_auto_truncate:
-            req.input_ids = req.input_ids[: context - 1]
+        if limits.allow_auto_truncate:  # to the most it serves: a generation needs one more slot
+            req.input_ids = req.input_ids[: context - 1 if req.kind == "generate" else context]
         else:
             raise ValueError(
                 f"The input ({len(req.input_ids)} tokens) is longer than the model's context length "

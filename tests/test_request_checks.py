@@ -78,3 +78,18 @@ def test_a_grammar_needs_the_tokenizer(key: str) -> None:
         ValueError, match=f"^{key} needs a tokenizer: the server runs with --skip-tokenizer-init"
     ):
         check_request(req, without)
+
+
+def test_auto_truncate_cuts_to_the_most_each_kind_serves() -> None:
+    """--allow-auto-truncate: a generation to the context less one (its first new token needs a
+    slot), a pooling request (/encode, /classify) to the whole context, which it is served at."""
+    generation = dataclasses.replace(limits(kv_capacity=None), allow_auto_truncate=True)
+    long_prompt = request(CONTEXT + 50, None)
+    check_request(long_prompt, generation)
+    assert len(long_prompt.input_ids) == CONTEXT - 1
+    info = dataclasses.replace(generation.model_info, is_generation=False, embedding_kind="embed")
+    pooling = dataclasses.replace(generation, model_info=info)
+    for length in (CONTEXT, CONTEXT + 1, CONTEXT + 90):
+        embed = EngineRequest(rid="e", input_ids=[7] * length, kind="embed")
+        check_request(embed, pooling)
+        assert len(embed.input_ids) == CONTEXT
