@@ -99,6 +99,20 @@ def add_workload_args(parser: Any) -> None:
     )
 
 
+def check_workload_args(parser: Any, args: Any) -> None:
+    """Refuse, as argparse refuses any bad flag, workloads `sample_random_requests` cannot draw."""
+    for flag, (low, high) in (
+        ("--input-len-range", args.input_len_range),
+        ("--output-len-range", args.output_len_range),
+    ):
+        if not 1 <= low <= high:
+            parser.error(f"{flag} A B needs 1 <= A <= B, got {low} {high}")
+    if args.num_prompts < 1:
+        parser.error(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    if args.shared_prefix_len < 0 or args.shared_prefix_groups < 1:
+        parser.error("--shared-prefix-len must be at least 0 and --shared-prefix-groups at least 1")
+
+
 def requests_from_args(args: Any, vocab_size: int) -> list[BenchRequest]:
     """The workload the parsed `add_workload_args` flags describe."""
     return sample_random_requests(

@@ -29,6 +29,7 @@ from bench_common import (  # noqa: E402
     DEFAULT_MODEL,
     BenchRequest,
     add_workload_args,
+    check_workload_args,
     format_table,
     load_note,
     machine_info,
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
+    check_workload_args(parser, args)
 
     import transformers
 

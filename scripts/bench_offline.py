@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_common import (  # noqa: E402
     DEFAULT_MODEL,
     add_workload_args,
+    check_workload_args,
     format_table,
     load_note,
     machine_info,
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--output-file", default=None)
     args = parser.parse_args(argv)
+    check_workload_args(parser, args)
 
     from runtime.engine import Engine
     from runtime.server_args import parse_server_args

@@ -57,6 +57,7 @@ from bench_common import (  # noqa: E402
     REPO_ROOT,
     BenchRequest,
     add_workload_args,
+    check_workload_args,
     load_note,
     machine_info,
     requests_from_args,
@@ -627,7 +628,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--output-file", default=None, help="Write the JSON result here.")
     run.add_argument("--disable-tqdm", action="store_true")
     args = parser.parse_args(argv)
-    args.extra_body = json.loads(args.extra_request_body)
+    check_workload_args(parser, args)
+    try:
+        args.extra_body = json.loads(args.extra_request_body)
+    except ValueError:
+        args.extra_body = None
     if not isinstance(args.extra_body, dict):
         parser.error("--extra-request-body must be a JSON object")
     if args.max_concurrency is not None and args.max_concurrency < 1:

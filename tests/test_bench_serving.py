@@ -107,6 +107,23 @@ def test_workload_is_seeded() -> None:
     assert shared[0].prompt_ids[:6] == shared[2].prompt_ids[:6] != shared[1].prompt_ids[:6]
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--input-len-range", "16", "8"], "--input-len-range A B needs 1 <= A <= B, got 16 8"),
+        (["--output-len-range", "0", "0"], "--output-len-range A B needs 1 <= A <= B, got 0 0"),
+        (["--num-prompts", "0"], "--num-prompts must be at least 1"),
+        (["--extra-request-body", "notjson"], "--extra-request-body must be a JSON object"),
+    ],
+)
+def test_a_workload_it_cannot_draw_is_a_usage_error(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_serving.parse_args(["--base-url", "http://127.0.0.1:1", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_native_backend(base_url: str, tmp_path: Path) -> None:
     result = run_bench(tmp_path, base_url)
     check_result(result, "sglax")
