@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -133,6 +134,21 @@ def _defer_signals_to_exit() -> None:
         signal.signal(sig, lambda signum, frame: logger.info("Signal %d received while stopping.", signum))
 
 
+def _address_in_use(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, or None if it can (bound as uvicorn binds:
+    with SO_REUSEADDR, so a port in TIME_WAIT counts as free). Port 0 picks a free one."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def run_server(server_args: ServerArgs) -> int:
     """Serve until a signal (or the engine process's death); returns the process exit code."""
     from server.app import create_app
@@ -146,6 +162,10 @@ def run_server(server_args: ServerArgs) -> int:
         if server is not None:
             server.should_exit = True
 
+    taken = _address_in_use(server_args.host, server_args.port)
+    if taken is not None:  # said before the model loads for a minute, not after
+        logger.error("Cannot serve on %s:%d: %s", server_args.host, server_args.port, taken)
+        return 1
     try:
         engine = EngineClient(server_args, on_exit=on_engine_exit)
     except EngineStartError as exc:

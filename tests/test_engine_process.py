@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -268,6 +269,21 @@ def test_a_dead_engine_fails_its_requests_and_stops_the_server(tiny_llama_path: 
         assert server.process.wait(timeout=120) == 1
     finally:
         server.stop()
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tiny_llama_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [sys.executable, "-m", "server.launch_server", "--model-path", str(tiny_llama_path)]
+        argv += ["--port", str(port)]
+        started = time.monotonic()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"Cannot serve on 127.0.0.1:{port}: Address already in use" in result.stdout + result.stderr
+    assert ENGINE_STARTED.search(result.stdout + result.stderr) is None  # no engine process was started
+    assert time.monotonic() - started < 60
 
 
 def test_a_model_the_engine_cannot_serve_exits_with_one(tmp_path: Path) -> None:
