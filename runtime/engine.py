@@ -34,6 +34,7 @@ from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, fail
 from runtime.kv_pool import KVPool, kv_bytes_per_token, pages_for_budget
 from runtime.model_runner import ModelRunner
 from runtime.output_deltas import DeltaCallback, OutputDelta, OutputRebuilder, whole
+from runtime.paths import path_exists
 from runtime.request import Req
 from runtime.request_checks import ModelInfo, RequestLimits, check_not_in_flight, check_request
 from runtime.response import embedding_response, generate_response
@@ -485,7 +486,7 @@ class Engine:
             return self._update_weights_from_disk(model_path, load_format)
 
     def _update_weights_from_disk(self, model_path: str, load_format: str | None) -> tuple[bool, str, int]:
-        if not _path_exists(model_path):
+        if not path_exists(model_path):
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
             pure = load_params_for(self.model, model_path, load_format or "auto", self.param_shapes)
@@ -621,11 +622,3 @@ class Engine:
         requests, single = self._make_requests(prompt, input_ids, None, kind)
         responses = [embedding_response(o) for o in self._run_blocking(requests)]
         return responses[0] if single else responses
-
-
-def _path_exists(path: str) -> bool:
-    """Whether `path` names something on disk; False for a name the OS refuses (too long, say)."""
-    try:
-        return Path(path).exists()
-    except OSError:
-        return False

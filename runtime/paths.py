@@ -38,3 +38,11 @@ def embedding_model_path() -> Path:
 def compile_cache_dir() -> Path:
     """JAX's persistent compilation cache: beside the models, so a fresh checkout compiles once."""
     return cache_dir() / "jax_compile"
+
+
+def path_exists(path: str | os.PathLike) -> bool:
+    """Whether `path` names something on disk; False for a name the OS refuses (too long, say)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False

@@ -63,7 +63,10 @@ def check_request(req: EngineRequest, limits: RequestLimits) -> None:
     context = info.context_length
     if len(req.input_ids) >= context and req.kind == "generate" or len(req.input_ids) > context:
         if limits.allow_auto_truncate:  # to the most it serves: a generation needs one more slot
-            req.input_ids = req.input_ids[: context - 1 if req.kind == "generate" else context]
+            keep = context - 1 if req.kind == "generate" else context
+            if limits.kv_capacity is not None:
+                keep = min(keep, limits.kv_capacity - 1)  # and the KV cache (checked below)
+            req.input_ids = req.input_ids[:keep]
         else:
             raise ValueError(
                 f"The input ({len(req.input_ids)} tokens) is longer than the model's context length "

@@ -65,6 +65,12 @@ def _copy_sentence_transformers(src: Path, out: Path) -> None:
             shutil.copytree(src / path, out / path, dirs_exist_ok=True)
 
 
+def _spellings(out: Path, source: Path) -> list[tuple[Path, Path]]:
+    """The output and the source written out absolute, then with links resolved: a source
+    reached through a link inside the output holds the output only as written."""
+    return [(out.absolute(), source.absolute()), (out.resolve(), source.resolve())]
+
+
 def convert(model_path: str, output: str, dtype: str = "auto", overwrite: bool = False) -> Path:
     """Write `output/params` (Orbax) plus config and tokenizer files; returns the output folder.
 
@@ -73,7 +79,7 @@ def convert(model_path: str, output: str, dtype: str = "auto", overwrite: bool =
     """
     source = Path(model_path)
     out = Path(output)
-    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+    if any(o == src or o in src.parents for o, src in _spellings(out, source)):
         # --overwrite empties the output first: that would delete the source before it is read
         raise WeightError(f"the output {out} holds the source {source}; write the checkpoint elsewhere")
     if out.exists() and any(out.iterdir()) and not overwrite:

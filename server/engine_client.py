@@ -23,6 +23,7 @@ from typing import Any
 from runtime.detokenizer import StreamedText, scheduler_needs_text
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput, failed_output
 from runtime.output_deltas import DeltaDecoder, OutputDelta
+from runtime.paths import path_exists
 from runtime.request_checks import check_not_in_flight, check_request
 from runtime.server_args import ServerArgs
 from runtime.tokenizer import load_tokenizer, tokenize
@@ -96,7 +97,7 @@ class EngineClient:
 
     def _start(self, server_args: ServerArgs) -> tuple:
         """Load the tokenizer while the engine process loads the model; its READY message."""
-        if not Path(server_args.model_path).exists():  # said plainly, before any tokenizer error
+        if not path_exists(server_args.model_path):  # said plainly, before any tokenizer error
             raise EngineStartError(f"model path {server_args.model_path} does not exist", True)
         try:
             self.tokenizer = load_tokenizer(server_args)

@@ -13,6 +13,7 @@ aborted and the engine stops.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -135,17 +136,25 @@ def _defer_signals_to_exit() -> None:
 
 
 def _address_in_use(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port, or None if it can (bound as uvicorn binds:
-    with SO_REUSEADDR, so a port in TIME_WAIT counts as free). Port 0 picks a free one."""
+    """Why the server could not listen on host:port, or None if it can, or if only uvicorn can
+    tell. Every address the host resolves to is tried, as asyncio binds them: with SO_REUSEADDR
+    (a port in TIME_WAIT counts as free), IPv6 sockets IPv6-only. Port 0 picks a free one."""
     if port == 0:
         return None
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return None
+    for family, kind, proto, _, address in addresses:
         try:
-            probe.bind((host, port))
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
         except OSError as exc:
-            return exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE:
+                return exc.strerror
     return None
 
 

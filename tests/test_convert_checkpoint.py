@@ -82,5 +82,14 @@ def test_refuses_to_overwrite_and_wrong_format(tmp_path: Path, capsys: pytest.Ca
         )
         assert "holds the source" in capsys.readouterr().err
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in source.iterdir())
+    # or reached through a link inside the output
+    (tmp_path / "holder").mkdir()
+    (tmp_path / "holder" / "model").symlink_to(copy)
+    linked = tmp_path / "holder" / "model"
+    assert (
+        convert_checkpoint.main(["--model-path", str(linked), "--output", str(linked.parent), "--overwrite"])
+        == 1
+    )
+    assert (tmp_path / "holder" / "model").is_symlink()
     with pytest.raises(WeightError, match="orbax checkpoint, not safetensors"):
         loader.load_model(str(out), load_format="safetensors")

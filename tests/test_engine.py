@@ -884,8 +884,9 @@ def test_a_dispatch_thread_serves_what_the_scheduler_thread_serves(tiny_llama_pa
 
 
 def _flatten(table: list) -> list[list]:
-    """The [logprob, id, text] entries of a logprob table, at any nesting."""
-    if table and isinstance(table[0], (int, float)) or (table and table[0] is None):
+    """The [logprob, id, text] entries of a logprob table (or of a list of such tables, one a
+    position, None where a position has none)."""
+    if len(table) == 3 and isinstance(table[1], int):
         return [table]
     return [entry for item in table if item is not None for entry in _flatten(item)]
 

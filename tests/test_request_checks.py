@@ -93,3 +93,8 @@ def test_auto_truncate_cuts_to_the_most_each_kind_serves() -> None:
         embed = EngineRequest(rid="e", input_ids=[7] * length, kind="embed")
         check_request(embed, pooling)
         assert len(embed.input_ids) == CONTEXT
+    # a KV cache of the context's size (a causal LM served --is-embedding) holds one less
+    pool_sized = dataclasses.replace(pooling, kv_capacity=CONTEXT)
+    embed = EngineRequest(rid="e", input_ids=[7] * (CONTEXT + 90), kind="embed")
+    check_request(embed, pool_sized)
+    assert len(embed.input_ids) == CONTEXT - 1
