@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from runtime.paths import path_exists
 from runtime.server_args import ServerArgs
 from runtime.weights import gguf_tokenizer
 
@@ -41,7 +42,7 @@ def load_tokenizer(server_args: ServerArgs) -> Any:
     from transformers import AutoTokenizer
 
     path = Path(server_args.tokenizer_path)
-    if not path.exists():
+    if not path_exists(path):
         raise ValueError(
             f"tokenizer path {path} does not exist (pass --tokenizer-path or --skip-tokenizer-init)"
         )
