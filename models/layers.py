@@ -13,6 +13,7 @@ float32; matmuls run in the parameter dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ from kernels_pallas.ragged_paged_attention import (
 from runtime.weights import WeightError
 
 Dtype = Any  # a jnp dtype (jnp.float32, jnp.bfloat16, jnp.float16)
+TP_AXIS = "tp"  # the device mesh axis that tensor parallelism splits layers over
 Params = dict[str, Any]  # a pure parameter tree, as nnx.to_pure_dict gives
 
 
@@ -258,8 +260,12 @@ class GatedMLP(nnx.Module):
         self.down_proj = linear(intermediate, hidden, dtype, rngs, bias)
         self.act = act
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+    def __call__(self, x: jax.Array, shards: int = 1) -> jax.Array:
+        """`shards`: the tensor-parallel degree the kernel's columns are grouped for
+        (`models/tensor_parallel.py`: each shard's gate columns, then its up columns)."""
+        gate_up = self.gate_up_proj(x)
+        grouped = gate_up.reshape(*gate_up.shape[:-1], shards, 2, -1)
+        gate, up = (grouped[..., i, :].reshape(*gate_up.shape[:-1], -1) for i in (0, 1))
         return self.down_proj(activation(self.act)(gate) * up)
 
 
@@ -268,11 +274,18 @@ class GatedMLP(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class KernelBackends:
-    """Which implementation each kernel dispatcher uses: "auto" (Pallas on a GPU where it is the faster),
-    "pallas" or "reference"."""
+    """How the kernels run: which implementation each dispatcher uses ("auto": Pallas on a GPU
+    where it is the faster, "pallas" or "reference"), and the device mesh whose `tp` axis splits
+    the heads and the MLP columns (tensor parallelism; None: one device)."""
 
     attention: str = "auto"
     moe: str = "auto"
+    mesh: jax.sharding.Mesh | None = None
+
+    @property
+    def shards(self) -> int:
+        """The tensor-parallel degree: how many devices split each layer."""
+        return 1 if self.mesh is None else self.mesh.shape[TP_AXIS]
 
 
 def attention(
@@ -286,6 +299,41 @@ def attention(
 ) -> jax.Array:
     """Ragged paged attention through the kernels' dispatcher."""
     return ragged_paged_attention(q, k_pool, v_pool, layer, meta, sm_scale, backend=backends.attention)
+
+
+def write_and_attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+    layer: jax.Array,
+    meta: AttentionMetadata,
+    sm_scale: float,
+    backends: KernelBackends,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Write a layer's new K/V into the pools, then attend: `(out [T, heads, D], k_pool, v_pool)`.
+
+    Under tensor parallelism each device runs this on its own heads and its own slice of the
+    pools (`shard_map`): a query head only ever reads its own KV head, so the kernels run
+    unchanged, on fewer heads, with no collective."""
+    if backends.mesh is None:
+        k_pool, v_pool = write_kv(k_pool, v_pool, layer, k, v, meta)
+        return attention(q, k_pool, v_pool, layer, meta, sm_scale, backends), k_pool, v_pool
+    spec = jax.sharding.PartitionSpec
+    heads, pools, whole = spec(None, TP_AXIS, None), spec(None, None, None, TP_AXIS, None), spec()
+    local = dataclasses.replace(backends, mesh=None)
+
+    @functools.partial(
+        jax.shard_map,
+        mesh=backends.mesh,
+        in_specs=(heads, heads, heads, pools, pools, whole, whole),
+        out_specs=(heads, pools, pools),
+    )
+    def per_device(q, k, v, k_pool, v_pool, layer, meta):
+        return write_and_attend(q, k, v, k_pool, v_pool, layer, meta, sm_scale, local)
+
+    return per_device(q, k, v, k_pool, v_pool, layer, meta)
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -375,15 +423,22 @@ class Attention(nnx.Module):
         meta: AttentionMetadata,
         backends: KernelBackends,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        tokens = x.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = jnp.split(self.qkv_proj(x), [q_size, q_size + kv_size], axis=-1)
+        tokens, shards = x.shape[0], backends.shards
+        q_size, kv_size = (
+            self.num_heads * self.head_dim // shards,
+            self.num_kv_heads * self.head_dim // shards,
+        )
+        # Columns grouped by shard, each shard's q then k then v (`models/tensor_parallel.py`):
+        # the shard-major head order is the heads' own order.
+        qkv = self.qkv_proj(x).reshape(tokens, shards, -1)
+        q, k, v = jnp.split(qkv, [q_size, q_size + kv_size], axis=-1)
         q = q.reshape(tokens, self.num_heads, self.head_dim)
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k_pool, v_pool = write_kv(k_pool, v_pool, layer, k, v, meta)
-        out = attention(q, k_pool, v_pool, layer, meta, self.head_dim**-0.5, backends)
+        out, k_pool, v_pool = write_and_attend(
+            q, k, v, k_pool, v_pool, layer, meta, self.head_dim**-0.5, backends
+        )
         return self.o_proj(out.reshape(tokens, -1)), k_pool, v_pool
 
 
@@ -433,7 +488,7 @@ class DecoderLayer(nnx.Module):
             valid = real_tokens(meta, k_pool.shape[2])
             mlp_out, counts = self.mlp(normed, valid, backends.moe)
         else:
-            mlp_out, counts = self.mlp(normed), None
+            mlp_out, counts = self.mlp(normed, backends.shards), None
         return x + mlp_out, k_pool, v_pool, counts
 
 

@@ -26,6 +26,13 @@ from flax import nnx
 from models.layers import KernelBackends, unstack_layer_weights
 from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
+from models.tensor_parallel import (
+    group_for_shards,
+    kv_pool_sharding,
+    param_shardings,
+    tensor_parallel_mesh,
+    unsupported_reason,
+)
 from runtime.batch import StepShape, burst_shapes, step_shape
 from runtime.expert_stats import write_expert_distribution
 from runtime.grammar import TokenGrammars
@@ -99,9 +106,10 @@ class Engine:
         self.config = loaded.config
         self.model = loaded.model
         self.param_shapes = param_shapes(self.model)  # what a weight swap must bring, leaf by leaf
+        self.mesh = self._split_over_devices(loaded.architecture)
         if hasattr(self.model, "kernel_backends"):
             self.model.kernel_backends = KernelBackends(
-                attention=args.attention_backend, moe=args.moe_backend
+                attention=args.attention_backend, moe=args.moe_backend, mesh=self.mesh
             )
         self.tokenizer = load_tokenizer(args)
         self.model_info = self._model_info(loaded.architecture)
@@ -155,6 +163,23 @@ class Engine:
             architecture=architecture,
         )
 
+    def _split_over_devices(self, architecture: str) -> jax.sharding.Mesh | None:
+        """With `--tp-size N`, the model's weights split over N devices (`models/tensor_parallel.py`)
+        and the mesh they are split over; None on one device."""
+        shards = self.server_args.tp_size
+        if shards == 1:
+            return None
+        mesh = tensor_parallel_mesh(shards)
+        cfg = getattr(self.model, "cfg", None)
+        why = "encoder models run on one device" if cfg is None else unsupported_reason(cfg, shards)
+        if why is not None:
+            raise ValueError(f"--tp-size {shards} cannot serve {architecture}: {why}.")
+        state = nnx.state(self.model)
+        nnx.replace_by_pure_dict(state, group_for_shards(nnx.to_pure_dict(state), cfg, shards))
+        nnx.update(self.model, jax.device_put(state, param_shardings(state, mesh)))
+        logger.info("Tensor parallel over %d devices: %s", shards, ", ".join(map(str, mesh.devices.flat)))
+        return mesh
+
     def _warn_if_pooling_differs(self) -> None:
         """A causal embedding model is pooled at its last token, normalised, as the reference
         does; say so when the folder's sentence-transformers config asks for something else."""
@@ -190,7 +215,8 @@ class Engine:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = config.num_hidden_layers
         dtype = self.model_dtype
-        per_token = kv_bytes_per_token(layers, num_kv_heads, head_dim, dtype)
+        shards = args.tp_size  # each device keeps the KV of its own heads
+        per_token = kv_bytes_per_token(layers, num_kv_heads // shards, head_dim, dtype)
         fraction = (
             args.mem_fraction_static
             if args.mem_fraction_static is not None
@@ -202,7 +228,15 @@ class Engine:
             max_total_tokens=args.max_total_tokens,
             mem_fraction_static=fraction,
         )
-        self.pool = KVPool(layers, num_pages, args.page_size, num_kv_heads, head_dim, dtype)
+        self.pool = KVPool(
+            layers,
+            num_pages,
+            args.page_size,
+            num_kv_heads,
+            head_dim,
+            dtype,
+            sharding=None if self.mesh is None else kv_pool_sharding(self.mesh),
+        )
         self.runner = ModelRunner(
             self.model,
             self.pool,
@@ -212,6 +246,7 @@ class Engine:
             borrow_programs=args.borrow_compiled_programs,
             layer_weights=layer_weights,
             fused_greedy={"auto": None, "on": True, "off": False}[args.fused_greedy_sampling],
+            mesh=self.mesh,
         )
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
@@ -490,6 +525,8 @@ class Engine:
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
             pure = load_params_for(self.model, model_path, load_format or "auto", self.param_shapes)
+            if self.mesh is not None:
+                pure = group_for_shards(pure, self.model.cfg, self.server_args.tp_size)
             pooling = load_pooling(model_path) if self.encoder is not None else None
         except Exception as exc:  # any failure leaves the serving weights untouched
             return False, f"Failed to update weights: {exc}", 0

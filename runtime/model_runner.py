@@ -80,6 +80,7 @@ class ModelRunner:
         borrow_programs: bool = True,
         layer_weights: list[nnx.State] | None = None,
         fused_greedy: bool | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> None:
         """`layer_weights`: the decoder layers' weights one state per layer (`model` holding
         stand-ins, see `unstack_layer_weights`) to run the layers unrolled; None scans them.
@@ -89,7 +90,11 @@ class ModelRunner:
         and dispatches no sampler. On a GPU, each dispatch costs the serving loop about a
         millisecond of host time (docs/benchmarks.md), and the general sampler's `lax.cond`s
         read their predicates back to the host. Other steps run the general sampler after.
+
+        `mesh`: the devices the model's weights and KV pool are split over (tensor parallelism,
+        placed so by the engine); the rest of the device state is whole on each of them.
         """
+        self.mesh = mesh
         self.fused_greedy = jax.default_backend() != "cpu" if fused_greedy is None else fused_greedy
         self.graphdef, self.params = nnx.split(model)
         self.layer_weights = layer_weights
@@ -147,6 +152,11 @@ class ModelRunner:
     def _commit_state(self) -> None:
         """Place all device state explicitly: a step's outputs are committed, and a jit cache
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
+        if self.mesh is not None:  # the weights and pools are split already (the engine's doing)
+            whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            for name in ("output_counts", "prompt_mask", "expert_hist", "recording", "slot_tokens"):
+                setattr(self, name, jax.device_put(getattr(self, name), whole))
+            return
         device = self.pool.k_pool.devices().pop()
         self.pool.k_pool, self.pool.v_pool = jax.device_put((self.pool.k_pool, self.pool.v_pool), device)
         names = (

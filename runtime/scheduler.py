@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
 import queue
 import threading
@@ -598,18 +599,28 @@ class Scheduler:
             return decodes, prefills, need
         by_turn = sorted(decodes, key=lambda r: r.last_decode_step)  # stable: ties keep their order
         longest = len(by_turn) if prefills else len(by_turn) - 1  # a decode step's own rows all: `need`
-        parts = [(by_turn[:n], []) for n in range(longest, 0, -1)]
+        # The first n rows' shape from their deepest row: each part's shape in O(1), and the many
+        # parts of one shape (a bucket of rows) asked about once, not 64 scans of 64 rows.
+        deepest = list(itertools.accumulate((r.num_computed + 1 for r in by_turn), max))
+        parts = [(n, []) for n in range(longest, 0, -1)]
         if prefills:
-            parts.insert(len(parts) if self._split_ran_prefills else 0, ([], prefills))
-        for part_decodes, part_prefills in parts:
-            part_need = self._step_need(part_decodes, part_prefills)
+            parts.insert(len(parts) if self._split_ran_prefills else 0, (0, prefills))
+        without_program: set[StepShape] = set()
+        for n, part_prefills in parts:
+            if part_prefills:
+                part_need = self._step_need([], part_prefills)
+            else:
+                part_need = step_shape(self.buckets, self.page_size, n, [], [deepest[n - 1]])
+            if part_need in without_program:
+                continue
             if programs.has_program(part_need):
                 programs.prepare(need)
                 if prefills:
                     self._split_ran_prefills = bool(part_prefills)
                     if not part_prefills:  # admitted, their chunks wait: counted when they run
                         self._held_admissions.take_admissions(plan)
-                return part_decodes, part_prefills, part_need
+                return by_turn[:n], part_prefills, part_need
+            without_program.add(part_need)
         return decodes, prefills, need
 
     def _build_batch(

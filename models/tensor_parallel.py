@@ -1,0 +1,132 @@
+"""Tensor parallelism for the decoders: which weights each device holds, and in what column order.
+
+The layers are split over the `tp` axis of a device mesh as Megatron splits them, and XLA's SPMD
+partitioner inserts the collectives (DESIGN.md, "Scale beyond one device"):
+
+- the fused q/k/v and gate/up kernels by output column (each device computes its own heads and
+  its own part of the MLP's intermediate), the o and down projections by input row (each device
+  adds its part, and XLA all-reduces the sum): one all-reduce per attention block and one per
+  MLP block;
+- the KV pool by KV head, so each device keeps the KV of its own heads;
+- an untied LM head by vocabulary column;
+- the rest (embedding table, norms, classifier heads) whole on every device.
+
+A fused kernel holds its parts side by side (`[q | k | v]`, `[gate | up]`), so cutting its
+columns into equal blocks would hand a device some of q and some of k. `group_for_shards`
+reorders the columns so that each device's block is its own parts in order (`[q_0 k_0 v_0 | q_1
+k_1 v_1]`); the model splits a block the same way (`Attention`, `GatedMLP` with `shards`). With
+one device the order is the checkpoint's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models.layers import TP_AXIS, DecoderConfig, Params
+
+# (parent module, leaf) -> the axis, counted from the end, that devices split
+_SPLIT_AXIS = {
+    ("qkv_proj", "kernel"): -1,
+    ("qkv_proj", "bias"): -1,
+    ("gate_up_proj", "kernel"): -1,
+    ("gate_up_proj", "bias"): -1,
+    ("o_proj", "kernel"): -2,
+    ("down_proj", "kernel"): -2,
+    ("lm_head", "kernel"): -1,
+}
+
+
+def unsupported_reason(cfg: DecoderConfig, shards: int) -> str | None:
+    """Why these layers cannot be split over `shards` devices, or None when they can."""
+    if cfg.moe is not None:
+        return "mixture-of-experts layers run on one device (expert parallelism is not implemented)"
+    for name, count in (
+        ("attention heads", cfg.num_heads),
+        ("KV heads", cfg.num_kv_heads),
+        ("MLP intermediate size", cfg.intermediate_size),
+    ):
+        if count % shards:
+            return f"its {count} {name} do not split evenly over {shards} devices"
+    return None
+
+
+def _group_columns(array: Any, sizes: Sequence[int], shards: int) -> Any:
+    """The last axis's parts (`sizes`, side by side) reordered shard by shard: shard s holds the
+    s-th 1/shards of each part, in the parts' order."""
+    xp = np if isinstance(array, np.ndarray) else jnp
+    lead = array.shape[:-1]
+    parts = xp.split(array, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+    blocks = [part.reshape(*lead, shards, -1) for part in parts]
+    return xp.concatenate(blocks, axis=-1).reshape(*lead, -1)
+
+
+def group_for_shards(params: Params, cfg: DecoderConfig, shards: int) -> Params:
+    """A pure parameter tree with its fused kernels' columns grouped for `shards` devices (see the
+    module's docstring); the tree as it is for one device. Stacked (`[L, ...]`) or not."""
+    if shards == 1:
+        return params
+    head_dim = cfg.head_dim
+    qkv = [cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim, cfg.num_kv_heads * head_dim]
+    gate_up = [cfg.intermediate_size, cfg.intermediate_size]
+    fused = {"qkv_proj": qkv, "gate_up_proj": gate_up}
+
+    def walk(tree: Any, parent: str) -> Any:
+        if not isinstance(tree, dict):
+            return tree
+        sizes = fused.get(parent)
+        return {
+            name: _group_columns(value, sizes, shards)
+            if sizes is not None and not isinstance(value, dict)
+            else walk(value, name)
+            for name, value in tree.items()
+        }
+
+    return walk(params, "")
+
+
+def partition_spec(path: Sequence[Any], ndim: int, shape: Sequence[int], shards: int) -> PartitionSpec:
+    """How a parameter at `path` (keys from the tree's root) is split over the `tp` axis."""
+    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]  # not nnx's `.value`
+    axis = _SPLIT_AXIS.get(tuple(names[-2:]))
+    if axis is None or ndim < -axis or shape[axis] % shards:
+        return PartitionSpec()
+    spec: list[str | None] = [None] * ndim
+    spec[ndim + axis] = TP_AXIS
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Each leaf's `NamedSharding` on `mesh`, for a parameter tree (nnx state or pure dict)."""
+    shards = mesh.shape[TP_AXIS]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, partition_spec(path, leaf.ndim, leaf.shape, shards)), params
+    )
+
+
+def tensor_parallel_mesh(shards: int) -> jax.sharding.Mesh | None:
+    """A mesh of the first `shards` devices on the `tp` axis; None for one device."""
+    if shards == 1:
+        return None
+    devices = jax.devices()
+    if len(devices) < shards:
+        hint = (
+            f" On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={shards} makes that many."
+            if devices[0].platform == "cpu"
+            else ""
+        )
+        raise ValueError(
+            f"--tp-size {shards} needs {shards} devices; this machine has {len(devices)} "
+            f"({devices[0].platform}).{hint}"
+        )
+    return jax.sharding.Mesh(np.array(devices[:shards]), (TP_AXIS,))
+
+
+def kv_pool_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The KV pools `[layers, pages, page_size, kv_heads, head_dim]` split by KV head."""
+    return NamedSharding(mesh, PartitionSpec(None, None, None, TP_AXIS, None))

@@ -1,0 +1,236 @@
+"""Tensor parallelism (`--tp-size`): the weights' layout, and real servers split over two devices.
+
+The servers run on two CPU devices (`XLA_FLAGS=--xla_force_host_platform_device_count=2`, as
+DESIGN.md says a CPU tests multi-device serving) and are checked against HF's outputs on the
+same weights: greedy tokens, every prompt position's logprobs, reward scores, and a weight swap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from models.layers import DecoderConfig, GatedMLP
+from models.registry import architecture_of, get_model_class
+from models.tensor_parallel import (
+    group_for_shards,
+    partition_spec,
+    tensor_parallel_mesh,
+    unsupported_reason,
+)
+from runtime.weights import load_config
+from tests import fixture_spec as spec
+from tests.conftest import greedy_agrees, load_reference, prompts_of
+from tests.server_helpers import ServerProcess, greedy_params, start_server
+
+TWO_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
+LOGPROB_TOL = 1e-4  # norm-wise, of the logprob scale (TEST_MODELS.md)
+SCORE_RTOL = 1e-3
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+def test_grouped_gate_up_columns_give_the_checkpoint_order_result() -> None:
+    """`GatedMLP` reading its gate/up kernel grouped for two shards computes what it computes on
+    the checkpoint's column order with one."""
+    mlp = GatedMLP(8, 6, "silu", jnp.float32, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (5, 8))
+    expected = mlp(x)
+    state = nnx.state(mlp)
+    pure = nnx.to_pure_dict(state)
+    nnx.replace_by_pure_dict(state, group_for_shards({"mlp": pure}, _cfg_with(intermediate=6), 2)["mlp"])
+    nnx.update(mlp, state)
+    assert not np.allclose(pure["gate_up_proj"]["kernel"], nnx.to_pure_dict(state)["gate_up_proj"]["kernel"])
+    np.testing.assert_allclose(mlp(x, shards=2), expected, rtol=1e-6, atol=1e-6)
+
+
+def _cfg_with(intermediate: int, heads: int = 2, kv_heads: int = 2) -> DecoderConfig:
+    cfg = _cfg_of(spec.TINY_QWEN2)
+    return dataclasses.replace(cfg, intermediate_size=intermediate, num_heads=heads, num_kv_heads=kv_heads)
+
+
+def _cfg_of(model: str) -> DecoderConfig:
+    config = load_config(str(spec.models_dir() / model))
+    return get_model_class(architecture_of(config)).config_from_hf(config)
+
+
+def test_grouping_puts_each_shards_heads_together() -> None:
+    """q/k/v columns of two shards: shard 0 holds the first half of each part, in order."""
+    cfg = _cfg_with(intermediate=4, heads=4, kv_heads=2)
+    d = cfg.head_dim
+    q, kv = 4 * d, 2 * d
+    columns = np.arange(q + 2 * kv, dtype=np.float32)[None, :]
+    grouped = group_for_shards({"qkv_proj": {"kernel": columns}}, cfg, 2)["qkv_proj"]["kernel"][0]
+    half_q, half_kv = q // 2, kv // 2
+    shard0 = np.concatenate(
+        [columns[0, :half_q], columns[0, q : q + half_kv], columns[0, q + kv : q + kv + half_kv]]
+    )
+    np.testing.assert_array_equal(grouped[: len(shard0)], shard0)
+    assert sorted(grouped.tolist()) == columns[0].tolist()
+    assert group_for_shards({"qkv_proj": {"kernel": columns}}, cfg, 1)["qkv_proj"]["kernel"] is columns
+
+
+@pytest.mark.parametrize(
+    ("path", "shape", "expected"),
+    [
+        (("model", "layers", "self_attn", "qkv_proj", "kernel"), (2, 8, 12), PartitionSpec(None, None, "tp")),
+        (("model", "layers", "self_attn", "qkv_proj", "bias"), (2, 12), PartitionSpec(None, "tp")),
+        (("model", "layers", "self_attn", "o_proj", "kernel"), (2, 8, 8), PartitionSpec(None, "tp", None)),
+        (("model", "layers", "mlp", "down_proj", "kernel"), (2, 6, 8), PartitionSpec(None, "tp", None)),
+        (("model", "layers", "input_layernorm", "weight"), (2, 8), PartitionSpec()),
+        (("model", "embed_tokens", "embedding"), (100, 8), PartitionSpec()),
+        (("lm_head", "kernel"), (8, 100), PartitionSpec(None, "tp")),
+        (("lm_head", "kernel"), (8, 101), PartitionSpec()),  # a vocabulary that does not split
+        (("score_head", "kernel"), (8, 1), PartitionSpec()),
+    ],
+)
+def test_partition_specs(path: tuple[str, ...], shape: tuple[int, ...], expected: PartitionSpec) -> None:
+    keys = tuple(jax.tree_util.DictKey(name) for name in path)
+    assert partition_spec(keys, len(shape), shape, 2) == expected
+
+
+def test_layers_that_cannot_split_are_named() -> None:
+    assert "mixture-of-experts" in unsupported_reason(_cfg_of(spec.TINY_QWEN2_MOE), 2)
+    gqa8 = _cfg_of(spec.TINY_LLAMA_TIED_GQA8)
+    assert unsupported_reason(gqa8, 2) == "its 1 KV heads do not split evenly over 2 devices"
+    assert unsupported_reason(gqa8, 1) is None
+
+
+@pytest.mark.skipif(jax.device_count() > 1, reason="this process has several devices")
+def test_more_shards_than_devices_is_refused_with_the_cpu_hint() -> None:
+    assert tensor_parallel_mesh(1) is None
+    with pytest.raises(ValueError, match="--tp-size 2 needs 2 devices; this machine has 1") as exc:
+        tensor_parallel_mesh(2)
+    assert "xla_force_host_platform_device_count=2" in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- served on two devices
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def prompt_logprobs(server: ServerProcess, prompt: list[int]) -> np.ndarray:
+    """The logprob the server gives each prompt token after the first."""
+    body = {
+        "input_ids": prompt,
+        "sampling_params": greedy_params(1),
+        "return_logprob": True,
+        "logprob_start_len": 0,
+    }
+    r = server.post("/generate", body)
+    assert r.status_code == 200, r.text
+    entries = r.json()["meta_info"]["input_token_logprobs"]
+    return np.asarray([entry[0] for entry in entries[1:]], np.float64)
+
+
+def assert_prompt_logprobs(server: ServerProcess, prompt: list[int], logits: np.ndarray, how: str) -> None:
+    """Every position's logprob of the next prompt token against HF's logits there."""
+    expected = log_softmax(logits)[np.arange(len(prompt) - 1), prompt[1:]]
+    ours = prompt_logprobs(server, prompt)
+    err = np.max(np.abs(ours - expected)) / np.max(np.abs(expected))
+    assert err < LOGPROB_TOL, f"{how}: prompt logprobs off by {err:.2e} of their scale"
+
+
+@pytest.fixture(scope="module")
+def qwen2_tp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    logs = tmp_path_factory.mktemp("tp-qwen2")
+    server = start_server(
+        spec.models_dir() / spec.TINY_QWEN2, "--tp-size", "2", log_dir=logs, env=TWO_DEVICES
+    )
+    yield server
+    server.stop()
+
+
+def test_two_devices_serve_hf_greedy_tokens_and_logprobs(qwen2_tp2: ServerProcess) -> None:
+    """Qwen2 (q/k/v bias, GQA 3:1) split over two devices: HF's greedy tokens, several prompts in
+    one batch, and HF's logprob at every prompt position."""
+    ref = load_reference(spec.TINY_QWEN2)
+    prompts = prompts_of(ref)
+    n = len(ref["greedy_0"])
+    body = {
+        "input_ids": prompts,
+        "sampling_params": greedy_params(n, ignore_eos=True),
+        "return_logprob": True,
+    }
+    r = qwen2_tp2.post("/generate", body)
+    assert r.status_code == 200, r.text
+    for i, answer in enumerate(r.json()):
+        ids = [entry[1] for entry in answer["meta_info"]["output_token_logprobs"]]
+        result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
+        assert result, f"prompt {i}: {result}"
+    for i in (1, 2):
+        assert_prompt_logprobs(qwen2_tp2, prompts[i], ref[f"logits_{i}"][:-1], f"prompt {i}")
+    info = qwen2_tp2.get("/get_server_info").json()
+    assert info["tp_size"] == 2
+
+
+def test_a_weight_swap_keeps_the_split(qwen2_tp2: ServerProcess, tmp_path: Path) -> None:
+    """Weights swapped in from disk are split as the loaded ones were: a checkpoint whose LM head
+    is doubled gives log_softmax(2 x HF's logits) at every prompt position, and swapping back
+    gives HF's again."""
+    from safetensors.numpy import load_file, save_file
+
+    ref = load_reference(spec.TINY_QWEN2)
+    prompt = prompts_of(ref)[1]
+    original = spec.models_dir() / spec.TINY_QWEN2
+    doubled = tmp_path / "doubled-head"
+    shutil.copytree(original, doubled, ignore=shutil.ignore_patterns("reference.*"))
+    tensors = load_file(str(original / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * np.float32(2.0)
+    save_file(tensors, str(doubled / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        r = qwen2_tp2.post("/update_weights_from_disk", {"model_path": str(doubled)})
+        assert r.status_code == 200 and r.json()["success"], r.text
+        assert_prompt_logprobs(qwen2_tp2, prompt, 2.0 * ref["logits_1"][:-1], "doubled head")
+    finally:
+        r = qwen2_tp2.post("/update_weights_from_disk", {"model_path": str(original)})
+    assert r.status_code == 200 and r.json()["success"], r.text
+    assert_prompt_logprobs(qwen2_tp2, prompt, ref["logits_1"][:-1], "swapped back")
+
+
+def test_a_reward_model_split_over_two_devices_scores_as_hf(tmp_path: Path) -> None:
+    ref = load_reference(spec.TINY_LLAMA_REWARD)
+    server = start_server(
+        spec.models_dir() / spec.TINY_LLAMA_REWARD, "--tp-size", "2", log_dir=tmp_path, env=TWO_DEVICES
+    )
+    try:
+        conversations = [ref["conv_ids_0"].tolist(), ref["conv_ids_1"].tolist()]
+        r = server.post("/classify", {"input_ids": conversations})
+        assert r.status_code == 200, r.text
+        for i, answer in enumerate(r.json()):
+            want = float(ref[f"conv_score_{i}"][0])
+            assert abs(answer["embedding"][0] - want) < SCORE_RTOL * abs(want), (i, answer["embedding"], want)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("model", "tp", "message"),
+    [
+        (spec.TINY_QWEN2_MOE, "2", "--tp-size 2 cannot serve Qwen2MoeForCausalLM: mixture-of-experts"),
+        (spec.TINY_QWEN2, "4", "--tp-size 4 needs 4 devices; this machine has 2 (cpu)"),
+    ],
+)
+def test_a_split_that_cannot_run_fails_the_launch_saying_why(
+    model: str, tp: str, message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError) as exc:
+        start_server(
+            spec.models_dir() / model, "--tp-size", tp, log_dir=tmp_path, env=TWO_DEVICES, timeout=120
+        )
+    assert message in str(exc.value)
