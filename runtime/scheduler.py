@@ -1063,6 +1063,7 @@ class Scheduler:
             "avg_request_queue_latency": self.last_queue_latency,
             "gen_throughput": self.last_gen_throughput,
             "last_gen_throughput": self.last_gen_throughput,
+            "num_steps": self.num_steps,  # steps dispatched: a health check watches it move
         }
 
     def _maybe_log(self) -> None:

@@ -48,6 +48,7 @@ from server.tool_parsers import PARSERS, offered_calls
 logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_TIMEOUT = float(os.environ.get("SGLAX_HEALTH_CHECK_TIMEOUT", "20"))
+HEALTH_CHECK_POLL_S = 0.25  # how often a waiting health check asks whether the engine steps on
 # Control calls run on the scheduler thread between steps; a wedged engine must not wedge the route.
 CONTROL_TIMEOUT = float(os.environ.get("SGLAX_CONTROL_TIMEOUT", "60"))
 FLUSH_CACHE_TEXT = (
@@ -555,16 +556,50 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
         if body.abort_all:
             state.engine.abort_all()
         elif body.rid:
-            state.engine.abort(body.rid)
+            # A rid given to an n > 1 or batch request names its samples' rids (`rid_0`, `rid_1`,
+            # ...: protocol.expand_rids); as in the reference, aborting it aborts them all.
+            for rid in [body.rid, *(r for r in state.inflight if _is_sample_of(r, body.rid))]:
+                state.engine.abort(rid)
         else:
             raise ProtocolError("rid is required (or abort_all: true).")
         return Response(status_code=200)
 
 
+async def _engine_steps(state: ServerState, deadline: float) -> int | None:
+    """The engine's count of steps, read between two of its steps; None where it keeps none (an
+    encoder) or does not answer before `deadline`."""
+    stats = getattr(state.engine, "stats", None)
+    if stats is None:
+        return None
+    try:
+        answer = await asyncio.wait_for(asyncio.to_thread(stats), max(deadline - time.monotonic(), 0.0))
+    except Exception:  # no answer in time, or an engine gone: the check's own request decides
+        return None
+    return answer.get("num_steps")
+
+
+def _is_sample_of(rid: str, parent: str) -> bool:
+    """Whether `rid` is one of the rids `protocol.expand_rids` makes from the rid `parent`."""
+    return (
+        rid.startswith(parent)
+        and rid[len(parent) : len(parent) + 1] == "_"
+        and rid[len(parent) + 1 :].isdigit()
+    )
+
+
 async def _health_generate(state: ServerState) -> bool:
-    """One greedy token (or one embedding) through the whole engine, within HEALTH_CHECK_TIMEOUT."""
+    """Whether the engine works: one greedy token (or one embedding) through it within
+    HEALTH_CHECK_TIMEOUT, or, while that request waits its turn, the engine's steps going on.
+
+    Under load the check's own request queues behind the others (for as long as the running ones
+    take, at --max-running-requests), and a load balancer's probe must not evict a server for
+    being busy. As the reference answers once any output arrives after the check began, this
+    answers once the scheduler has finished a step begun after it (two steps later: the loop
+    dispatches a step before it reads the previous one)."""
     if state.draining:
         return False
+    deadline = time.monotonic() + HEALTH_CHECK_TIMEOUT
+    steps_before = await _engine_steps(state, deadline)
     kind: RequestKind = state.embedding_kind or "generate"
     request = EngineRequest(
         rid=f"HEALTH_CHECK_{protocol.new_rid()}",
@@ -584,13 +619,20 @@ async def _health_generate(state: ServerState) -> bool:
             return output
         raise RuntimeError("no output")
 
+    own = asyncio.ensure_future(first_output())
     try:
-        output = await asyncio.wait_for(first_output(), HEALTH_CHECK_TIMEOUT)
-        return output.error is None
-    except (TimeoutError, RuntimeError):
+        while (remaining := deadline - time.monotonic()) > 0:
+            await asyncio.wait({own}, timeout=min(HEALTH_CHECK_POLL_S, remaining))
+            if own.done():
+                return own.exception() is None and own.result().error is None
+            if steps_before is not None:
+                steps = await _engine_steps(state, deadline)
+                if steps is not None and steps >= steps_before + 2:
+                    return True
         logger.warning("Health check failed: no output within %.0f s.", HEALTH_CHECK_TIMEOUT)
         return False
     finally:
+        own.cancel()
         group.abort_unfinished()
 
 
