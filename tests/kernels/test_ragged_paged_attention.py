@@ -18,6 +18,10 @@ largest error below 1e-5 of the largest output.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +33,7 @@ from tests.kernels.support import lower_for_h100, race_params, races_found, skip
 
 skip_without_mosaic_gpu()
 
+from kernels_pallas import _backend  # noqa: E402
 from kernels_pallas import ragged_paged_attention as rpa  # noqa: E402
 
 pytestmark = pytest.mark.kernels
@@ -131,6 +136,43 @@ def test_no_races_between_producer_and_consumer(rng, interpreter_only, dtype):
     jax.block_until_ready(out)
     assert not races_found()
     check_against_reference(batch, np.asarray(out.astype(jnp.float32), np.float64))
+
+
+def split_by_kv_head_over_two_devices(seed: int) -> None:
+    """In a process with two CPU devices: the kernel under `shard_map`, each device on its own KV
+    heads and their query heads (tensor parallelism, `models.layers.write_and_attend`), against
+    the reference on the whole batch."""
+    batch = build_batch(
+        np.random.default_rng(seed),
+        decode_kv_lens=[1, 17, 40],
+        prefills=[(20, 16), (9, 0)],
+        kv_heads=2,
+        group=3,
+    )
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("tp",))
+    kernel = functools.partial(
+        rpa.ragged_paged_attention_mgpu, sm_scale=SM_SCALE, interpret=_backend.interpret_params(), num_ctas=2
+    )
+    spec = jax.sharding.PartitionSpec
+    heads, pools = spec(None, "tp", None), spec(None, None, None, "tp", None)
+    split = jax.shard_map(kernel, mesh=mesh, in_specs=(heads, pools, pools, spec(), spec()), out_specs=heads)
+    check_against_reference(batch, np.asarray(jax.jit(split)(*batch.args).astype(jnp.float32), np.float64))
+
+
+def test_kernel_split_by_kv_head_over_two_devices(rng, interpreter_only):
+    """Two devices need XLA_FLAGS before JAX starts: the check runs in a process of its own."""
+    seed = int(rng.integers(2**31))
+    code = f"from {__name__} import split_by_kv_head_over_two_devices as run; run({seed})"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "XLA_FLAGS": flags},
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def test_work_plan_moves_every_row(rng):
