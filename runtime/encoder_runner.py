@@ -25,6 +25,30 @@ from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 32
+Entry = tuple[EngineRequest, OutputCallback, float]  # a request, its callback, its arrival time
+
+
+def _final(
+    request: EngineRequest,
+    arrival: float,
+    reason: dict[str, Any],
+    embedding: list[float] | None = None,
+    error: str | None = None,
+) -> RequestOutput:
+    """A request's one and only output."""
+    return RequestOutput(
+        rid=request.rid,
+        output_ids=[],
+        text=None,
+        finished=True,
+        finish_reason=reason,
+        prompt_tokens=len(request.input_ids),
+        completion_tokens=0,
+        cached_tokens=0,
+        e2e_latency=time.monotonic() - arrival,
+        embedding=embedding,
+        error=error,
+    )
 
 
 class EncoderRunner:
@@ -37,6 +61,11 @@ class EncoderRunner:
         self._encode = jax.jit(self._encode_fn, static_argnames=("pooling",))  # swaps may change it
         self._shapes: set[tuple[int, int]] = set()
         self._inbox: queue.Queue = queue.Queue()
+        # rids in the inbox, and those of them aborted: answered as aborted when their turn
+        # comes, not encoded (a client that disconnects from a batch of thousands of texts)
+        self._lock = threading.Lock()
+        self._queued: set[str] = set()
+        self._aborted: set[str] = set()
         self._stop = threading.Event()
         self._served = 0
         self._thread = threading.Thread(target=self._loop, name="sglax-encoder", daemon=True)
@@ -50,7 +79,27 @@ class EncoderRunner:
         return pooling.pool(hidden, mask)
 
     def submit(self, request: EngineRequest, callback: OutputCallback) -> None:
+        with self._lock:
+            self._queued.add(request.rid)
         self._inbox.put((request, callback, time.monotonic()))
+
+    def abort(self, rid: str) -> None:
+        """Answer a queued request as aborted when its turn comes; one being encoded, or unknown,
+        is left as it is (its batch is on the device already)."""
+        with self._lock:
+            if rid in self._queued:
+                self._aborted.add(rid)
+
+    def _take(self, entry: Entry) -> bool:
+        """Whether a request taken from the inbox is to be encoded; an aborted one is answered."""
+        request, callback, arrival = entry
+        with self._lock:
+            self._queued.discard(request.rid)
+            aborted = request.rid in self._aborted
+            self._aborted.discard(request.rid)
+        if aborted:
+            callback(_final(request, arrival, {"type": "abort", "message": "Aborted by the client."}))
+        return not aborted
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -58,32 +107,25 @@ class EncoderRunner:
                 first = self._inbox.get(timeout=0.5)
             except queue.Empty:
                 continue
-            batch = [first]
+            batch = [first] if self._take(first) else []
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._inbox.get_nowait())
+                    entry = self._inbox.get_nowait()
                 except queue.Empty:
                     break
+                if self._take(entry):
+                    batch.append(entry)
+            if not batch:
+                continue
             try:
                 self._run(batch)
             except Exception as exc:  # answer every request even when a batch fails
                 logger.exception("encoder batch failed")
-                for request, callback, _ in batch:
-                    callback(
-                        RequestOutput(
-                            request.rid,
-                            [],
-                            None,
-                            True,
-                            {"type": "abort", "message": str(exc)},
-                            len(request.input_ids),
-                            0,
-                            0,
-                            error=f"Encoding failed: {exc}",
-                        )
-                    )
+                for request, callback, arrival in batch:
+                    reason = {"type": "abort", "message": str(exc)}
+                    callback(_final(request, arrival, reason, error=f"Encoding failed: {exc}"))
 
-    def _run(self, batch: list[tuple[EngineRequest, OutputCallback, float]]) -> None:
+    def _run(self, batch: list[Entry]) -> None:
         rows = next_power_of_two(len(batch))
         width = next_power_of_two(max(len(r.input_ids) for r, _, _ in batch), 16)
         input_ids = np.zeros((rows, width), np.int32)
@@ -95,20 +137,8 @@ class EncoderRunner:
         vectors = np.asarray(self._encode(self.params, input_ids, mask, pooling=self.pooling))
         for i, (request, callback, arrival) in enumerate(batch):
             self._served += 1
-            callback(
-                RequestOutput(
-                    rid=request.rid,
-                    output_ids=[],
-                    text=None,
-                    finished=True,
-                    finish_reason={"type": "length", "length": 0},
-                    prompt_tokens=len(request.input_ids),
-                    completion_tokens=0,
-                    cached_tokens=0,
-                    e2e_latency=time.monotonic() - arrival,
-                    embedding=[float(x) for x in vectors[i]],
-                )
-            )
+            embedding = [float(x) for x in vectors[i]]
+            callback(_final(request, arrival, {"type": "length", "length": 0}, embedding=embedding))
 
     def swap_params(self, new_params: Any, pooling: Pooling) -> None:
         """New weights and the new folder's pooling (its modules.json may differ)."""

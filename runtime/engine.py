@@ -420,6 +420,8 @@ class Engine:
     def abort(self, rid: str) -> None:
         if self.scheduler is not None:
             self.scheduler.abort(rid)
+        elif self.encoder is not None:
+            self.encoder.abort(rid)
 
     def abort_all(self) -> None:
         """Abort every request in flight; each one's callback gets its final, aborted output."""

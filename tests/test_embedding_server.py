@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,6 +151,33 @@ def test_minilm_openai_embeddings(minilm: ServerProcess) -> None:
     assert raw.status_code == 200, raw.text
     decoded = np.frombuffer(base64.b64decode(raw.json()["data"][0]["embedding"]), "<f4")
     assert cosine(decoded, ref["embeddings"][1]) > COSINE_MIN
+
+
+def test_minilm_aborts_the_queued_texts_of_a_batch(minilm: ServerProcess) -> None:
+    """An encoder's queued requests end at an abort (and at a client's disconnect) instead of being
+    encoded: a batch of 3000 texts (seconds of work) aborted just after it arrives answers at
+    once, and a request after it does not wait for the abandoned texts."""
+    texts = [f"sentence number {i} about nothing in particular" for i in range(3000)]
+    served_before = minilm.get("/get_server_info").json()["num_served"]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(minilm.post, "/encode", {"text": texts, "rid": "big-batch"})
+        deadline = time.monotonic() + 30
+        while minilm.get("/get_server_info").json()["num_queue_reqs"] < 1000:
+            assert time.monotonic() < deadline and not batch.done(), "the batch never queued"
+        assert minilm.post("/abort_request", {"rid": "big-batch"}).status_code == 200
+        answers = batch.result(timeout=60).json()
+    reasons = [answer["meta_info"]["finish_reason"]["type"] for answer in answers]
+    assert len(reasons) == 3000 and reasons.count("abort") > 1000, reasons.count("abort")
+    assert all(
+        answer["embedding"] == []
+        for answer in answers
+        if answer["meta_info"]["finish_reason"]["type"] == "abort"
+    )
+    started = time.monotonic()
+    assert minilm.post("/encode", {"text": "after the abort"}).status_code == 200
+    assert time.monotonic() - started < 2.0
+    served = minilm.get("/get_server_info").json()["num_served"] - served_before
+    assert served < 2000, served
 
 
 # ----------------------------------------------------------------------------- tiny-qwen2, last-token pooling
