@@ -466,7 +466,20 @@ class ResponseFormat(BaseModel):
     triggers: list[Any] | None = None
 
 
-class _OpenAISampling(BaseModel):
+class _NullMeansDefault(BaseModel):
+    """An OpenAI request: its fields are nullable, and an explicit null (`"n": null`,
+    `"encoding_format": null`, as some clients send them) takes the field's default instead of
+    failing its type."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+
+class _OpenAISampling(_NullMeansDefault):
     """The sampling fields shared by completions and chat, with SGLang's extensions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -500,15 +513,6 @@ class _OpenAISampling(BaseModel):
     lora_path: Any = None
     session_params: Any = None
     rid: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        """The API's fields are nullable: an explicit null (`"n": null`, `"logprobs": null`, as
-        some clients send them) takes the field's default instead of failing its type."""
-        if isinstance(data, dict):
-            return {key: value for key, value in data.items() if value is not None}
-        return data
 
     def check_supported(self) -> None:
         """Fields the API defines but this server cannot honour are a 400, never silently dropped."""
@@ -826,7 +830,7 @@ class ChatCompletionRequest(_OpenAISampling):
         return out
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(_NullMeansDefault):
     """POST /v1/embeddings."""
 
     model_config = ConfigDict(extra="ignore")

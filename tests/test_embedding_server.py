@@ -151,6 +151,16 @@ def test_minilm_openai_embeddings(minilm: ServerProcess) -> None:
     assert raw.status_code == 200, raw.text
     decoded = np.frombuffer(base64.b64decode(raw.json()["data"][0]["embedding"]), "<f4")
     assert cosine(decoded, ref["embeddings"][1]) > COSINE_MIN
+    # `dimensions` at the model's own size is served; a shorter one is a 400 naming the size;
+    # an explicit null encoding format is the default (float).
+    sized = client.embeddings.create(
+        model=spec.MINILM, input="a cat", dimensions=384, encoding_format="float"
+    )
+    assert len(sized.data[0].embedding) == 384
+    with pytest.raises(openai.BadRequestError, match="this model's embeddings have 384 dimensions"):
+        client.embeddings.create(model=spec.MINILM, input="a cat", dimensions=64)
+    nulls = minilm.post("/v1/embeddings", {"input": "a cat", "encoding_format": None, "dimensions": None})
+    assert nulls.status_code == 200 and len(nulls.json()["data"][0]["embedding"]) == 384, nulls.text
 
 
 def test_minilm_aborts_the_queued_texts_of_a_batch(minilm: ServerProcess) -> None:
