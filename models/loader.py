@@ -89,6 +89,8 @@ def param_shapes(model: nnx.Module) -> Params:
 def _resolve_format(model_path: str | os.PathLike, load_format: str) -> str:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load format {load_format!r} is not supported (choose one of {list(LOAD_FORMATS)})")
+    if load_format == "dummy":  # no checkpoint to read: only a fresh model takes random weights
+        raise WeightError("load format 'dummy' (random weights) loads no checkpoint; a swap needs one")
     found = detect_load_format(model_path)
     if load_format not in ("auto", found):
         raise WeightError(f"{model_path} holds a {found} checkpoint, not {load_format}")

@@ -458,7 +458,8 @@ class Engine:
         )
         info.update(
             max_total_num_tokens=max_total,
-            max_req_input_len=longest - 1,
+            # a generation keeps a position for its first output token; /encode and /classify do not
+            max_req_input_len=longest - 1 if self.model_info.is_generation else longest,
             version=VERSION,
             num_compiled_programs=self.num_compiled_programs,
             num_pending_compiles=self.runner.step_programs.num_pending if self.scheduler is not None else 0,

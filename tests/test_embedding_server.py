@@ -396,3 +396,7 @@ def test_model_info_of_embedding_servers(minilm: ServerProcess, reward: ServerPr
             "tokenizer_path": str(fixture_path(name)),
             "is_generation": False,
         }, info
+    # /encode and /classify take the whole context: the advertised longest input is all of it
+    assert minilm.get("/get_server_info").json()["max_req_input_len"] == 512
+    assert minilm.post("/encode", {"input_ids": [101] + [2000] * 510 + [102]}).status_code == 200
+    assert minilm.post("/encode", {"input_ids": [101] + [2000] * 511 + [102]}).status_code == 400

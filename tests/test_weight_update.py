@@ -413,6 +413,8 @@ def test_bad_checkpoints_are_refused_and_change_nothing(
     assert "orbax" in message.lower(), message
     message = bad_update(server, ckpts.orbax, "safetensors")
     assert "safetensors" in message.lower(), message
+    message = bad_update(server, ckpts.perturbed, "dummy")  # random weights are a launch-time choice
+    assert "'dummy' (random weights) loads no checkpoint" in message, message
 
     # A body without a path is refused by the route itself.
     for body in ({"load_format": "auto"}, {"model_path": ""}):  # "" would name the working directory
