@@ -97,33 +97,49 @@ def _resolve_format(model_path: str | os.PathLike, load_format: str) -> str:
     return found
 
 
-def _cast_like(tree: Any, like: Any) -> Any:
-    """Each leaf of `tree` as a device array in the dtype of the matching leaf of `like`."""
+def _cast_like(tree: Any, like: Any, on_host: bool = False) -> Any:
+    """Each leaf of `tree` in the dtype of the matching leaf of `like`: a device array (on the
+    default device), or with `on_host` a numpy one, for a caller that places it itself (split
+    over several devices, a model too large for one never lands whole on the first)."""
     if isinstance(tree, Mapping):
-        return {k: _cast_like(v, like.get(k) if isinstance(like, Mapping) else None) for k, v in tree.items()}
+        return {
+            k: _cast_like(v, like.get(k) if isinstance(like, Mapping) else None, on_host)
+            for k, v in tree.items()
+        }
     if like is None or not hasattr(like, "dtype"):
         return tree
+    if on_host:
+        return np.asarray(tree).astype(like.dtype, copy=False)
     return jnp.asarray(np.asarray(tree), dtype=like.dtype)
 
 
 def read_params(
-    cls: type[nnx.Module], config: Any, expected: Params, model_path: str | os.PathLike, load_format: str
+    cls: type[nnx.Module],
+    config: Any,
+    expected: Params,
+    model_path: str | os.PathLike,
+    load_format: str,
+    on_host: bool = False,
 ) -> Params:
-    """Parameters of `cls` from a checkpoint, cast to and checked against `expected` (shape/dtype tree)."""
+    """Parameters of `cls` from a checkpoint, cast to and checked against `expected` (shape/dtype
+    tree); numpy arrays with `on_host` (`_cast_like`)."""
     fmt = _resolve_format(model_path, load_format)
     raw = (
         load_orbax(model_path) if fmt == "orbax" else cls.params_from_hf(config, load_hf_tensors(model_path))
     )
-    params = _cast_like(raw, expected)
+    params = _cast_like(raw, expected, on_host)
     check_params_match(expected, params)
     return params
 
 
-def load_model(model_path: str, dtype: str = "auto", load_format: str = "auto") -> LoadedModel:
+def load_model(
+    model_path: str, dtype: str = "auto", load_format: str = "auto", on_host: bool = False
+) -> LoadedModel:
     """Build the model named by the folder's config and fill it from the checkpoint.
 
     `load_format`: "auto" (detected), "safetensors", "gguf", "orbax", or "dummy" (random
-    weights of the right shapes, for benchmarks).
+    weights of the right shapes, for benchmarks). `on_host`: a checkpoint's weights stay numpy
+    arrays, for the caller to place (tensor parallelism).
     """
     config = load_config(model_path)
     architecture = architecture_of(config)
@@ -132,14 +148,18 @@ def load_model(model_path: str, dtype: str = "auto", load_format: str = "auto") 
     if load_format == "dummy":
         return LoadedModel(config, cls(config, jdtype, rngs=nnx.Rngs(0)), architecture, jdtype)
     abstract = abstract_model(cls, config, jdtype)
-    params = read_params(cls, config, param_shapes(abstract), model_path, load_format)
+    params = read_params(cls, config, param_shapes(abstract), model_path, load_format, on_host)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return LoadedModel(config, nnx.merge(graphdef, state), architecture, jdtype)
 
 
 def load_params_for(
-    model: nnx.Module, model_path: str, load_format: str = "auto", expected: Params | None = None
+    model: nnx.Module,
+    model_path: str,
+    load_format: str = "auto",
+    expected: Params | None = None,
+    on_host: bool = False,
 ) -> Params:
     """New weights for a serving `model` (hot swap): same architecture and settings, every leaf
     of the same shape, cast to the serving dtypes. WeightError otherwise; the model is untouched.
@@ -164,4 +184,4 @@ def load_params_for(
         ]
         raise WeightError(f"{model_path} changes the model's settings ({'; '.join(changed)})")
     expected = param_shapes(model) if expected is None else expected
-    return read_params(cls, config, expected, model_path, load_format)
+    return read_params(cls, config, expected, model_path, load_format, on_host)

@@ -101,7 +101,9 @@ class Engine:
         args = self.server_args
         if args.enable_compile_cache and args.compile_cache_dir:
             _enable_compile_cache(args.compile_cache_dir)
-        loaded = load_model(args.model_path, dtype=args.dtype, load_format=args.load_format)
+        # Split over devices, the weights go from the host straight to their shards.
+        on_host = args.tp_size > 1
+        loaded = load_model(args.model_path, dtype=args.dtype, load_format=args.load_format, on_host=on_host)
         _keep_float32_exact(loaded.dtype)
         self.config = loaded.config
         self.model = loaded.model
@@ -527,7 +529,13 @@ class Engine:
         if not path_exists(model_path):
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
         try:
-            pure = load_params_for(self.model, model_path, load_format or "auto", self.param_shapes)
+            pure = load_params_for(
+                self.model,
+                model_path,
+                load_format or "auto",
+                self.param_shapes,
+                on_host=self.mesh is not None,
+            )
             if self.mesh is not None:
                 pure = group_for_shards(pure, self.model.cfg, self.server_args.tp_size)
             pooling = load_pooling(model_path) if self.encoder is not None else None
