@@ -43,7 +43,7 @@ from server.output_relay import OutputRelay
 from server.protocol import ExpandedRequests, ProtocolError
 from server.reasoning_parsers import PARSERS as REASONING_PARSERS
 from server.reasoning_parsers import ReasoningParser
-from server.tool_parsers import PARSERS, offered_calls
+from server.tool_parsers import PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -1193,7 +1193,7 @@ def _tool_calls_in(text: str, forced: bool, parser: Any) -> tuple[str | None, li
     if forced:
         calls = protocol.forced_tool_calls(text)
         return (None, calls) if calls else (text, None)
-    parsed = offered_calls(parser.parse(text), parser.offered) if parser is not None else None
+    parsed = parser.parse_offered(text) if parser is not None else None
     if parsed is None:
         return text, None
     content, pairs = parsed

@@ -21,10 +21,26 @@ logger = logging.getLogger(__name__)
 
 
 class _ToolCallParser:
-    """`offered`: the names of the request's tools (`offered_calls` drops calls of others)."""
+    """`offered`: the names of the request's tools (`parse_offered` drops calls of others)."""
 
     def __init__(self, offered: Collection[str] = ()) -> None:
         self.offered = offered
+
+    def parse(self, text: str) -> tuple[str, Calls] | None:
+        raise NotImplementedError
+
+    def parse_offered(self, text: str) -> tuple[str, Calls] | None:
+        """`parse`'s result less the calls of tools the request did not offer (logged and dropped,
+        as the reference does: a client looks its handlers up by name). An answer left with no
+        call is returned as text (None), as one with a malformed call is."""
+        parsed = self.parse(text)
+        if parsed is None:
+            return None
+        content, calls = parsed
+        kept = [(name, arguments) for name, arguments in calls if name in self.offered]
+        for name in {name for name, _ in calls} - set(self.offered):
+            logger.warning("The model called %r, which is not among the request's tools: dropped", name)
+        return (content, kept) if kept else None
 
 
 class Qwen25Parser(_ToolCallParser):
@@ -91,19 +107,6 @@ class Llama3Parser(_ToolCallParser):
 
 
 PARSERS = {"qwen25": Qwen25Parser, "llama3": Llama3Parser}
-
-
-def offered_calls(parsed: tuple[str, Calls] | None, offered: Collection[str]) -> tuple[str, Calls] | None:
-    """A parser's result less the calls of tools the request did not offer (logged and dropped,
-    as the reference does: a client looks its handlers up by name). An answer left with no call
-    is returned as text (None), as one with a malformed call is."""
-    if parsed is None:
-        return None
-    content, calls = parsed
-    kept = [(name, arguments) for name, arguments in calls if name in offered]
-    for name in {name for name, _ in calls} - set(offered):
-        logger.warning("The model called %r, which is not among the request's tools: dropped", name)
-    return (content, kept) if kept else None
 
 
 _DECODER = json.JSONDecoder()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.server_args import TOOL_CALL_PARSERS
-from server.tool_parsers import PARSERS, Llama3Parser, Qwen25Parser, offered_calls
+from server.tool_parsers import PARSERS, Llama3Parser, Qwen25Parser
 
 
 def test_every_flag_value_has_a_parser() -> None:
@@ -40,9 +40,9 @@ def test_calls_of_tools_not_offered_are_dropped() -> None:
     parser = Qwen25Parser({"weather"})
     block = '<tool_call>\n{{"name": "{}", "arguments": {{}}}}\n</tool_call>'
     both = "Hm.\n" + block.format("launch_rocket") + block.format("weather")
-    assert offered_calls(parser.parse(both), parser.offered) == ("Hm.", [("weather", {})])
-    assert offered_calls(parser.parse(block.format("launch_rocket")), parser.offered) is None
-    assert offered_calls(None, parser.offered) is None
+    assert parser.parse_offered(both) == ("Hm.", [("weather", {})])
+    assert parser.parse_offered(block.format("launch_rocket")) is None
+    assert parser.parse_offered("No tools needed.") is None
 
 
 @pytest.mark.parametrize(
