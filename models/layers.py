@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from kernels_pallas.ragged_paged_attention import (
     AttentionMetadata,
@@ -320,8 +321,11 @@ def write_and_attend(
     if backends.mesh is None:
         k_pool, v_pool = write_kv(k_pool, v_pool, layer, k, v, meta)
         return attention(q, k_pool, v_pool, layer, meta, sm_scale, backends), k_pool, v_pool
-    spec = jax.sharding.PartitionSpec
-    heads, pools, whole = spec(None, TP_AXIS, None), spec(None, None, None, TP_AXIS, None), spec()
+    heads, pools, whole = (
+        PartitionSpec(None, TP_AXIS, None),
+        PartitionSpec(None, None, None, TP_AXIS),
+        PartitionSpec(),
+    )
     local = dataclasses.replace(backends, mesh=None)
 
     @functools.partial(

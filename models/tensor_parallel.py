@@ -52,7 +52,7 @@ def unsupported_reason(cfg: DecoderConfig, shards: int) -> str | None:
         ("MLP intermediate size", cfg.intermediate_size),
     ):
         if count % shards:
-            return f"its {count} {name} do not split evenly over {shards} devices"
+            return f"its {name} ({count}) do not split evenly over {shards} devices"
     return None
 
 
@@ -129,4 +129,4 @@ def tensor_parallel_mesh(shards: int) -> jax.sharding.Mesh | None:
 
 def kv_pool_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """The KV pools `[layers, pages, page_size, kv_heads, head_dim]` split by KV head."""
-    return NamedSharding(mesh, PartitionSpec(None, None, None, TP_AXIS, None))
+    return NamedSharding(mesh, PartitionSpec(None, None, None, TP_AXIS))  # as XLA writes it back

@@ -68,6 +68,7 @@ class EncoderRunner:
         self._aborted: set[str] = set()
         self._stop = threading.Event()
         self._served = 0
+        self._batches = 0  # batches encoded: a health check watches it move (`num_steps`)
         self._thread = threading.Thread(target=self._loop, name="sglax-encoder", daemon=True)
         self._thread.start()
 
@@ -135,6 +136,7 @@ class EncoderRunner:
             mask[i, : len(request.input_ids)] = 1
         self._shapes.add((rows, width))
         vectors = np.asarray(self._encode(self.params, input_ids, mask, pooling=self.pooling))
+        self._batches += 1
         for i, (request, callback, arrival) in enumerate(batch):
             self._served += 1
             embedding = [float(x) for x in vectors[i]]
@@ -159,6 +161,7 @@ class EncoderRunner:
             "gen_throughput": 0.0,
             "last_gen_throughput": 0.0,
             "num_served": self._served,
+            "num_steps": self._batches,
         }
 
     @property

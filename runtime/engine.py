@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models.layers import KernelBackends, unstack_layer_weights
+from models.layers import DecoderConfig, KernelBackends, unstack_layer_weights
 from models.loader import load_model, load_params_for, param_shapes
 from models.pooling import Pooling, load_pooling
 from models.tensor_parallel import (
@@ -163,6 +163,7 @@ class Engine:
             vocab_size=int(config.vocab_size),
             served_model_name=args.served_model_name or args.model_path,
             architecture=architecture,
+            embedding_size={"embed": config.hidden_size, "classify": config.num_labels, None: None}[kind],
         )
 
     def _split_over_devices(self, architecture: str) -> jax.sharding.Mesh | None:
@@ -173,7 +174,11 @@ class Engine:
             return None
         mesh = tensor_parallel_mesh(shards)
         cfg = getattr(self.model, "cfg", None)
-        why = "encoder models run on one device" if cfg is None else unsupported_reason(cfg, shards)
+        why = (
+            unsupported_reason(cfg, shards)
+            if isinstance(cfg, DecoderConfig)
+            else "encoders run on one device"
+        )
         if why is not None:
             raise ValueError(f"--tp-size {shards} cannot serve {architecture}: {why}.")
         state = nnx.state(self.model)
@@ -217,7 +222,9 @@ class Engine:
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = config.num_hidden_layers
         dtype = self.model_dtype
-        shards = args.tp_size  # each device keeps the KV of its own heads
+        # Each device keeps the KV of its own heads; a CPU's devices share the host's memory,
+        # which the budget counts once.
+        shards = args.tp_size if jax.devices()[0].platform != "cpu" else 1
         per_token = kv_bytes_per_token(layers, num_kv_heads // shards, head_dim, dtype)
         fraction = (
             args.mem_fraction_static
@@ -453,15 +460,14 @@ class Engine:
     def get_server_info(self) -> dict[str, Any]:
         info = self.stats()
         max_total = self.pool.max_total_tokens if self.scheduler is not None else 0
-        longest = (
-            self.model_info.context_length
-            if max_total == 0
-            else min(self.model_info.context_length, max_total)
-        )
+        # A generation keeps a position for its first output token, and /encode and /classify do
+        # not; every input keeps a slot of the KV cache free (`request_checks.check_request`).
+        longest = self.model_info.context_length - (1 if self.model_info.is_generation else 0)
+        if max_total:
+            longest = min(longest, max_total - 1)
         info.update(
             max_total_num_tokens=max_total,
-            # a generation keeps a position for its first output token; /encode and /classify do not
-            max_req_input_len=longest - 1 if self.model_info.is_generation else longest,
+            max_req_input_len=longest,
             version=VERSION,
             num_compiled_programs=self.num_compiled_programs,
             num_pending_compiles=self.runner.step_programs.num_pending if self.scheduler is not None else 0,
@@ -544,10 +550,12 @@ class Engine:
         old = self.runner.params if self.scheduler is not None else self.encoder.params
         new = jax.tree.map(lambda leaf: leaf, old)
         nnx.replace_by_pure_dict(new, pure)
-        # Keep each leaf's placement (committed or not) as it was, or every jit cache would miss.
-        new = jax.tree.map(
-            lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
-        )
+        if self.scheduler is not None:
+            new = self.runner.place_params(new)
+        else:  # each leaf's placement (committed or not) as it was, or every jit cache would miss
+            new = jax.tree.map(
+                lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
+            )
         paused = self._swap(new, pooling)
         # The model object must not pin the weights it was loaded with (or the stand-ins' originals).
         nnx.update(self.model, self.runner.params if self.scheduler is not None else self.encoder.params)

@@ -24,6 +24,7 @@ from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
 from models.layers import unstack_layer_weights
+from models.tensor_parallel import kv_pool_sharding
 from runtime.batch import MAX_BORROW_FACTOR, ScheduledBatch, StepShape, sampler_rows
 from runtime.kv_pool import KVPool
 from runtime.packed_inputs import PackedArrays
@@ -154,6 +155,8 @@ class ModelRunner:
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
         if self.mesh is not None:  # the weights and pools are split already (the engine's doing)
             whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            # but for unrolled layers' zero-size stand-ins (`unstack_layer_weights`)
+            self.params = jax.tree.map(lambda x: x if x.committed else jax.device_put(x, whole), self.params)
             for name in ("output_counts", "prompt_mask", "expert_hist", "recording", "slot_tokens"):
                 setattr(self, name, jax.device_put(getattr(self, name), whole))
             return
@@ -215,18 +218,39 @@ class ModelRunner:
             logits = jnp.zeros((sampler_rows(seqs), self.vocab_size), jnp.float32)
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
+        logits, hidden, expert_hist = self._whole((logits, hidden, expert_hist))
+        k_pool, v_pool = self._as_pools((k_pool, v_pool))
         if not self.fused_greedy:
             return logits, hidden, k_pool, v_pool, expert_hist
         greedy = _sample_and_record(
             logits, sampling, output_counts, None, slot_tokens, plain=True, apply=host["greedy"] != 0
         )
-        return logits, hidden, k_pool, v_pool, expert_hist, greedy
+        return logits, hidden, k_pool, v_pool, expert_hist, self._whole(greedy)
 
-    @staticmethod
-    def _sample_fn(logits, raw, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
+    def _whole(self, tree: Any) -> Any:
+        """Inside a program: under tensor parallelism, `tree`'s arrays whole on every device.
+
+        A step's outputs keep the placement of the state they replace, so that every program,
+        those compiled aside from shapes alone included, meets the placement it was compiled
+        for: left to XLA, a split LM head's logits come out split by vocabulary, and a sampler
+        compiled for whole logits refuses them."""
+        if self.mesh is None:
+            return tree
+        whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
+
+    def _as_pools(self, pools: Any) -> Any:
+        """Inside a program: under tensor parallelism, the KV pools split by KV head, as they came in."""
+        if self.mesh is None:
+            return pools
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_pool_sharding(self.mesh)), pools)
+
+    def _sample_fn(self, logits, raw, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
         """The sampler is its own program: it depends on the row count only, so few compile. It
         draws from `logits` (a grammar step's masked ones) and scores the draws by `raw`."""
-        return _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain, raw=raw)
+        return self._whole(
+            _sample_and_record(logits, inputs, output_counts, prompt_mask, slot_tokens, plain, raw=raw)
+        )
 
     # -- programs compiled aside (runtime/step_programs.py) -----------------------------------
 
@@ -448,17 +472,23 @@ class ModelRunner:
 
     # -- weights and accounting ------------------------------------------------------------------
 
-    def swap_params(self, new_params) -> None:
-        """Same structure, shapes and dtypes as the serving weights, so nothing recompiles.
-
-        Placed as the old ones: the programs were compiled for committed weights. `new_params`
-        has the layers stacked; with unrolled layers they are split as the serving ones are.
-        """
+    def place_params(self, new_params: Any) -> tuple[Any, Any]:
+        """New weights of the serving tree's structure, shapes and dtypes (layers stacked, on the
+        host or a device) placed as the serving ones are, leaf by leaf (split over the devices
+        under tensor parallelism; with unrolled layers, split per layer first): what
+        `swap_params` takes. Done while the old weights still serve; nothing recompiles."""
         placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        layers = None
         if self.layer_weights is not None:
             new_params, layers = unstack_layer_weights(new_params)
-            self.layer_weights = jax.device_put(layers, placement(self.layer_weights))
-        self.params = jax.device_put(new_params, placement(self.params))
+            layers = jax.device_put(layers, placement(self.layer_weights))
+        return jax.device_put(new_params, placement(self.params)), layers
+
+    def swap_params(self, placed: tuple[Any, Any]) -> None:
+        """Serve the weights `place_params` placed, from the next step on."""
+        self.params, layers = placed
+        if layers is not None:
+            self.layer_weights = layers
 
     def set_recording(self, on: bool) -> None:
         self.recording = jax.device_put(jnp.asarray(1 if on else 0, jnp.int32), self.recording.sharding)

@@ -28,6 +28,8 @@ class ModelInfo:
     vocab_size: int
     served_model_name: str
     architecture: str
+    # the length of an /encode answer's vector or of /classify's scores; None for generation
+    embedding_size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1041,8 +1041,15 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         kind = state.embedding_kind
         if kind is None:
             raise ProtocolError(NOT_EMBEDDING_MODEL)
-        if body.dimensions is not None and body.dimensions < 1:
-            raise ProtocolError(f"dimensions must be at least 1, got {body.dimensions}.", param="dimensions")
+        size = state.info.embedding_size
+        if body.dimensions is not None and body.dimensions != size:
+            # The model's own size is what a client asking for it gets (the reference refuses any
+            # `dimensions` on a model not trained to be cut short, Matryoshka-style: none here is).
+            raise ProtocolError(
+                f"dimensions {body.dimensions} is not supported: this model's embeddings have "
+                f"{size} dimensions, and it cannot shorten them.",
+                param="dimensions",
+            )
         prompts, _ = protocol.split_openai_prompts(body.input, param="input")
         tokenize = state.tokenize
         prompt_ids: list[list[int]] = []
@@ -1064,15 +1071,6 @@ def _add_openai_routes(app: FastAPI, state: ServerState) -> None:
         failed = _first_error(outputs)
         if failed is not None:
             return openai_error(failed.error, failed.error_status)
-        sizes = {len(output.embedding or []) for output in outputs}
-        if body.dimensions is not None and sizes != {body.dimensions}:
-            # The model's own size is what a client asking for it gets; shortening would need a
-            # model trained for it (Matryoshka), and a cut vector of another one is not its embedding.
-            raise ProtocolError(
-                f"dimensions {body.dimensions} is not supported: this model's embeddings have "
-                f"{max(sizes)} dimensions, and it cannot shorten them.",
-                param="dimensions",
-            )
         data = []
         for index, output in enumerate(outputs):
             vector = output.embedding or []

@@ -157,8 +157,10 @@ def test_minilm_openai_embeddings(minilm: ServerProcess) -> None:
         model=spec.MINILM, input="a cat", dimensions=384, encoding_format="float"
     )
     assert len(sized.data[0].embedding) == 384
+    served = minilm.get("/get_server_info").json()["num_served"]
     with pytest.raises(openai.BadRequestError, match="this model's embeddings have 384 dimensions"):
-        client.embeddings.create(model=spec.MINILM, input="a cat", dimensions=64)
+        client.embeddings.create(model=spec.MINILM, input=["a cat"] * 50, dimensions=64)
+    assert minilm.get("/get_server_info").json()["num_served"] == served  # refused before it ran
     nulls = minilm.post("/v1/embeddings", {"input": "a cat", "encoding_format": None, "dimensions": None})
     assert nulls.status_code == 200 and len(nulls.json()["data"][0]["embedding"]) == 384, nulls.text
 
@@ -400,3 +402,19 @@ def test_model_info_of_embedding_servers(minilm: ServerProcess, reward: ServerPr
     assert minilm.get("/get_server_info").json()["max_req_input_len"] == 512
     assert minilm.post("/encode", {"input_ids": [101] + [2000] * 510 + [102]}).status_code == 200
     assert minilm.post("/encode", {"input_ids": [101] + [2000] * 511 + [102]}).status_code == 400
+
+
+def test_a_kv_bound_reward_model_advertises_the_longest_input_it_takes() -> None:
+    """With a KV cache smaller than the context, the longest input is one less than the cache
+    holds (every input keeps a slot free), and the advertised figure is that one."""
+    from runtime.engine import Engine
+
+    engine = Engine(model_path=str(fixture_path(spec.TINY_LLAMA_REWARD)), max_total_tokens=64)
+    try:
+        longest = engine.get_server_info()["max_req_input_len"]
+        assert longest == 63
+        assert len(engine.encode(input_ids=[5] * longest)["embedding"]) == 1
+        with pytest.raises(ValueError, match="does not fit the KV cache"):
+            engine.encode(input_ids=[5] * (longest + 1))
+    finally:
+        engine.shutdown()

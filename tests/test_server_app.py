@@ -72,6 +72,7 @@ class FakeEngine:
             context_length=CONTEXT,
             vocab_size=VOCAB,
             served_model_name=args.served_model_name,
+            embedding_size=2 if embedding_kind else None,  # the fake's vectors: [prompt length, 0.5]
         )
         self.inbox: queue.Queue = queue.Queue()
         self.active: dict[str, dict[str, Any]] = {}

@@ -28,11 +28,13 @@ from models.tensor_parallel import (
     tensor_parallel_mesh,
     unsupported_reason,
 )
+from runtime.engine import Engine
 from runtime.weights import load_config
 from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
-from tests.server_helpers import ServerProcess, greedy_params, start_server
+from tests.server_helpers import ServerProcess, greedy_params, start_server, wait_idle
 
+SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32")  # the server's warm-up on
 TWO_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
 LOGPROB_TOL = 1e-4  # norm-wise, of the logprob scale (TEST_MODELS.md)
 SCORE_RTOL = 1e-3
@@ -103,7 +105,7 @@ def test_partition_specs(path: tuple[str, ...], shape: tuple[int, ...], expected
 def test_layers_that_cannot_split_are_named() -> None:
     assert "mixture-of-experts" in unsupported_reason(_cfg_of(spec.TINY_QWEN2_MOE), 2)
     gqa8 = _cfg_of(spec.TINY_LLAMA_TIED_GQA8)
-    assert unsupported_reason(gqa8, 2) == "its 1 KV heads do not split evenly over 2 devices"
+    assert unsupported_reason(gqa8, 2) == "its KV heads (1) do not split evenly over 2 devices"
     assert unsupported_reason(gqa8, 1) is None
 
 
@@ -148,12 +150,21 @@ def assert_prompt_logprobs(server: ServerProcess, prompt: list[int], logits: np.
 
 @pytest.fixture(scope="module")
 def qwen2_tp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """With its warm-up, which compiles the samplers aside from shapes alone (they must meet the
+    forward's logits placed as they were compiled for: whole, though the LM head is split)."""
     logs = tmp_path_factory.mktemp("tp-qwen2")
     server = start_server(
-        spec.models_dir() / spec.TINY_QWEN2, "--tp-size", "2", log_dir=logs, env=TWO_DEVICES
+        spec.models_dir() / spec.TINY_QWEN2, "--tp-size", "2", log_dir=logs, env=TWO_DEVICES, defaults=SMALL
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def qwen2_one_device() -> Iterator[Engine]:
+    engine = Engine(model_path=str(spec.models_dir() / spec.TINY_QWEN2), max_total_tokens=4096, random_seed=0)
+    yield engine
+    engine.shutdown()
 
 
 def test_two_devices_serve_hf_greedy_tokens_and_logprobs(qwen2_tp2: ServerProcess) -> None:
@@ -177,6 +188,26 @@ def test_two_devices_serve_hf_greedy_tokens_and_logprobs(qwen2_tp2: ServerProces
         assert_prompt_logprobs(qwen2_tp2, prompts[i], ref[f"logits_{i}"][:-1], f"prompt {i}")
     info = qwen2_tp2.get("/get_server_info").json()
     assert info["tp_size"] == 2
+
+
+def test_sampled_and_penalised_requests_draw_as_on_one_device(
+    qwen2_tp2: ServerProcess, qwen2_one_device: Engine
+) -> None:
+    """After greedy steps, seeded sampling (top-p, top-k) and penalties run the general sampler,
+    compiled aside: the same draws as one device's, batched together."""
+    prompts = prompts_of(load_reference(spec.TINY_QWEN2))
+    common = {"max_new_tokens": 10, "ignore_eos": True}
+    params = [
+        {"temperature": 0.9, "top_p": 0.9, "sampling_seed": 11, **common},
+        {"temperature": 0.7, "top_k": 20, "sampling_seed": 5, **common},
+        {"temperature": 0.0, "frequency_penalty": 0.8, "repetition_penalty": 1.3, **common},
+    ]
+    body = {"input_ids": prompts[:3], "sampling_params": params, "return_logprob": True}
+    r = qwen2_tp2.post("/generate", body)
+    assert r.status_code == 200, r.text
+    split = [[entry[1] for entry in answer["meta_info"]["output_token_logprobs"]] for answer in r.json()]
+    whole = qwen2_one_device.generate(input_ids=prompts[:3], sampling_params=params, return_logprob=True)
+    assert split == [[entry[1] for entry in answer["meta_info"]["output_token_logprobs"]] for answer in whole]
 
 
 def test_a_weight_swap_keeps_the_split(qwen2_tp2: ServerProcess, tmp_path: Path) -> None:
@@ -203,6 +234,27 @@ def test_a_weight_swap_keeps_the_split(qwen2_tp2: ServerProcess, tmp_path: Path)
     assert_prompt_logprobs(qwen2_tp2, prompt, ref["logits_1"][:-1], "swapped back")
 
 
+def test_unrolled_layers_split_over_two_devices_swap_without_compiling(tmp_path: Path) -> None:
+    """`--layer-loop unrolled` under tensor parallelism: each layer's own buffers split as the
+    stacked ones are, HF's logprobs, and a weight swap (placed leaf by leaf as the serving
+    weights, stand-ins included) that compiles nothing."""
+    ref = load_reference(spec.TINY_QWEN2)
+    prompt = prompts_of(ref)[1]
+    model = spec.models_dir() / spec.TINY_QWEN2
+    server = start_server(
+        model, "--tp-size", "2", "--layer-loop", "unrolled", log_dir=tmp_path, env=TWO_DEVICES
+    )
+    try:
+        assert_prompt_logprobs(server, prompt, ref["logits_1"][:-1], "unrolled")
+        programs = wait_idle(server)["num_compiled_programs"]
+        r = server.post("/update_weights_from_disk", {"model_path": str(model)})
+        assert r.status_code == 200 and r.json()["success"], r.text
+        assert_prompt_logprobs(server, prompt, ref["logits_1"][:-1], "unrolled, swapped")
+        assert wait_idle(server)["num_compiled_programs"] == programs
+    finally:
+        server.stop()
+
+
 def test_a_reward_model_split_over_two_devices_scores_as_hf(tmp_path: Path) -> None:
     ref = load_reference(spec.TINY_LLAMA_REWARD)
     server = start_server(
@@ -224,6 +276,7 @@ def test_a_reward_model_split_over_two_devices_scores_as_hf(tmp_path: Path) -> N
     [
         (spec.TINY_QWEN2_MOE, "2", "--tp-size 2 cannot serve Qwen2MoeForCausalLM: mixture-of-experts"),
         (spec.TINY_QWEN2, "4", "--tp-size 4 needs 4 devices; this machine has 2 (cpu)"),
+        (spec.MINILM, "2", "--tp-size 2 cannot serve BertModel: encoders run on one device"),
     ],
 )
 def test_a_split_that_cannot_run_fails_the_launch_saying_why(
