@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from tests.attention_batch import Batch, build_batch
-from tests.kernels.support import lower_for_h100, race_params, races_found, skip_without_mosaic_gpu
+from tests.kernels.support import H100, lower_for_h100, race_params, races_found, skip_without_mosaic_gpu
 
 skip_without_mosaic_gpu()
 
@@ -212,6 +212,37 @@ def test_lowers_for_h100(dtype, head_dim, page_size, kv_heads, group):
     )
     kernel = functools.partial(rpa.ragged_paged_attention_mgpu, sm_scale=SM_SCALE, num_ctas=132)
     assert "mosaic_gpu" in lower_for_h100(kernel, *batch.args)
+
+
+def test_lowers_for_two_h100s_split_by_kv_head():
+    """Under tensor parallelism (`models.layers.write_and_attend`) the kernel runs in `shard_map`,
+    each of two H100s on its own KV head and its query heads (Qwen2.5-0.5B's 14 over 2)."""
+    batch = build_batch(
+        np.random.default_rng(0), decode_kv_lens=[40, 300], prefills=[(70, 100)], kv_heads=2, group=7
+    )
+    mesh = jax.sharding.AbstractMesh((2,), ("tp",), abstract_device=jax.sharding.AbstractDevice(**H100))
+    spec = jax.sharding.PartitionSpec
+    specs = (
+        spec(None, "tp", None),
+        spec(None, None, None, "tp"),
+        spec(None, None, None, "tp"),
+        spec(),
+        spec(),
+    )
+    kernel = functools.partial(rpa.ragged_paged_attention_mgpu, sm_scale=SM_SCALE, num_ctas=132)
+    split = jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=specs[0])
+    placed = [
+        jax.tree.map(
+            lambda a, s=s: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, s)
+            ),
+            arg,
+        )
+        for arg, s in zip(batch.args, specs, strict=True)
+    ]
+    with jax.sharding.use_abstract_mesh(mesh):
+        hlo = jax.jit(split).trace(*placed).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in hlo
 
 
 def test_unsupported_inputs_are_named():
