@@ -289,19 +289,6 @@ class KernelBackends:
         return 1 if self.mesh is None else self.mesh.shape[TP_AXIS]
 
 
-def attention(
-    q: jax.Array,
-    k_pool: jax.Array,
-    v_pool: jax.Array,
-    layer: jax.Array,
-    meta: AttentionMetadata,
-    sm_scale: float,
-    backends: KernelBackends,
-) -> jax.Array:
-    """Ragged paged attention through the kernels' dispatcher."""
-    return ragged_paged_attention(q, k_pool, v_pool, layer, meta, sm_scale, backend=backends.attention)
-
-
 def write_and_attend(
     q: jax.Array,
     k: jax.Array,
@@ -313,14 +300,16 @@ def write_and_attend(
     sm_scale: float,
     backends: KernelBackends,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Write a layer's new K/V into the pools, then attend: `(out [T, heads, D], k_pool, v_pool)`.
+    """Write a layer's new K/V into the pools, then attend through the kernels' dispatcher:
+    `(out [T, heads, D], k_pool, v_pool)`.
 
     Under tensor parallelism each device runs this on its own heads and its own slice of the
     pools (`shard_map`): a query head only ever reads its own KV head, so the kernels run
     unchanged, on fewer heads, with no collective."""
     if backends.mesh is None:
         k_pool, v_pool = write_kv(k_pool, v_pool, layer, k, v, meta)
-        return attention(q, k_pool, v_pool, layer, meta, sm_scale, backends), k_pool, v_pool
+        out = ragged_paged_attention(q, k_pool, v_pool, layer, meta, sm_scale, backend=backends.attention)
+        return out, k_pool, v_pool
     heads, pools, whole = (
         PartitionSpec(None, TP_AXIS, None),
         PartitionSpec(None, None, None, TP_AXIS),

@@ -99,6 +99,11 @@ class Engine:
     def __init__(self, server_args: ServerArgs | None = None, **kwargs: Any) -> None:
         self.server_args = server_args or ServerArgs(**kwargs)
         args = self.server_args
+        if args.dp_size > 1:
+            raise ValueError(
+                f"--dp-size {args.dp_size}: an Engine is one replica; the server runs several "
+                "(python -m server.launch_server --dp-size N)."
+            )
         if args.enable_compile_cache and args.compile_cache_dir:
             _enable_compile_cache(args.compile_cache_dir)
         # Split over devices, the weights go from the host straight to their shards.
@@ -503,13 +508,15 @@ class Engine:
     def dump_expert_distribution_record(self, directory: str | Path = ".") -> str:
         """Write the counts since the last start or dump to CSV, then reset them (the header alone
         for a model without experts)."""
+        return str(write_expert_distribution(self.take_expert_histogram(), directory))
+
+    def take_expert_histogram(self) -> np.ndarray:
+        """The top-k counts `[layers, experts]` since the last start or take, then reset them
+        (`[0, 0]` for a model without experts); `--dp-size` adds up its replicas' before writing."""
         runner = self._moe_runner()
-        histogram = (
-            np.zeros((0, 0), np.int64)
-            if runner is None
-            else self.scheduler.call(runner.take_expert_histogram)
-        )
-        return str(write_expert_distribution(histogram, directory))
+        if runner is None:
+            return np.zeros((0, 0), np.int64)
+        return self.scheduler.call(runner.take_expert_histogram)
 
     def start_profile(self, output_dir: str | None = None, num_steps: int | None = None) -> str:
         if self.scheduler is None:

@@ -7,6 +7,7 @@ One place decides it so that `make`, the scripts, the server and the tests agree
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,3 +47,9 @@ def path_exists(path: str | os.PathLike) -> bool:
         return Path(path).exists()
     except OSError:
         return False
+
+
+def default_profile_dir() -> str:
+    """Where /start_profile writes without an `output_dir`: `$SGLAX_PROFILE_DIR`, else
+    `<tmp>/sglax_profile`."""
+    return os.environ.get("SGLAX_PROFILE_DIR") or str(Path(tempfile.gettempdir()) / "sglax_profile")

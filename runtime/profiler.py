@@ -14,22 +14,18 @@ written), and the memory goes back to the system after the write.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 
 import jax
 
 from runtime.host_memory import host_available_bytes, release_freed_memory
+from runtime.paths import default_profile_dir
 
 logger = logging.getLogger(__name__)
 
 # Steps between two looks at the host's free memory while a trace runs (reading it takes ~20 us).
 MEMORY_CHECK_STEPS = 32
-
-
-def default_profile_dir() -> str:
-    return os.environ.get("SGLAX_PROFILE_DIR") or str(Path(tempfile.gettempdir()) / "sglax_profile")
 
 
 class StepProfiler:

@@ -232,10 +232,10 @@ class ServerArgs:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-            if value > 1 and name != "tp_size":  # refused, not ignored: N replicas asked for, one given
+            if value > 1 and name == "nnodes":  # refused, not ignored: N hosts asked for, one given
                 raise ValueError(
-                    f"--{name.replace('_', '-')} {value}: this server runs one engine on one host; "
-                    "data and multi-node parallelism are not implemented yet (--tp-size is)."
+                    f"--nnodes {value}: this server runs on one host; multi-node serving is not "
+                    "implemented yet (--tp-size and --dp-size are)."
                 )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}.")

@@ -65,11 +65,20 @@ def _drop_output(output: RequestOutput) -> None:
 class EngineClient:
     """`Engine`'s serving API, answered by an engine process it starts and stops."""
 
-    def __init__(self, server_args: ServerArgs, on_exit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        server_args: ServerArgs,
+        on_exit: Callable[[], None] | None = None,
+        visible_devices: str | None = None,
+    ) -> None:
+        """`visible_devices`: the GPUs the engine process may use (`CUDA_VISIBLE_DEVICES`), for
+        one replica of several (server/replicas.py); None: all the host's."""
         context = multiprocessing.get_context("spawn")  # a forked JAX runtime is not safe to use
         self._conn, child_conn = context.Pipe()
         self._process = context.Process(
-            target=run_engine_worker, args=(child_conn, server_args, os.getpid()), name="sglax-engine"
+            target=run_engine_worker,
+            args=(child_conn, server_args, os.getpid(), visible_devices),
+            name="sglax-engine",
         )
         self._process.start()
         logger.info("Engine process %d started.", self._process.pid)
@@ -166,6 +175,15 @@ class EngineClient:
 
     def dump_expert_distribution_record(self, directory: str | Path = ".") -> str:
         return self._call("dump_expert_distribution_record", str(directory))
+
+    def take_expert_histogram(self) -> Any:
+        return self._call("take_expert_histogram")
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted whose final output has not arrived."""
+        with self._lock:
+            return len(self._callbacks)
 
     def start_profile(self, output_dir: str | None = None, num_steps: int | None = None) -> str:
         return self._call("start_profile", output_dir, num_steps)

@@ -48,6 +48,7 @@ CONTROL_METHODS = frozenset(
         "start_expert_distribution_record",
         "stop_expert_distribution_record",
         "dump_expert_distribution_record",
+        "take_expert_histogram",
         "start_profile",
         "stop_profile",
         "update_weights_from_disk",
@@ -55,10 +56,16 @@ CONTROL_METHODS = frozenset(
 )
 
 
-def run_engine_worker(conn: Connection, server_args: ServerArgs, parent_pid: int) -> None:
+def run_engine_worker(
+    conn: Connection, server_args: ServerArgs, parent_pid: int, visible_devices: str | None = None
+) -> None:
     """The engine process's entry point: build the engine, then serve the pipe until told to stop.
 
-    `parent_pid` is the HTTP process's id, passed in: the parent may die before this starts."""
+    `parent_pid` is the HTTP process's id, passed in: the parent may die before this starts.
+    `visible_devices`: the GPUs this engine may use (`CUDA_VISIBLE_DEVICES`, set before JAX
+    starts), for one replica of several (`--dp-size`)."""
+    if visible_devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices
     from server.launch_server import GIL_SWITCH_INTERVAL_S, configure_logging
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)

@@ -162,6 +162,7 @@ def run_server(server_args: ServerArgs) -> int:
     """Serve until a signal (or the engine process's death); returns the process exit code."""
     from server.app import create_app
     from server.engine_client import EngineClient, EngineStartError
+    from server.replicas import EngineReplicas
 
     server: DrainingServer | None = None
     engine_died = threading.Event()
@@ -176,7 +177,8 @@ def run_server(server_args: ServerArgs) -> int:
         logger.error("Cannot serve on %s:%d: %s", server_args.host, server_args.port, taken)
         return 1
     try:
-        engine = EngineClient(server_args, on_exit=on_engine_exit)
+        replicas = EngineReplicas if server_args.dp_size > 1 else EngineClient
+        engine = replicas(server_args, on_exit=on_engine_exit)
     except EngineStartError as exc:
         if exc.expected:  # a wrong path or an unservable model: say so plainly
             logger.error("Cannot serve %s: %s", server_args.model_path, exc)

@@ -141,6 +141,20 @@ def generate_ids(
     return ids, answer
 
 
+def generate_batch_ids(
+    server: ServerProcess, prompts: list[list[int]], max_new_tokens: int, **sampling: Any
+) -> list[list[int]]:
+    """Greedy output token ids of several prompts sent as one batch (EOS ignored)."""
+    body = {
+        "input_ids": prompts,
+        "sampling_params": greedy_params(max_new_tokens, ignore_eos=True, **sampling),
+        "return_logprob": True,
+    }
+    r = server.post("/generate", body)
+    assert r.status_code == 200, f"/generate answered {r.status_code}: {r.text[:500]}"
+    return [[int(entry[1]) for entry in answer["meta_info"]["output_token_logprobs"]] for answer in r.json()]
+
+
 def wait_idle(server: ServerProcess, timeout: float = 120) -> dict[str, Any]:
     """/get_server_info once nothing runs, waits or compiles in the background (a finished HTTP answer
     may precede the bookkeeping; a borrowed step's own programs may still be compiling)."""

@@ -22,7 +22,7 @@ import pytest
 
 from tests import fixture_spec as spec
 from tests.conftest import fixture_path, greedy_agrees, load_reference
-from tests.server_helpers import ServerProcess, generate_ids, start_server, wait_idle
+from tests.server_helpers import ServerProcess, generate_batch_ids, generate_ids, start_server, wait_idle
 
 CSV_GLOB = "expert_distribution_rank0_timestamp*.csv"
 CSV_HEADER = ["layer_id", "expert_id", "count"]
@@ -106,15 +106,7 @@ def test_greedy_tokens_match_hf(moe: ServerProcess, ref: dict) -> None:
 def test_batched_greedy_tokens_match_hf(moe: ServerProcess, ref: dict) -> None:
     """All prompts in one /generate batch: routing of one sequence must not leak into another."""
     prompts = [ref[f"prompt_{i}"].tolist() for i in range(ref["num_prompts"])]
-    body = {
-        "input_ids": prompts,
-        "sampling_params": {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True},
-        "return_logprob": True,
-    }
-    r = moe.post("/generate", body)
-    assert r.status_code == 200, r.text
-    for i, answer in enumerate(r.json()):
-        ours = [entry[1] for entry in answer["meta_info"]["output_token_logprobs"]]
+    for i, ours in enumerate(generate_batch_ids(moe, prompts, 16)):
         result = greedy_agrees(ours, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
         assert result, f"prompt {i} in a batch: {result}"
 

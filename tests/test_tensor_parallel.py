@@ -32,7 +32,7 @@ from runtime.engine import Engine
 from runtime.weights import load_config
 from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
-from tests.server_helpers import ServerProcess, greedy_params, start_server, wait_idle
+from tests.server_helpers import ServerProcess, generate_batch_ids, greedy_params, start_server, wait_idle
 
 SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32")  # the server's warm-up on
 TWO_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
@@ -172,16 +172,7 @@ def test_two_devices_serve_hf_greedy_tokens_and_logprobs(qwen2_tp2: ServerProces
     one batch, and HF's logprob at every prompt position."""
     ref = load_reference(spec.TINY_QWEN2)
     prompts = prompts_of(ref)
-    n = len(ref["greedy_0"])
-    body = {
-        "input_ids": prompts,
-        "sampling_params": greedy_params(n, ignore_eos=True),
-        "return_logprob": True,
-    }
-    r = qwen2_tp2.post("/generate", body)
-    assert r.status_code == 200, r.text
-    for i, answer in enumerate(r.json()):
-        ids = [entry[1] for entry in answer["meta_info"]["output_token_logprobs"]]
+    for i, ids in enumerate(generate_batch_ids(qwen2_tp2, prompts, len(ref["greedy_0"]))):
         result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
         assert result, f"prompt {i}: {result}"
     for i in (1, 2):

@@ -1,0 +1,203 @@
+"""Data parallelism (`--dp-size N`): N engine processes, each serving the whole model on devices of
+its own, behind the API of one `EngineClient`.
+
+As the reference's data-parallel controller does, each request goes to one replica, the one with
+the fewest requests in flight (a replica busy with long generations takes fewer new ones), and
+its outputs and aborts stay with that replica. What concerns the model goes to every replica:
+a weight swap, a cache flush, the expert record and profiling; statistics are added up. Replica
+i runs on the host's GPUs i x tp ... (i + 1) x tp - 1 (`--tp-size` each); on a CPU every replica
+has the host's CPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.expert_stats import write_expert_distribution
+from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
+from runtime.paths import default_profile_dir
+from runtime.request_checks import check_not_in_flight
+from runtime.server_args import ServerArgs
+from server.engine_client import EngineClient
+
+logger = logging.getLogger("sglax.replicas")
+
+# Statistics that are counts or rates of the whole server: the replicas' figures added up. The
+# others (ratios, latencies) are averaged.
+_SUMMED = frozenset(
+    {
+        "num_running_reqs",
+        "num_queue_reqs",
+        "num_used_tokens",
+        "num_free_pages",
+        "num_cached_pages",
+        "num_total_pages",
+        "gen_throughput",
+        "last_gen_throughput",
+        "num_served",
+        "num_steps",
+    }
+)
+
+
+def replica_devices(replica: int, per_replica: int, visible: str | None) -> str:
+    """The `CUDA_VISIBLE_DEVICES` of `replica`: its `per_replica` GPUs among those the server may
+    use (`visible`, the server's own `CUDA_VISIBLE_DEVICES`, or all the host's)."""
+    ids = [d for d in visible.split(",") if d.strip()] if visible else None
+    chosen = range(replica * per_replica, (replica + 1) * per_replica)
+    return ",".join(ids[i] for i in chosen if i < len(ids)) if ids is not None else ",".join(map(str, chosen))
+
+
+def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One server's statistics from its replicas': counts summed, ratios averaged, token usage
+    recomputed from the summed pages; each replica's own under `replicas`."""
+    merged: dict[str, Any] = {}
+    for key in stats[0]:
+        values = [s[key] for s in stats if isinstance(s.get(key), int | float)]
+        if len(values) != len(stats):
+            merged[key] = stats[0][key]
+        elif key in _SUMMED:
+            merged[key] = sum(values)
+        else:
+            merged[key] = sum(values) / len(values)
+    if merged.get("num_total_pages"):
+        used = merged["num_total_pages"] - merged["num_free_pages"]
+        merged["token_usage"] = used / merged["num_total_pages"]
+    merged["replicas"] = stats
+    return merged
+
+
+class EngineReplicas:
+    """`EngineClient`'s API over `--dp-size` engine processes (see the module's docstring)."""
+
+    def __init__(self, server_args: ServerArgs, on_exit: Callable[[], None] | None = None) -> None:
+        count, visible = server_args.dp_size, os.environ.get("CUDA_VISIBLE_DEVICES")
+        one = dataclasses.replace(server_args, dp_size=1)  # what each replica is
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:  # they load side by side
+            starts = [
+                pool.submit(EngineClient, one, on_exit, replica_devices(i, server_args.tp_size, visible))
+                for i in range(count)
+            ]
+            concurrent.futures.wait(starts)
+        started = [start.result() for start in starts if start.exception() is None]
+        failed = next((start.exception() for start in starts if start.exception() is not None), None)
+        if failed is not None:
+            for replica in started:
+                replica.shutdown()
+            raise failed
+        self.replicas = started
+        first = started[0]
+        self.server_args = dataclasses.replace(first.server_args, dp_size=count)
+        self.request_limits, self.tokenizer, self.model_info = (
+            first.request_limits,
+            first.tokenizer,
+            first.model_info,
+        )
+        self._lock = threading.Lock()
+        self._owner: dict[str, EngineClient] = {}  # each request in flight, and its replica
+        logger.info("%d engine replicas serve (data parallelism).", count)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.replicas[0].tokenize(text)
+
+    def validate_request(self, req: EngineRequest) -> None:
+        self.replicas[0].validate_request(req)
+        with self._lock:
+            check_not_in_flight(req.rid, self._owner)  # on any replica
+
+    def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
+        with self._lock:
+            check_not_in_flight(req.rid, self._owner)
+            replica = min(self.replicas, key=lambda r: r.num_in_flight)
+            self._owner[req.rid] = replica
+
+        def relay(output: RequestOutput) -> None:
+            if output.finished:
+                with self._lock:
+                    self._owner.pop(req.rid, None)
+            callback(output)
+
+        replica.submit(req, relay)
+
+    def abort(self, rid: str) -> None:
+        with self._lock:
+            replica = self._owner.get(rid)
+        if replica is not None:
+            replica.abort(rid)
+
+    def abort_all(self) -> None:
+        for replica in self.replicas:
+            replica.abort_all()
+
+    # -- control calls: every replica --------------------------------------------------------------
+
+    def _each(self, call: Callable[[int, EngineClient], Any]) -> list[Any]:
+        """`call(index, replica)` on every replica at once; the first error once all have answered."""
+        with concurrent.futures.ThreadPoolExecutor(len(self.replicas)) as pool:
+            futures = [pool.submit(call, i, replica) for i, replica in enumerate(self.replicas)]
+        return [future.result() for future in futures]
+
+    def flush_cache(self) -> bool:
+        return all(self._each(lambda _, r: r.flush_cache()))
+
+    def stats(self) -> dict[str, Any]:
+        return merge_stats(self._each(lambda _, r: r.stats()))
+
+    def get_server_info(self) -> dict[str, Any]:
+        infos = self._each(lambda _, r: r.get_server_info())
+        merged = {**infos[0], **merge_stats(infos)}
+        merged["max_total_num_tokens"] = infos[0]["max_total_num_tokens"]  # what one request may use
+        merged["dp_size"] = self.server_args.dp_size
+        args = self.server_args.to_dict()
+        merged["replicas"] = [{k: v for k, v in info.items() if k not in args} for info in infos]  # state
+        return merged
+
+    def start_expert_distribution_record(self) -> None:
+        self._each(lambda _, r: r.start_expert_distribution_record())
+
+    def stop_expert_distribution_record(self) -> None:
+        self._each(lambda _, r: r.stop_expert_distribution_record())
+
+    def dump_expert_distribution_record(self, directory: str | Path = ".") -> str:
+        """One CSV of every replica's counts added up, as one engine's dump would be."""
+        histograms = self._each(lambda _, r: r.take_expert_histogram())
+        return str(write_expert_distribution(np.sum(histograms, axis=0), directory))
+
+    def start_profile(self, output_dir: str | None = None, num_steps: int | None = None) -> str:
+        """Each replica traces into a folder of its own under `output_dir` (`replica<i>`): the
+        traces of two processes of one host would otherwise share file names."""
+        base = Path(output_dir or default_profile_dir())
+        return self._each(lambda i, r: r.start_profile(str(base / f"replica{i}"), num_steps))[0]
+
+    def stop_profile(self) -> str:
+        return self._each(lambda _, r: r.stop_profile())[0]
+
+    def update_weights_from_disk(
+        self, model_path: str, load_format: str | None = None
+    ) -> tuple[bool, str, int]:
+        """Every replica swaps (each holds its queue and lets its running requests finish); a
+        success where all succeed. Each checks the checkpoint before it swaps, so a checkpoint
+        that fails the checks fails them on every replica and none swaps; a replica failing
+        alone (a read error) is logged, and the answer is its failure."""
+        answers = self._each(lambda _, r: r.update_weights_from_disk(model_path, load_format))
+        failed = next((answer for answer in answers if not answer[0]), None)
+        if failed is not None:
+            if any(success for success, _, _ in answers):
+                logger.error("A weight update succeeded on some replicas only: %s", failed[1])
+            return failed
+        self.server_args.model_path = model_path  # the replicas' own copies changed there
+        return True, answers[0][1], sum(paused for _, _, paused in answers)
+
+    def shutdown(self) -> None:
+        self._each(lambda _, r: r.shutdown())

@@ -1,0 +1,127 @@
+"""Data parallelism (`--dp-size 2`): a real server of two engine replicas, against HF's outputs and
+against what one engine answers, on the routes that concern both replicas."""
+
+from __future__ import annotations
+
+import csv
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.engine import Engine
+from server.replicas import merge_stats, replica_devices
+from tests import fixture_spec as spec
+from tests.conftest import greedy_agrees, load_reference, prompts_of
+from tests.server_helpers import ServerProcess, generate_batch_ids, start_server, wait_idle
+
+
+def test_each_replica_gets_its_own_gpus() -> None:
+    assert replica_devices(0, 1, None) == "0" and replica_devices(1, 1, None) == "1"
+    assert replica_devices(1, 2, None) == "2,3"
+    assert replica_devices(1, 2, "4,5,6,7") == "6,7"  # among the GPUs the server was given
+
+
+def test_statistics_add_up() -> None:
+    one = {"num_running_reqs": 2, "num_free_pages": 10, "num_total_pages": 20, "cache_hit_rate": 0.5}
+    two = {"num_running_reqs": 1, "num_free_pages": 20, "num_total_pages": 20, "cache_hit_rate": 0.0}
+    merged = merge_stats([one, two])
+    assert merged["num_running_reqs"] == 3 and merged["num_total_pages"] == 40
+    assert merged["cache_hit_rate"] == 0.25 and merged["token_usage"] == 10 / 40
+    assert merged["replicas"] == [one, two]
+
+
+def test_an_engine_is_one_replica() -> None:
+    with pytest.raises(ValueError, match="an Engine is one replica"):
+        Engine(model_path=str(spec.models_dir() / spec.TINY_LLAMA), dp_size=2)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    logs = tmp_path_factory.mktemp("dp")
+    server = start_server(spec.models_dir() / spec.TINY_LLAMA, "--dp-size", "2", log_dir=logs, cwd=logs)
+    yield server
+    server.stop()
+
+
+def test_two_replicas_serve_hf_greedy_tokens_side_by_side(two: ServerProcess) -> None:
+    """Requests sent together spread over both replicas (each serves some), and every answer is
+    HF's greedy tokens."""
+    ref = load_reference(spec.TINY_LLAMA)
+    prompts = prompts_of(ref)
+    n = len(ref["greedy_0"])
+    answers: dict[int, list[int]] = {}
+
+    def ask(i: int) -> None:
+        answers[i] = generate_batch_ids(two, [prompts[i % len(prompts)]], n)[0]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for i, ids in answers.items():
+        k = i % len(prompts)
+        result = greedy_agrees(ids, ref[f"greedy_{k}"], ref[f"greedy_margin_{k}"])
+        assert result, f"request {i}: {result}"
+    info = wait_idle(two)
+    assert info["dp_size"] == 2 and len(info["replicas"]) == 2
+    assert all(replica["num_steps"] > 0 for replica in info["replicas"]), info["replicas"]
+    assert info["num_total_pages"] == sum(r["num_total_pages"] for r in info["replicas"])
+    assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"]
+
+
+def test_an_abort_reaches_the_replica_running_the_request(two: ServerProcess) -> None:
+    body = {
+        "input_ids": [5, 6, 7],
+        "rid": "long-one",
+        "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0.5},
+    }
+    answers: list = []
+    thread = threading.Thread(target=lambda: answers.append(two.post("/generate", body)))
+    thread.start()
+    while two.get("/get_server_info").json()["num_running_reqs"] < 1:
+        assert thread.is_alive(), answers
+    assert two.post("/abort_request", {"rid": "long-one"}).status_code == 200
+    thread.join(timeout=60)
+    assert answers[0].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    wait_idle(two)
+    assert two.post("/flush_cache").status_code == 200  # on both replicas
+
+
+def test_a_weight_swap_reaches_every_replica(two: ServerProcess) -> None:
+    """After a swap to other weights, concurrent requests (both replicas) all answer as the new
+    weights do on one engine; then back."""
+    ref = load_reference(spec.TINY_LLAMA)
+    prompt = prompts_of(ref)[1]
+    other = spec.models_dir() / spec.TINY_LLAMA_SHARDED
+    engine = Engine(model_path=str(other), max_total_tokens=4096)
+    try:
+        greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+        answer = engine.generate(input_ids=prompt, sampling_params=greedy, return_logprob=True)
+        expected = [entry[1] for entry in answer["meta_info"]["output_token_logprobs"]]
+    finally:
+        engine.shutdown()
+    original = spec.models_dir() / spec.TINY_LLAMA
+    try:
+        r = two.post("/update_weights_from_disk", {"model_path": str(other)})
+        assert r.status_code == 200 and r.json()["success"], r.text
+        assert two.get("/get_model_info").json()["model_path"] == str(other)
+        assert generate_batch_ids(two, [prompt] * 4, 8) == [expected] * 4
+    finally:
+        r = two.post("/update_weights_from_disk", {"model_path": str(original)})
+    assert r.status_code == 200 and r.json()["success"], r.text
+    for ids in generate_batch_ids(two, [prompt] * 4, 8):
+        result = greedy_agrees(ids, ref["greedy_1"][:8], ref["greedy_margin_1"][:8])
+        assert result, f"swapped back: {result}"
+
+
+def test_the_expert_dump_is_one_file_of_both_replicas(two: ServerProcess) -> None:
+    """A dense model's dump: one CSV, the header alone, written in the server's directory."""
+    for route in ("/start_expert_distribution_record", "/stop_expert_distribution_record"):
+        assert two.post(route).status_code == 200
+    assert two.post("/dump_expert_distribution_record").status_code == 200
+    workdir = Path(two.log_path).parent
+    (dump,) = workdir.glob("expert_distribution_rank0_*.csv")
+    assert list(csv.reader(dump.open())) == [["layer_id", "expert_id", "count"]]
