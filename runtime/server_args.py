@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")  # the reference's spellings too
 SCHEDULE_POLICIES = ("fcfs", "lpm")
+LOAD_BALANCE_METHODS = ("round_robin", "shortest_queue")  # --dp-size: which replica takes a request
 TOOL_CALL_PARSERS = ("qwen25", "llama3")  # server/tool_parsers.py
 REASONING_PARSERS = ("deepseek-r1", "qwen3")  # server/reasoning_parsers.py
 KERNEL_BACKENDS = ("auto", "pallas", "reference")
@@ -143,6 +144,7 @@ class ServerArgs:
     # Parallelism
     tp_size: int = 1
     dp_size: int = 1
+    load_balance_method: str = "round_robin"
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
@@ -190,6 +192,7 @@ class ServerArgs:
         _check_choice("--load-format", self.load_format, LOAD_FORMATS)
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--schedule-policy", self.schedule_policy, SCHEDULE_POLICIES)
+        _check_choice("--load-balance-method", self.load_balance_method, LOAD_BALANCE_METHODS)
         if self.tool_call_parser is not None:
             _check_choice("--tool-call-parser", self.tool_call_parser, TOOL_CALL_PARSERS)
         if self.reasoning_parser is not None:
@@ -340,6 +343,12 @@ class ServerArgs:
         para = parser.add_argument_group("parallelism")
         para.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=default("tp_size"))
         para.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=default("dp_size"))
+        para.add_argument(
+            "--load-balance-method",
+            default=default("load_balance_method"),
+            help="With --dp-size: round_robin (the reference's default) sends requests to the "
+            "replicas in turn; shortest_queue to the one with the fewest in flight.",
+        )
         para.add_argument("--nnodes", type=int, default=default("nnodes"))
         para.add_argument("--node-rank", type=int, default=default("node_rank"))
         para.add_argument("--dist-init-addr", default=None, help="host:port of node 0 for jax.distributed.")

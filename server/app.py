@@ -565,9 +565,10 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
         return Response(status_code=200)
 
 
-async def _engine_steps(state: ServerState, deadline: float) -> int | None:
-    """The engine's count of steps, read between two of its steps; None where it keeps none (an
-    encoder) or does not answer before `deadline`."""
+async def _engine_progress(state: ServerState, deadline: float) -> list[tuple[int, bool]] | None:
+    """Each engine's (with `--dp-size`, each replica's) count of steps and whether it has work,
+    read between two of its steps; None where an engine keeps no count or does not answer
+    before `deadline`."""
     stats = getattr(state.engine, "stats", None)
     if stats is None:
         return None
@@ -575,7 +576,17 @@ async def _engine_steps(state: ServerState, deadline: float) -> int | None:
         answer = await asyncio.wait_for(asyncio.to_thread(stats), max(deadline - time.monotonic(), 0.0))
     except Exception:  # no answer in time, or an engine gone: the check's own request decides
         return None
-    return answer.get("num_steps")
+    engines = answer.get("replicas") or [answer]
+    if any(engine.get("num_steps") is None for engine in engines):
+        return None
+    return [(e["num_steps"], e.get("num_running_reqs", 0) + e.get("num_queue_reqs", 0) > 0) for e in engines]
+
+
+def _stepped_on(before: list[tuple[int, bool]], now: list[tuple[int, bool]]) -> bool:
+    """Whether an engine, and every engine with work, has finished a step begun since `before`
+    (two steps later: the loop dispatches a step before it reads the previous one)."""
+    stepped = [steps >= was + 2 for (was, _), (steps, _) in zip(before, now, strict=True)]
+    return any(stepped) and all(done or not busy for done, (_, busy) in zip(stepped, now, strict=True))
 
 
 def _is_sample_of(rid: str, parent: str) -> bool:
@@ -594,12 +605,12 @@ async def _health_generate(state: ServerState) -> bool:
     Under load the check's own request queues behind the others (for as long as the running ones
     take, at --max-running-requests), and a load balancer's probe must not evict a server for
     being busy. As the reference answers once any output arrives after the check began, this
-    answers once the scheduler has finished a step begun after it (two steps later: the loop
-    dispatches a step before it reads the previous one)."""
+    answers once every engine with work (each replica, with `--dp-size`) has finished a step begun
+    after it: a replica that hangs keeps the answer from coming."""
     if state.draining:
         return False
     deadline = time.monotonic() + HEALTH_CHECK_TIMEOUT
-    steps_before = await _engine_steps(state, deadline)
+    before = await _engine_progress(state, deadline)
     kind: RequestKind = state.embedding_kind or "generate"
     request = EngineRequest(
         rid=f"HEALTH_CHECK_{protocol.new_rid()}",
@@ -625,9 +636,9 @@ async def _health_generate(state: ServerState) -> bool:
             await asyncio.wait({own}, timeout=min(HEALTH_CHECK_POLL_S, remaining))
             if own.done():
                 return own.exception() is None and own.result().error is None
-            if steps_before is not None:
-                steps = await _engine_steps(state, deadline)
-                if steps is not None and steps >= steps_before + 2:
+            if before is not None:
+                now = await _engine_progress(state, deadline)
+                if now is not None and _stepped_on(before, now):
                     return True
         logger.warning("Health check failed: no output within %.0f s.", HEALTH_CHECK_TIMEOUT)
         return False

@@ -1,19 +1,21 @@
 """Data parallelism (`--dp-size N`): N engine processes, each serving the whole model on devices of
 its own, behind the API of one `EngineClient`.
 
-As the reference's data-parallel controller does, each request goes to one replica, the one with
-the fewest requests in flight (a replica busy with long generations takes fewer new ones), and
-its outputs and aborts stay with that replica. What concerns the model goes to every replica:
-a weight swap, a cache flush, the expert record and profiling; statistics are added up. Replica
-i runs on the host's GPUs i x tp ... (i + 1) x tp - 1 (`--tp-size` each); on a CPU every replica
-has the host's CPU.
+As the reference's data-parallel controller does, each request goes to one replica, in turn
+(`--load-balance-method round_robin`, the reference's default) or to the one with the fewest
+requests in flight (`shortest_queue`), and its outputs and aborts stay with that replica. What
+concerns the model goes to every replica: a weight swap, a cache flush, the expert record and
+profiling; statistics are added up. Replica i runs on the host's GPUs i x tp ... (i + 1) x tp - 1
+(`--tp-size` each); on a CPU every replica has the host's CPU.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import logging
+import multiprocessing
 import os
 import threading
 from collections.abc import Callable
@@ -45,6 +47,8 @@ _SUMMED = frozenset(
         "last_gen_throughput",
         "num_served",
         "num_steps",
+        "num_compiled_programs",
+        "num_pending_compiles",
     }
 )
 
@@ -58,20 +62,24 @@ def replica_devices(replica: int, per_replica: int, visible: str | None) -> str:
 
 
 def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """One server's statistics from its replicas': counts summed, ratios averaged, token usage
-    recomputed from the summed pages; each replica's own under `replicas`."""
+    """One server's statistics from its replicas': counts summed, the token usage weighted by
+    each replica's pages, other figures kept where all agree and averaged where they differ
+    (ratios, latencies); each replica's own under `replicas`."""
     merged: dict[str, Any] = {}
     for key in stats[0]:
-        values = [s[key] for s in stats if isinstance(s.get(key), int | float)]
-        if len(values) != len(stats):
-            merged[key] = stats[0][key]
+        values = [s.get(key) for s in stats]
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if not numbers or (key not in _SUMMED and len(set(values)) == 1):
+            merged[key] = values[0]
         elif key in _SUMMED:
             merged[key] = sum(values)
         else:
             merged[key] = sum(values) / len(values)
-    if merged.get("num_total_pages"):
-        used = merged["num_total_pages"] - merged["num_free_pages"]
-        merged["token_usage"] = used / merged["num_total_pages"]
+    pages = [s.get("num_total_pages") or 0 for s in stats]
+    if "token_usage" in merged and sum(pages):
+        merged["token_usage"] = sum(s["token_usage"] * n for s, n in zip(stats, pages, strict=True)) / sum(
+            pages
+        )
     merged["replicas"] = stats
     return merged
 
@@ -87,15 +95,19 @@ class EngineReplicas:
                 pool.submit(EngineClient, one, on_exit, replica_devices(i, server_args.tp_size, visible))
                 for i in range(count)
             ]
-            concurrent.futures.wait(starts)
-        started = [start.result() for start in starts if start.exception() is None]
-        failed = next((start.exception() for start in starts if start.exception() is not None), None)
-        if failed is not None:
-            for replica in started:
-                replica.shutdown()
-            raise failed
-        self.replicas = started
-        first = started[0]
+            try:
+                concurrent.futures.wait(starts, return_when=concurrent.futures.FIRST_EXCEPTION)
+                failed = next(
+                    (start.exception() for start in starts if start.done() and start.exception()), None
+                )
+                if failed is not None:
+                    raise failed
+            except BaseException:  # a replica that cannot start, or Ctrl-C: none may outlive the start
+                for child in multiprocessing.active_children():  # the loads in progress included
+                    child.kill()
+                raise
+        self.replicas = [start.result() for start in starts]
+        first = self.replicas[0]
         self.server_args = dataclasses.replace(first.server_args, dp_size=count)
         self.request_limits, self.tokenizer, self.model_info = (
             first.request_limits,
@@ -104,6 +116,7 @@ class EngineReplicas:
         )
         self._lock = threading.Lock()
         self._owner: dict[str, EngineClient] = {}  # each request in flight, and its replica
+        self._turns = itertools.count()  # round_robin's
         logger.info("%d engine replicas serve (data parallelism).", count)
 
     # -- requests --------------------------------------------------------------------------------
@@ -119,7 +132,10 @@ class EngineReplicas:
     def submit(self, req: EngineRequest, callback: OutputCallback) -> None:
         with self._lock:
             check_not_in_flight(req.rid, self._owner)
-            replica = min(self.replicas, key=lambda r: r.num_in_flight)
+            if self.server_args.load_balance_method == "shortest_queue":
+                replica = min(self.replicas, key=lambda r: r.num_in_flight)
+            else:
+                replica = self.replicas[next(self._turns) % len(self.replicas)]
             self._owner[req.rid] = replica
 
         def relay(output: RequestOutput) -> None:
@@ -128,7 +144,12 @@ class EngineReplicas:
                     self._owner.pop(req.rid, None)
             callback(output)
 
-        replica.submit(req, relay)
+        try:
+            replica.submit(req, relay)
+        except BaseException:
+            with self._lock:
+                self._owner.pop(req.rid, None)
+            raise
 
     def abort(self, rid: str) -> None:
         with self._lock:
@@ -144,9 +165,12 @@ class EngineReplicas:
 
     def _each(self, call: Callable[[int, EngineClient], Any]) -> list[Any]:
         """`call(index, replica)` on every replica at once; the first error once all have answered."""
+        return [future.result() for future in self._on_all(call)]
+
+    def _on_all(self, call: Callable[[int, EngineClient], Any]) -> list[concurrent.futures.Future]:
+        """`call(index, replica)` on every replica at once; each one's answer, or its error."""
         with concurrent.futures.ThreadPoolExecutor(len(self.replicas)) as pool:
-            futures = [pool.submit(call, i, replica) for i, replica in enumerate(self.replicas)]
-        return [future.result() for future in futures]
+            return [pool.submit(call, i, replica) for i, replica in enumerate(self.replicas)]
 
     def flush_cache(self) -> bool:
         return all(self._each(lambda _, r: r.flush_cache()))
@@ -176,12 +200,27 @@ class EngineReplicas:
 
     def start_profile(self, output_dir: str | None = None, num_steps: int | None = None) -> str:
         """Each replica traces into a folder of its own under `output_dir` (`replica<i>`): the
-        traces of two processes of one host would otherwise share file names."""
+        traces of two processes of one host would otherwise share file names. All start or none
+        does: where one refuses (one already tracing), those that started stop again. With
+        `num_steps`, each replica stops after that many of its own steps."""
         base = Path(output_dir or default_profile_dir())
-        return self._each(lambda i, r: r.start_profile(str(base / f"replica{i}"), num_steps))[0]
+        answers = self._on_all(lambda i, r: r.start_profile(str(base / f"replica{i}"), num_steps))
+        refused = next((a.exception() for a in answers if a.exception() is not None), None)
+        if refused is None:
+            return answers[0].result()
+        for replica, answer in zip(self.replicas, answers, strict=True):
+            if answer.exception() is None:
+                replica.stop_profile()
+        raise refused
 
     def stop_profile(self) -> str:
-        return self._each(lambda _, r: r.stop_profile())[0]
+        """Stop every replica that is tracing; a 400 only where none was (one that received no
+        work since a start with `num_steps` still traces, the others stopped by themselves)."""
+        answers = self._on_all(lambda _, r: r.stop_profile())
+        stopped = [a.result() for a in answers if a.exception() is None]
+        if stopped:
+            return stopped[0]
+        return answers[0].result()
 
     def update_weights_from_disk(
         self, model_path: str, load_format: str | None = None

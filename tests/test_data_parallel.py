@@ -4,7 +4,12 @@ against what one engine answers, on the routes that concern both replicas."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +17,7 @@ import pytest
 
 from runtime.engine import Engine
 from server.replicas import merge_stats, replica_devices
+from server.utils import find_free_port
 from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
 from tests.server_helpers import ServerProcess, generate_batch_ids, start_server, wait_idle
@@ -24,11 +30,17 @@ def test_each_replica_gets_its_own_gpus() -> None:
 
 
 def test_statistics_add_up() -> None:
-    one = {"num_running_reqs": 2, "num_free_pages": 10, "num_total_pages": 20, "cache_hit_rate": 0.5}
-    two = {"num_running_reqs": 1, "num_free_pages": 20, "num_total_pages": 20, "cache_hit_rate": 0.0}
+    """Counts summed, the token usage weighted by pages (cached pages are not in use), a figure
+    all replicas share kept as it is (an int stays one), others averaged."""
+    one = {"num_running_reqs": 2, "num_total_pages": 30, "token_usage": 0.5, "cache_hit_rate": 0.5}
+    two = {"num_running_reqs": 1, "num_total_pages": 10, "token_usage": 0.1, "cache_hit_rate": 0.0}
+    for stats in (one, two):
+        stats["max_req_input_len"] = 2047
     merged = merge_stats([one, two])
     assert merged["num_running_reqs"] == 3 and merged["num_total_pages"] == 40
-    assert merged["cache_hit_rate"] == 0.25 and merged["token_usage"] == 10 / 40
+    assert merged["token_usage"] == pytest.approx((0.5 * 30 + 0.1 * 10) / 40)
+    assert merged["cache_hit_rate"] == 0.25
+    assert merged["max_req_input_len"] == 2047 and isinstance(merged["max_req_input_len"], int)
     assert merged["replicas"] == [one, two]
 
 
@@ -117,6 +129,19 @@ def test_a_weight_swap_reaches_every_replica(two: ServerProcess) -> None:
         assert result, f"swapped back: {result}"
 
 
+def test_profiling_traces_each_replica_into_a_folder_of_its_own(two: ServerProcess, tmp_path: Path) -> None:
+    """With num_steps each replica stops after its own steps: one request runs on one replica, so
+    the other still traces, and a stop ends it (a 200: some replica was tracing)."""
+    r = two.post("/start_profile", {"output_dir": str(tmp_path), "num_steps": 2})
+    assert r.status_code == 200, r.text
+    assert two.post("/start_profile", {"output_dir": str(tmp_path)}).status_code == 400  # already
+    generate_batch_ids(two, [[5, 6, 7]], 4)
+    assert two.post("/stop_profile").status_code == 200
+    assert two.post("/stop_profile").status_code == 400  # none is tracing now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica0", "replica1"]
+    assert all(any(folder.rglob("*.xplane.pb")) for folder in tmp_path.iterdir())
+
+
 def test_the_expert_dump_is_one_file_of_both_replicas(two: ServerProcess) -> None:
     """A dense model's dump: one CSV, the header alone, written in the server's directory."""
     for route in ("/start_expert_distribution_record", "/stop_expert_distribution_record"):
@@ -125,3 +150,35 @@ def test_the_expert_dump_is_one_file_of_both_replicas(two: ServerProcess) -> Non
     workdir = Path(two.log_path).parent
     (dump,) = workdir.glob("expert_distribution_rank0_*.csv")
     assert list(csv.reader(dump.open())) == [["layer_id", "expert_id", "count"]]
+
+
+def test_ctrl_c_while_the_replicas_load_stops_them_all(tmp_path: Path) -> None:
+    """SIGINT while the engines load: the server exits and leaves no engine process behind (the
+    replicas loading are stopped, not waited for)."""
+    port = find_free_port("127.0.0.1")
+    argv = [
+        sys.executable,
+        "-m",
+        "server.launch_server",
+        "--model-path",
+        str(spec.models_dir() / spec.TINY_LLAMA),
+    ]
+    argv += ["--port", str(port), "--dp-size", "2", "--max-total-tokens", "4096"]
+    log = (tmp_path / "server.log").open("wb")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        time.sleep(3)  # the replicas are loading (warm-up on)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) != 0
+        time.sleep(1)
+        left = subprocess.run(
+            ["pgrep", "-f", f"--port {port}"], capture_output=True, text=True
+        ).stdout.split()
+        assert not [pid for pid in left if int(pid) != server.pid], (tmp_path / "server.log").read_text()[
+            -2000:
+        ]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

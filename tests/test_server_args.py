@@ -105,6 +105,10 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"burst_window_ms": 500.0}, "--burst-window-ms must be in [0, 100]"),
         ({"tp_size": 0}, "--tp-size must be at least 1"),
         ({"schedule_policy": "lifo"}, "--schedule-policy must be one of fcfs, lpm"),
+        (
+            {"load_balance_method": "random"},
+            "--load-balance-method must be one of round_robin, shortest_queue",
+        ),
         ({"dtype": "int8"}, "--dtype must be one of"),
         ({"layer_loop": "auto"}, "--layer-loop must be one of scan, unrolled"),
         ({"fused_greedy_sampling": "yes"}, "--fused-greedy-sampling must be one of auto, on, off"),
