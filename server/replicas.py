@@ -77,9 +77,8 @@ def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
             merged[key] = sum(values) / len(values)
     pages = [s.get("num_total_pages") or 0 for s in stats]
     if "token_usage" in merged and sum(pages):
-        merged["token_usage"] = sum(s["token_usage"] * n for s, n in zip(stats, pages, strict=True)) / sum(
-            pages
-        )
+        weighted = sum(s["token_usage"] * n for s, n in zip(stats, pages, strict=True))
+        merged["token_usage"] = weighted / sum(pages)
     merged["replicas"] = stats
     return merged
 
