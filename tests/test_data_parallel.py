@@ -182,3 +182,24 @@ def test_ctrl_c_while_the_replicas_load_stops_them_all(tmp_path: Path) -> None:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def test_replicas_split_over_devices_of_their_own(tmp_path: Path) -> None:
+    """`--dp-size 2 --tp-size 2`: two replicas, each split over two devices (on a CPU, two forced
+    devices per engine process): HF's greedy tokens from both."""
+    ref = load_reference(spec.TINY_LLAMA)
+    prompts = prompts_of(ref)
+    flags = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
+    server = start_server(
+        spec.models_dir() / spec.TINY_LLAMA, "--dp-size", "2", "--tp-size", "2", log_dir=tmp_path, env=flags
+    )
+    try:
+        # round robin: the batch's requests alternate between the replicas
+        for i, ids in enumerate(generate_batch_ids(server, prompts, len(ref["greedy_0"]))):
+            result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
+            assert result, f"prompt {i}: {result}"
+        info = wait_idle(server)
+        assert (info["dp_size"], info["tp_size"]) == (2, 2)
+        assert all(replica["num_steps"] > 0 for replica in info["replicas"])
+    finally:
+        server.stop()
