@@ -12,7 +12,7 @@
 # (docs/benchmarks.md, GPU section). First come the serving figures: the fifth GPU session's
 # fixes to a burst's compiles, the engine alone with and without its dispatch thread and the layer loop in CUDA graphs
 # (the served loop is host-bound on a GPU), the host profile, structured output's cost. Then step
-# times and kernels.
+# times and kernels; last, on a machine with two GPUs or more, tensor and data parallelism.
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
@@ -21,7 +21,8 @@ steps=("$@")
     offline_b64_no_dispatch_thread offline_b64_while_graphs host_profile_b64 offline_tokenizer_b64 offline_constrained_b64 serving_reference_b1
     serving_unfused_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
     one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
-    one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference)
+    one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference
+    serving_tp2_b64 serving_dp2_b64)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -149,6 +150,11 @@ for step in "${steps[@]}"; do
     # Fused greedy sampling (the default on a GPU) against one sampler dispatch a step.
     serving_unfused_b64) run_step serving_unfused_b64 300 \
         bash -c 'serving reference 64 unfused_b64 "--fused-greedy-sampling off"' ;;
+    # Two GPUs or more (a one-GPU machine says so and moves on): the model split over two
+    # (tensor parallelism), and two replicas of it (data parallelism), at batch 64.
+    serving_tp2_b64 | serving_dp2_b64) run_step "$step" 300 bash -c '
+        [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ] || { echo "skipped: needs two GPUs"; exit 0; }
+        serving reference 64 "${0#serving_}" "--${0:8:2}-size 2"' "$step" ;;
     # The served batch-64 figure without XLA's CUDA graphs (its programs compile afresh: the flag
     # is part of the compile cache's key).
     serving_no_command_buffers_b64) run_step serving_no_command_buffers_b64 300 \
