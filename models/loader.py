@@ -138,15 +138,18 @@ def load_model(
     """Build the model named by the folder's config and fill it from the checkpoint.
 
     `load_format`: "auto" (detected), "safetensors", "gguf", "orbax", or "dummy" (random
-    weights of the right shapes, for benchmarks). `on_host`: a checkpoint's weights stay numpy
-    arrays, for the caller to place (tensor parallelism).
+    weights of the right shapes, for benchmarks). `on_host`: the weights stay on the host (a
+    checkpoint's as numpy arrays, random ones on the CPU backend), for the caller to place
+    (tensor parallelism).
     """
     config = load_config(model_path)
     architecture = architecture_of(config)
     cls = get_model_class(architecture)
     jdtype = resolve_dtype(dtype, config, jax.default_backend())
     if load_format == "dummy":
-        return LoadedModel(config, cls(config, jdtype, rngs=nnx.Rngs(0)), architecture, jdtype)
+        # With `on_host`, made by the CPU backend: no accelerator holds the whole model first.
+        with jax.default_device(jax.local_devices(backend="cpu")[0] if on_host else None):
+            return LoadedModel(config, cls(config, jdtype, rngs=nnx.Rngs(0)), architecture, jdtype)
     abstract = abstract_model(cls, config, jdtype)
     params = read_params(cls, config, param_shapes(abstract), model_path, load_format, on_host)
     graphdef, state = nnx.split(abstract)
