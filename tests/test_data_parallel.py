@@ -95,6 +95,7 @@ def test_an_abort_reaches_the_replica_running_the_request(two: ServerProcess) ->
     thread.start()
     while two.get("/get_server_info").json()["num_running_reqs"] < 1:
         assert thread.is_alive(), answers
+        time.sleep(0.05)
     assert two.post("/abort_request", {"rid": "long-one"}).status_code == 200
     thread.join(timeout=60)
     assert answers[0].json()["meta_info"]["finish_reason"]["type"] == "abort"

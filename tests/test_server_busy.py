@@ -38,10 +38,14 @@ def in_background(server: ServerProcess, body: dict[str, Any]) -> tuple[threadin
     return thread, answers
 
 
-def wait_running(server: ServerProcess, timeout: float = 60) -> None:
+def wait_running(server: ServerProcess, queued: int = 0, timeout: float = 60) -> None:
+    """Until a request runs and at least `queued` more wait in the engine."""
     deadline = time.monotonic() + timeout
-    while server.get("/get_server_info").json()["num_running_reqs"] < 1:
-        assert time.monotonic() < deadline, "no request started"
+    while True:
+        info = server.get("/get_server_info").json()
+        if info["num_running_reqs"] >= 1 and info["num_queue_reqs"] >= queued:
+            return
+        assert time.monotonic() < deadline, f"no request started, or too few queued: {info}"
         time.sleep(0.05)
 
 
@@ -70,10 +74,11 @@ def test_aborting_a_parent_rid_aborts_its_samples(busy: ServerProcess, tmp_path:
     thread, answers = in_background(
         busy, {"input_ids": [9, 8, 7], "rid": "parent", "sampling_params": {**LONG, "n": 2}}
     )
+    wait_running(busy, queued=1)  # one sample runs, the other waits
     other, other_answers = in_background(
         busy, {"input_ids": [9, 8, 6], "rid": "parental", "sampling_params": {**LONG, "max_new_tokens": 4}}
     )
-    wait_running(busy)
+    wait_running(busy, queued=2)  # and the other request waits behind them
     assert busy.post("/abort_request", {"rid": "parent"}).status_code == 200
     thread.join(timeout=60)
     other.join(timeout=60)
