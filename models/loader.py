@@ -148,13 +148,21 @@ def load_model(
     jdtype = resolve_dtype(dtype, config, jax.default_backend())
     if load_format == "dummy":
         # With `on_host`, made by the CPU backend: no accelerator holds the whole model first.
-        with jax.default_device(jax.local_devices(backend="cpu")[0] if on_host else None):
+        with jax.default_device(_host_device() if on_host else None):
             return LoadedModel(config, cls(config, jdtype, rngs=nnx.Rngs(0)), architecture, jdtype)
     abstract = abstract_model(cls, config, jdtype)
     params = read_params(cls, config, param_shapes(abstract), model_path, load_format, on_host)
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, params)
     return LoadedModel(config, nnx.merge(graphdef, state), architecture, jdtype)
+
+
+def _host_device() -> jax.Device | None:
+    """The CPU backend's device; None (the default device) where JAX_PLATFORMS leaves it out."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return None
 
 
 def load_params_for(

@@ -1,4 +1,4 @@
-"""Where models and caches live on disk.
+"""Where models, caches and profiler traces live on disk.
 
 One place decides it so that `make`, the scripts, the server and the tests agree:
 `$SGLAX_CACHE` when set, else `<repo>/.cache` (git-ignored).
@@ -47,6 +47,10 @@ def path_exists(path: str | os.PathLike) -> bool:
         return Path(path).exists()
     except OSError:
         return False
+
+
+# How /stop_profile's refusal begins when nothing traces (`--dp-size` tells it from real failures).
+NOT_PROFILING = "Profiling is not in progress."
 
 
 def default_profile_dir() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 
 from runtime.host_memory import host_available_bytes, release_freed_memory
-from runtime.paths import default_profile_dir
+from runtime.paths import NOT_PROFILING, default_profile_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class StepProfiler:
 
     def stop(self) -> str:
         if not self.active:
-            message = "Profiling is not in progress. Call /start_profile first."
+            message = f"{NOT_PROFILING} Call /start_profile first."
             if self.stopped_for_memory:
                 message += (
                     " The last trace stopped by itself when it held a fifth of the host memory free at its"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import functools
 import hmac
 import importlib.metadata
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_TIMEOUT = float(os.environ.get("SGLAX_HEALTH_CHECK_TIMEOUT", "20"))
 HEALTH_CHECK_POLL_S = 0.25  # how often a waiting health check asks whether the engine steps on
+# The health checks' engine calls have threads of their own: a call to a hung engine is never
+# answered, and its thread must not be one that the control routes wait for.
+_HEALTH_CALLS = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="health-check")
 # Control calls run on the scheduler thread between steps; a wedged engine must not wedge the route.
 CONTROL_TIMEOUT = float(os.environ.get("SGLAX_CONTROL_TIMEOUT", "60"))
 FLUSH_CACHE_TEXT = (
@@ -573,7 +577,8 @@ async def _engine_progress(state: ServerState, deadline: float) -> list[tuple[in
     if stats is None:
         return None
     try:
-        answer = await asyncio.wait_for(asyncio.to_thread(stats), max(deadline - time.monotonic(), 0.0))
+        call = asyncio.get_running_loop().run_in_executor(_HEALTH_CALLS, stats)
+        answer = await asyncio.wait_for(call, max(deadline - time.monotonic(), 0.0))
     except Exception:  # no answer in time, or an engine gone: the check's own request decides
         return None
     engines = answer.get("replicas") or [answer]

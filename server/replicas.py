@@ -18,6 +18,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ import numpy as np
 
 from runtime.expert_stats import write_expert_distribution
 from runtime.io_struct import EngineRequest, OutputCallback, RequestOutput
-from runtime.paths import default_profile_dir
-from runtime.request_checks import check_not_in_flight
+from runtime.paths import NOT_PROFILING, default_profile_dir
+from runtime.request_checks import check_not_in_flight, check_request
 from runtime.server_args import ServerArgs
 from server.engine_client import EngineClient
 
@@ -51,6 +52,8 @@ _SUMMED = frozenset(
         "num_pending_compiles",
     }
 )
+# What one request may use: where replicas' KV pools differ, the smallest's.
+_SMALLEST = frozenset({"max_total_num_tokens", "max_req_input_len"})
 
 
 def replica_devices(replica: int, per_replica: int, visible: str | None) -> str:
@@ -62,25 +65,41 @@ def replica_devices(replica: int, per_replica: int, visible: str | None) -> str:
 
 
 def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """One server's statistics from its replicas': counts summed, the token usage weighted by
-    each replica's pages, other figures kept where all agree and averaged where they differ
-    (ratios, latencies); each replica's own under `replicas`."""
+    """One server's statistics from its replicas': counts summed, the limits of one request the
+    smallest replica's, the token usage weighted by each replica's pages, other figures kept
+    where all agree and averaged where they differ (ratios, latencies); each replica's own
+    under `replicas`."""
     merged: dict[str, Any] = {}
-    for key in stats[0]:
-        values = [s.get(key) for s in stats]
+    for key in dict.fromkeys(key for s in stats for key in s):  # every replica's keys, in order
+        values = [s[key] for s in stats if key in s]
         numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
         if not numbers or (key not in _SUMMED and len(set(values)) == 1):
             merged[key] = values[0]
+        elif key in _SMALLEST:
+            merged[key] = min(values)
         elif key in _SUMMED:
             merged[key] = sum(values)
         else:
             merged[key] = sum(values) / len(values)
-    pages = [s.get("num_total_pages") or 0 for s in stats]
-    if "token_usage" in merged and sum(pages):
-        weighted = sum(s["token_usage"] * n for s, n in zip(stats, pages, strict=True))
-        merged["token_usage"] = weighted / sum(pages)
+    weighed = [(s["token_usage"], s.get("num_total_pages") or 0) for s in stats if "token_usage" in s]
+    if weighed and sum(pages for _, pages in weighed):
+        merged["token_usage"] = sum(u * n for u, n in weighed) / sum(n for _, n in weighed)
     merged["replicas"] = stats
     return merged
+
+
+def _stop_starting(starts: list[concurrent.futures.Future], others: set[Any]) -> None:
+    """Stop the replicas of a start given up: those loaded as a server stops them, those still
+    loading killed (a load may take minutes, and the process being started is not known to its
+    `EngineClient` until it has loaded), until every start has ended. `others`: the process's
+    children from before, left alone."""
+    for start in starts:
+        if start.done() and start.exception() is None:
+            start.result().shutdown()
+    while not all(start.done() for start in starts):
+        for child in set(multiprocessing.active_children()) - others:
+            child.kill()
+        time.sleep(0.05)
 
 
 class EngineReplicas:
@@ -88,11 +107,17 @@ class EngineReplicas:
 
     def __init__(self, server_args: ServerArgs, on_exit: Callable[[], None] | None = None) -> None:
         count, visible = server_args.dp_size, os.environ.get("CUDA_VISIBLE_DEVICES")
-        one = dataclasses.replace(server_args, dp_size=1)  # what each replica is
+        # Each replica seeds its requests' samplers from a seed of its own: with one seed, the
+        # k-th request of every replica would draw the same tokens.
+        ones = [
+            dataclasses.replace(server_args, dp_size=1, random_seed=server_args.random_seed + i)
+            for i in range(count)
+        ]
+        others = set(multiprocessing.active_children())
         with concurrent.futures.ThreadPoolExecutor(count) as pool:  # they load side by side
             starts = [
                 pool.submit(EngineClient, one, on_exit, replica_devices(i, server_args.tp_size, visible))
-                for i in range(count)
+                for i, one in enumerate(ones)
             ]
             try:
                 concurrent.futures.wait(starts, return_when=concurrent.futures.FIRST_EXCEPTION)
@@ -102,14 +127,17 @@ class EngineReplicas:
                 if failed is not None:
                     raise failed
             except BaseException:  # a replica that cannot start, or Ctrl-C: none may outlive the start
-                for child in multiprocessing.active_children():  # the loads in progress included
-                    child.kill()
+                _stop_starting(starts, others)
                 raise
         self.replicas = [start.result() for start in starts]
         first = self.replicas[0]
-        self.server_args = dataclasses.replace(first.server_args, dp_size=count)
+        self.server_args = dataclasses.replace(
+            first.server_args, dp_size=count, random_seed=server_args.random_seed
+        )
+        # Requests are checked against the smallest KV pool (pools sized from free memory differ).
+        tightest = min(self.replicas, key=lambda r: r.request_limits.kv_capacity or 0)
         self.request_limits, self.tokenizer, self.model_info = (
-            first.request_limits,
+            tightest.request_limits,
             first.tokenizer,
             first.model_info,
         )
@@ -124,7 +152,7 @@ class EngineReplicas:
         return self.replicas[0].tokenize(text)
 
     def validate_request(self, req: EngineRequest) -> None:
-        self.replicas[0].validate_request(req)
+        check_request(req, self.request_limits)
         with self._lock:
             check_not_in_flight(req.rid, self._owner)  # on any replica
 
@@ -209,17 +237,23 @@ class EngineReplicas:
             return answers[0].result()
         for replica, answer in zip(self.replicas, answers, strict=True):
             if answer.exception() is None:
-                replica.stop_profile()
+                try:
+                    replica.stop_profile()
+                except Exception as exc:  # one that stopped by itself meanwhile (num_steps)
+                    logger.warning("A replica's trace could not be stopped: %s", exc)
         raise refused
 
     def stop_profile(self) -> str:
         """Stop every replica that is tracing; a 400 only where none was (one that received no
         work since a start with `num_steps` still traces, the others stopped by themselves)."""
         answers = self._on_all(lambda _, r: r.stop_profile())
-        stopped = [a.result() for a in answers if a.exception() is None]
-        if stopped:
-            return stopped[0]
-        return answers[0].result()
+        errors = [a.exception() for a in answers if a.exception() is not None]
+        failed = next((e for e in errors if NOT_PROFILING not in str(e)), None)
+        if failed is not None:  # a trace that could not be written, an engine gone
+            raise failed
+        if len(errors) == len(answers):
+            raise errors[0]
+        return next(a.result() for a in answers if a.exception() is None)
 
     def update_weights_from_disk(
         self, model_path: str, load_format: str | None = None

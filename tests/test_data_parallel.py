@@ -36,7 +36,9 @@ def test_statistics_add_up() -> None:
     two = {"num_running_reqs": 1, "num_total_pages": 10, "token_usage": 0.1, "cache_hit_rate": 0.0}
     for stats in (one, two):
         stats["max_req_input_len"] = 2047
+    two["max_total_num_tokens"], one["max_total_num_tokens"] = 1024, 4096  # pools of two sizes
     merged = merge_stats([one, two])
+    assert merged["max_total_num_tokens"] == 1024  # what one request may use anywhere
     assert merged["num_running_reqs"] == 3 and merged["num_total_pages"] == 40
     assert merged["token_usage"] == pytest.approx((0.5 * 30 + 0.1 * 10) / 40)
     assert merged["cache_hit_rate"] == 0.25
@@ -82,6 +84,17 @@ def test_two_replicas_serve_hf_greedy_tokens_side_by_side(two: ServerProcess) ->
     assert all(replica["num_steps"] > 0 for replica in info["replicas"]), info["replicas"]
     assert info["num_total_pages"] == sum(r["num_total_pages"] for r in info["replicas"])
     assert info["num_free_pages"] + info["num_cached_pages"] == info["num_total_pages"]
+
+
+def test_replicas_draw_samples_of_their_own(two: ServerProcess) -> None:
+    """Each replica seeds its requests from a seed of its own: n samples spread over both
+    replicas (round robin) are n different ones, as on one engine."""
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"temperature": 1.0, "max_new_tokens": 8, "n": 4}}
+    for _ in range(2):
+        r = two.post("/generate", {**body, "return_logprob": True})
+        assert r.status_code == 200, r.text
+        samples = [tuple(e[1] for e in a["meta_info"]["output_token_logprobs"]) for a in r.json()]
+        assert len(set(samples)) == 4, samples
 
 
 def test_an_abort_reaches_the_replica_running_the_request(two: ServerProcess) -> None:
@@ -153,32 +166,32 @@ def test_the_expert_dump_is_one_file_of_both_replicas(two: ServerProcess) -> Non
     assert list(csv.reader(dump.open())) == [["layer_id", "expert_id", "count"]]
 
 
+def engines_of(session: int) -> list[str]:
+    """The engine processes (multiprocessing spawns) in a server's process group."""
+    command = ["pgrep", "-g", str(session), "-f", "--", "spawn_main"]
+    return subprocess.run(command, capture_output=True, text=True).stdout.split()
+
+
 def test_ctrl_c_while_the_replicas_load_stops_them_all(tmp_path: Path) -> None:
     """SIGINT while the engines load: the server exits and leaves no engine process behind (the
     replicas loading are stopped, not waited for)."""
-    port = find_free_port("127.0.0.1")
-    argv = [
-        sys.executable,
-        "-m",
-        "server.launch_server",
-        "--model-path",
-        str(spec.models_dir() / spec.TINY_LLAMA),
-    ]
-    argv += ["--port", str(port), "--dp-size", "2", "--max-total-tokens", "4096"]
+    model = str(spec.models_dir() / spec.TINY_LLAMA)
+    argv = [sys.executable, "-m", "server.launch_server", "--model-path", model, "--dp-size", "2"]
+    argv += ["--port", str(find_free_port("127.0.0.1")), "--max-total-tokens", "4096"]
     log = (tmp_path / "server.log").open("wb")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        time.sleep(3)  # the replicas are loading (warm-up on)
+        deadline = time.monotonic() + 60
+        while len(engines_of(server.pid)) < 2:  # both replicas loading (warm-up on)
+            assert time.monotonic() < deadline and server.poll() is None, "the engines never started"
+            time.sleep(0.05)
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) != 0
-        time.sleep(1)
-        left = subprocess.run(
-            ["pgrep", "-f", f"--port {port}"], capture_output=True, text=True
-        ).stdout.split()
-        assert not [pid for pid in left if int(pid) != server.pid], (tmp_path / "server.log").read_text()[
-            -2000:
-        ]
+        deadline = time.monotonic() + 10
+        while engines_of(server.pid):
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.1)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
