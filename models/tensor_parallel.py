@@ -90,14 +90,14 @@ def group_for_shards(params: Params, cfg: DecoderConfig, shards: int) -> Params:
     return walk(params, "")
 
 
-def partition_spec(path: Sequence[Any], ndim: int, shape: Sequence[int], shards: int) -> PartitionSpec:
-    """How a parameter at `path` (keys from the tree's root) is split over the `tp` axis."""
+def partition_spec(path: Sequence[Any], shape: Sequence[int], shards: int) -> PartitionSpec:
+    """How a parameter of `shape` at `path` (keys from the tree's root) is split over the `tp` axis."""
     names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]  # not nnx's `.value`
     axis = _SPLIT_AXIS.get(tuple(names[-2:]))
-    if axis is None or ndim < -axis or shape[axis] % shards:
+    if axis is None or len(shape) < -axis or shape[axis] % shards:
         return PartitionSpec()
-    spec: list[str | None] = [None] * ndim
-    spec[ndim + axis] = TP_AXIS
+    spec: list[str | None] = [None] * len(shape)
+    spec[len(shape) + axis] = TP_AXIS
     return PartitionSpec(*spec)
 
 
@@ -105,7 +105,7 @@ def param_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
     """Each leaf's `NamedSharding` on `mesh`, for a parameter tree (nnx state or pure dict)."""
     shards = mesh.shape[TP_AXIS]
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, partition_spec(path, leaf.ndim, leaf.shape, shards)), params
+        lambda path, leaf: NamedSharding(mesh, partition_spec(path, leaf.shape, shards)), params
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -219,7 +220,7 @@ class ModelRunner:
         if expert_counts is not None:
             expert_hist = expert_hist + expert_counts * recording
         logits, hidden, expert_hist = self._whole((logits, hidden, expert_hist))
-        k_pool, v_pool = self._as_pools((k_pool, v_pool))
+        k_pool, v_pool = self._placed((k_pool, v_pool), kv_pool_sharding)
         if not self.fused_greedy:
             return logits, hidden, k_pool, v_pool, expert_hist
         greedy = _sample_and_record(
@@ -234,16 +235,15 @@ class ModelRunner:
         those compiled aside from shapes alone included, meets the placement it was compiled
         for: left to XLA, a split LM head's logits come out split by vocabulary, and a sampler
         compiled for whole logits refuses them."""
+        return self._placed(tree, lambda mesh: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def _placed(self, tree: Any, sharding_on: Callable[[jax.sharding.Mesh], Any]) -> Any:
+        """Inside a program: under tensor parallelism, `tree`'s arrays placed as `sharding_on(mesh)`
+        says (the KV pools split by KV head, as they came in: `kv_pool_sharding`)."""
         if self.mesh is None:
             return tree
-        whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, whole), tree)
-
-    def _as_pools(self, pools: Any) -> Any:
-        """Inside a program: under tensor parallelism, the KV pools split by KV head, as they came in."""
-        if self.mesh is None:
-            return pools
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_pool_sharding(self.mesh)), pools)
+        sharding = sharding_on(self.mesh)
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
 
     def _sample_fn(self, logits, raw, inputs, output_counts, prompt_mask, slot_tokens, plain=False):
         """The sampler is its own program: it depends on the row count only, so few compile. It

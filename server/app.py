@@ -561,7 +561,7 @@ def _add_native_routes(app: FastAPI, state: ServerState) -> None:
             state.engine.abort_all()
         elif body.rid:
             # A rid given to an n > 1 or batch request names its samples' rids (`rid_0`, `rid_1`,
-            # ...: protocol.expand_rids); as in the reference, aborting it aborts them all.
+            # ...: protocol.expand_rids); aborting it aborts them all (docs/native_api.md).
             for rid in [body.rid, *(r for r in state.inflight if _is_sample_of(r, body.rid))]:
                 state.engine.abort(rid)
         else:
@@ -596,11 +596,7 @@ def _stepped_on(before: list[tuple[int, bool]], now: list[tuple[int, bool]]) -> 
 
 def _is_sample_of(rid: str, parent: str) -> bool:
     """Whether `rid` is one of the rids `protocol.expand_rids` makes from the rid `parent`."""
-    return (
-        rid.startswith(parent)
-        and rid[len(parent) : len(parent) + 1] == "_"
-        and rid[len(parent) + 1 :].isdigit()
-    )
+    return rid.startswith(parent + "_") and rid[len(parent) + 1 :].isdigit()
 
 
 async def _health_generate(state: ServerState) -> bool:

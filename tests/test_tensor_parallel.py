@@ -99,7 +99,7 @@ def test_grouping_puts_each_shards_heads_together() -> None:
 )
 def test_partition_specs(path: tuple[str, ...], shape: tuple[int, ...], expected: PartitionSpec) -> None:
     keys = tuple(jax.tree_util.DictKey(name) for name in path)
-    assert partition_spec(keys, len(shape), shape, 2) == expected
+    assert partition_spec(keys, shape, 2) == expected
 
 
 def test_layers_that_cannot_split_are_named() -> None:
