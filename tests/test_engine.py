@@ -903,6 +903,11 @@ def test_a_decode_batch_gets_its_next_width_compiled_before_it_grows_into_it(tin
     try:
         page_size = engine.server_args.page_size
         prompt = np.random.default_rng(3).integers(5, 200, 6 * page_size).tolist()
+        # The first decode shape (width 8) compiles inline, and its samplers then compile aside:
+        # waited for here, so that the compile thread is free when the next width is asked for
+        # (else, with a warm disk cache, the steps may outrun a compile queued behind them).
+        engine.generate(input_ids=prompt, sampling_params=_greedy(2))
+        engine.runner.wait_for_background_compiles()
         # 6 pages at the first decode (width 8), then past 8 pages: width 12
         engine.generate(input_ids=prompt, sampling_params=_greedy(3 * page_size))
         first, wider = (
