@@ -479,7 +479,7 @@ class DecoderLayer(nnx.Module):
         normed = self.post_attention_layernorm(x)
         if self.sparse:
             valid = real_tokens(meta, k_pool.shape[2])
-            mlp_out, counts = self.mlp(normed, valid, backends.moe)
+            mlp_out, counts = self.mlp(normed, valid, backends)
         else:
             mlp_out, counts = self.mlp(normed, backends.shards), None
         return x + mlp_out, k_pool, v_pool, counts

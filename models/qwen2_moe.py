@@ -13,20 +13,24 @@ Configs mixing dense and sparse layers (`decoder_sparse_step > 1`,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from kernels_pallas.moe_routing import Routing, grouped_matmul, route_tokens
 from models.layers import (
+    TP_AXIS,
     CausalLM,
     DecoderConfig,
     Dtype,
     GatedMLP,
     HFTensorReader,
+    KernelBackends,
     MoeConfig,
     Params,
     activation,
@@ -37,8 +41,29 @@ from models.layers import (
 from models.qwen2 import check_full_attention
 
 
+def _routed_sum(
+    x: jax.Array, routing: Routing, gate_up_proj: jax.Array, down_proj: jax.Array, act: str, backend: str
+) -> jax.Array:
+    """Each token's chosen experts' outputs, weighted and summed in float32: `[T, H]`.
+
+    The experts' intermediate may be one device's slice of it (tensor parallelism): the result is
+    then that device's part of the sum."""
+    tokens, top_k = routing.expert_ids.shape
+    token_of_pair = routing.sort_order // top_k  # the pairs are (token, choice), flattened
+    gate_up = grouped_matmul(x[token_of_pair], gate_up_proj, routing.group_sizes, backend=backend)
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    out_sorted = grouped_matmul(activation(act)(gate) * up, down_proj, routing.group_sizes, backend=backend)
+    out_pairs = jnp.zeros_like(out_sorted).at[routing.sort_order].set(out_sorted)
+    out_pairs = out_pairs.reshape(tokens, top_k, -1)
+    return jnp.einsum("tkh,tk->th", out_pairs, routing.weights, preferred_element_type=jnp.float32)
+
+
 class Experts(nnx.Module):
-    """The routed experts' weights, stacked: `gate_up_proj[E, H, 2I]`, `down_proj[E, I, H]`."""
+    """The routed experts' weights, stacked: `gate_up_proj[E, H, 2I]`, `down_proj[E, I, H]`.
+
+    Under tensor parallelism each device holds every expert's slice of the intermediate (its
+    gate and up columns, grouped as `models/tensor_parallel.py` says, and the same rows of
+    down), runs the experts on its slice, and the devices' parts are summed (one all-reduce)."""
 
     def __init__(self, moe: MoeConfig, hidden: int, act: str, dtype: Dtype, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -47,21 +72,24 @@ class Experts(nnx.Module):
         self.down_proj = nnx.Param(init(rngs.params(), (moe.num_experts, size, hidden), dtype))
         self.act = act
 
-    def __call__(self, x: jax.Array, routing: Routing, backend: str) -> jax.Array:
+    def __call__(self, x: jax.Array, routing: Routing, backends: KernelBackends) -> jax.Array:
         """Weighted sum over each token's chosen experts, `[T, H]`."""
-        tokens, top_k = routing.expert_ids.shape
-        token_of_pair = routing.sort_order // top_k  # the pairs are (token, choice), flattened
-        gate_up = grouped_matmul(
-            x[token_of_pair], self.gate_up_proj[...], routing.group_sizes, backend=backend
+        weights = (self.gate_up_proj[...], self.down_proj[...])
+        if backends.mesh is None:
+            return _routed_sum(x, routing, *weights, self.act, backends.moe).astype(x.dtype)
+        whole = PartitionSpec()
+
+        @functools.partial(
+            jax.shard_map,
+            mesh=backends.mesh,
+            in_specs=(whole, whole, PartitionSpec(None, None, TP_AXIS), PartitionSpec(None, TP_AXIS, None)),
+            out_specs=whole,
         )
-        gate, up = jnp.split(gate_up, 2, axis=-1)
-        out_sorted = grouped_matmul(
-            activation(self.act)(gate) * up, self.down_proj[...], routing.group_sizes, backend=backend
-        )
-        out_pairs = jnp.zeros_like(out_sorted).at[routing.sort_order].set(out_sorted)
-        out_pairs = out_pairs.reshape(tokens, top_k, -1)
-        weighted = jnp.einsum("tkh,tk->th", out_pairs, routing.weights, preferred_element_type=jnp.float32)
-        return weighted.astype(x.dtype)
+        def per_device(x, routing, gate_up_proj, down_proj):
+            part = _routed_sum(x, routing, gate_up_proj, down_proj, self.act, backends.moe)
+            return jax.lax.psum(part, TP_AXIS)
+
+        return per_device(x, routing, *weights).astype(x.dtype)
 
 
 class SparseMoeBlock(nnx.Module):
@@ -78,14 +106,17 @@ class SparseMoeBlock(nnx.Module):
         self.shared_expert_gate = linear(cfg.hidden_size, 1, dtype, rngs)
         self.top_k, self.norm_topk_prob = moe.top_k, moe.norm_topk_prob
 
-    def __call__(self, x: jax.Array, valid: jax.Array, backend: str = "auto") -> tuple[jax.Array, jax.Array]:
-        """`(out[T, H], counts int32[E])`; counts cover the `valid` tokens only."""
+    def __call__(
+        self, x: jax.Array, valid: jax.Array, backends: KernelBackends
+    ) -> tuple[jax.Array, jax.Array]:
+        """`(out[T, H], counts int32[E])`; counts cover the `valid` tokens only. The router and its
+        choices are the same on every device (its weights are whole)."""
         routing = route_tokens(
-            self.gate(x), valid, top_k=self.top_k, renormalize=self.norm_topk_prob, backend=backend
+            self.gate(x), valid, top_k=self.top_k, renormalize=self.norm_topk_prob, backend=backends.moe
         )
-        routed = self.experts(x, routing, backend)
+        routed = self.experts(x, routing, backends)
         shared_scale = sigmoid(self.shared_expert_gate(x))
-        return routed + shared_scale * self.shared_expert(x), routing.counts
+        return routed + shared_scale * self.shared_expert(x, backends.shards), routing.counts
 
 
 def sparse_moe_block(cfg: DecoderConfig, dtype: Dtype, rngs: nnx.Rngs) -> SparseMoeBlock:

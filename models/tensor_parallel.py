@@ -9,13 +9,17 @@ partitioner inserts the collectives (DESIGN.md, "Scale beyond one device"):
   MLP block;
 - the KV pool by KV head, so each device keeps the KV of its own heads;
 - an untied LM head by vocabulary column;
-- the rest (embedding table, norms, classifier heads) whole on every device.
+- a mixture-of-experts layer's experts by intermediate (each device holds every expert's slice,
+  as for the dense MLP; the experts run per device under `shard_map` and their parts are
+  all-reduced, `models/qwen2_moe.py`), its shared expert as a dense MLP;
+- the rest (embedding table, norms, the router, classifier heads) whole on every device.
 
-A fused kernel holds its parts side by side (`[q | k | v]`, `[gate | up]`), so cutting its
-columns into equal blocks would hand a device some of q and some of k. `group_for_shards`
-reorders the columns so that each device's block is its own parts in order (`[q_0 k_0 v_0 | q_1
-k_1 v_1]`); the model splits a block the same way (`Attention`, `GatedMLP` with `shards`). With
-one device the order is the checkpoint's.
+A fused kernel holds its parts side by side (`[q | k | v]`, `[gate | up]`, each expert's too), so
+cutting its columns into equal blocks would hand a device some of q and some of k.
+`group_for_shards` reorders the columns so that each device's block is its own parts in order
+(`[q_0 k_0 v_0 | q_1 k_1 v_1]`); the model splits a block the same way (`Attention`, `GatedMLP`
+with `shards`, an expert's block split in two halves). With one device the order is the
+checkpoint's.
 """
 
 from __future__ import annotations
@@ -39,20 +43,26 @@ _SPLIT_AXIS = {
     ("o_proj", "kernel"): -2,
     ("down_proj", "kernel"): -2,
     ("lm_head", "kernel"): -1,
+    ("experts", "gate_up_proj"): -1,  # [E, H, 2I]: each expert's intermediate, as gate_up above
+    ("experts", "down_proj"): -2,  # [E, I, H]
 }
 
 
 def unsupported_reason(cfg: DecoderConfig, shards: int) -> str | None:
     """Why these layers cannot be split over `shards` devices, or None when they can."""
-    if cfg.moe is not None:
-        return "mixture-of-experts layers run on one device (expert parallelism is not implemented)"
-    for name, count in (
+    counts = [
         ("attention heads", cfg.num_heads),
         ("KV heads", cfg.num_kv_heads),
         ("MLP intermediate size", cfg.intermediate_size),
-    ):
+    ]
+    if cfg.moe is not None:
+        counts += [
+            ("experts' intermediate size", cfg.moe.intermediate_size),
+            ("shared expert's intermediate size", cfg.moe.shared_expert_intermediate_size),
+        ]
+    for name, count in counts:
         if count % shards:
-            return f"its {name} ({count}) do not split evenly over {shards} devices"
+            return f"its {name} ({count}) cannot be split evenly over {shards} devices"
     return None
 
 
@@ -66,28 +76,34 @@ def _group_columns(array: Any, sizes: Sequence[int], shards: int) -> Any:
     return xp.concatenate(blocks, axis=-1).reshape(*lead, -1)
 
 
+def _fused_parts(names: tuple[str, ...], cfg: DecoderConfig) -> list[int] | None:
+    """The sizes of the parts side by side in the last axis of the leaf at `names` (keys from the
+    tree's root), for a fused kernel; None for any other leaf."""
+    head_dim = cfg.head_dim
+    if names[-2:] in (("qkv_proj", "kernel"), ("qkv_proj", "bias")):
+        return [cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim, cfg.num_kv_heads * head_dim]
+    if names[-2:] == ("experts", "gate_up_proj") and cfg.moe is not None:
+        return [cfg.moe.intermediate_size] * 2
+    if names[-2:] in (("gate_up_proj", "kernel"), ("gate_up_proj", "bias")):
+        shared = cfg.moe is not None and "shared_expert" in names
+        size = cfg.moe.shared_expert_intermediate_size if shared else cfg.intermediate_size
+        return [size, size]
+    return None
+
+
 def group_for_shards(params: Params, cfg: DecoderConfig, shards: int) -> Params:
     """A pure parameter tree with its fused kernels' columns grouped for `shards` devices (see the
     module's docstring); the tree as it is for one device. Stacked (`[L, ...]`) or not."""
     if shards == 1:
         return params
-    head_dim = cfg.head_dim
-    qkv = [cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim, cfg.num_kv_heads * head_dim]
-    gate_up = [cfg.intermediate_size, cfg.intermediate_size]
-    fused = {"qkv_proj": qkv, "gate_up_proj": gate_up}
 
-    def walk(tree: Any, parent: str) -> Any:
-        if not isinstance(tree, dict):
-            return tree
-        sizes = fused.get(parent)
-        return {
-            name: _group_columns(value, sizes, shards)
-            if sizes is not None and not isinstance(value, dict)
-            else walk(value, name)
-            for name, value in tree.items()
-        }
+    def walk(tree: Any, names: tuple[str, ...]) -> Any:
+        if isinstance(tree, dict):
+            return {name: walk(value, (*names, name)) for name, value in tree.items()}
+        sizes = _fused_parts(names, cfg)
+        return tree if sizes is None else _group_columns(tree, sizes, shards)
 
-    return walk(params, "")
+    return walk(params, ())
 
 
 def partition_spec(path: Sequence[Any], shape: Sequence[int], shards: int) -> PartitionSpec:

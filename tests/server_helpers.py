@@ -15,6 +15,7 @@ stop it in the fixture's finalizer.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 
 from server.utils import find_free_port, terminate_process, wait_for_server
@@ -34,6 +36,8 @@ REQUEST_TIMEOUT = 300
 LOG_TAIL = 4000
 # Small by default: several servers, torch references and other test runs share 24 GB and two cores.
 DEFAULT_FLAGS: tuple[str, ...] = ("--max-total-tokens", "4096", "--max-running-requests", "32", "--no-warmup")
+EXPERT_CSV_GLOB = "expert_distribution_rank0_timestamp*.csv"  # written in the server's working directory
+EXPERT_CSV_HEADER = ["layer_id", "expert_id", "count"]
 
 
 @dataclass
@@ -166,3 +170,46 @@ def wait_idle(server: ServerProcess, timeout: float = 120) -> dict[str, Any]:
             return info
         assert time.monotonic() < deadline, f"server not idle after {timeout} s: {info}"
         time.sleep(0.1)
+
+
+# ----------------------------------------------------------------------------- the expert record
+
+
+def text_route(server: ServerProcess, route: str, expected: str) -> None:
+    r = server.post(route)
+    assert r.status_code == 200, f"{route}: {r.status_code} {r.text[:300]}"
+    assert r.text == expected, (route, r.text)
+
+
+def start_record(server: ServerProcess) -> None:
+    text_route(server, "/start_expert_distribution_record", "Start recording the expert distribution.\n")
+
+
+def stop_record(server: ServerProcess) -> None:
+    text_route(server, "/stop_expert_distribution_record", "Stop recording the expert distribution.\n")
+
+
+def dump_record(server: ServerProcess, workdir: Path) -> tuple[Path, np.ndarray]:
+    """Dump, then read the one new CSV in the server's working directory as int[layers, experts]."""
+    before = set(workdir.glob(EXPERT_CSV_GLOB))
+    text_route(server, "/dump_expert_distribution_record", "Dump expert distribution record.\n")
+    new = sorted(set(workdir.glob(EXPERT_CSV_GLOB)) - before)
+    assert len(new) == 1, (
+        f"expected one new {EXPERT_CSV_GLOB} in {workdir}, found {new} (all: {sorted(workdir.iterdir())})"
+    )
+    path = new[0]
+    stamp = path.name.removeprefix("expert_distribution_rank0_timestamp").removesuffix(".csv")
+    float(stamp)  # the reference writes time.time()
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == EXPERT_CSV_HEADER, rows[0]
+    body = [tuple(int(x) for x in row) for row in rows[1:]]
+    layers = max(r[0] for r in body) + 1
+    experts = max(r[1] for r in body) + 1
+    assert [(r[0], r[1]) for r in body] == [(layer, e) for layer in range(layers) for e in range(experts)], (
+        "one row per layer and expert, in order"
+    )
+    counts = np.zeros((layers, experts), np.int64)
+    for layer, expert, count in body:
+        counts[layer, expert] = count
+    return path, counts

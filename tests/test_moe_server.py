@@ -13,7 +13,6 @@ runs with --disable-radix-cache so no prompt token is served from the prefix cac
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +21,16 @@ import pytest
 
 from tests import fixture_spec as spec
 from tests.conftest import fixture_path, greedy_agrees, load_reference
-from tests.server_helpers import ServerProcess, generate_batch_ids, generate_ids, start_server, wait_idle
-
-CSV_GLOB = "expert_distribution_rank0_timestamp*.csv"
-CSV_HEADER = ["layer_id", "expert_id", "count"]
+from tests.server_helpers import (
+    ServerProcess,
+    dump_record,
+    generate_batch_ids,
+    generate_ids,
+    start_record,
+    start_server,
+    stop_record,
+    wait_idle,
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,46 +55,6 @@ def moe(tmp_path_factory: pytest.TempPathFactory, workdir: Path) -> Iterator[Ser
 @pytest.fixture(scope="module")
 def ref() -> dict:
     return load_reference(spec.TINY_QWEN2_MOE)
-
-
-def text_route(server: ServerProcess, route: str, expected: str) -> None:
-    r = server.post(route)
-    assert r.status_code == 200, f"{route}: {r.status_code} {r.text[:300]}"
-    assert r.text == expected, (route, r.text)
-
-
-def start_record(server: ServerProcess) -> None:
-    text_route(server, "/start_expert_distribution_record", "Start recording the expert distribution.\n")
-
-
-def stop_record(server: ServerProcess) -> None:
-    text_route(server, "/stop_expert_distribution_record", "Stop recording the expert distribution.\n")
-
-
-def dump_record(server: ServerProcess, workdir: Path) -> tuple[Path, np.ndarray]:
-    """Dump, then read the one new CSV in the server's working directory as int[layers, experts]."""
-    before = set(workdir.glob(CSV_GLOB))
-    text_route(server, "/dump_expert_distribution_record", "Dump expert distribution record.\n")
-    new = sorted(set(workdir.glob(CSV_GLOB)) - before)
-    assert len(new) == 1, (
-        f"expected one new {CSV_GLOB} in {workdir}, found {new} (all: {sorted(workdir.iterdir())})"
-    )
-    path = new[0]
-    stamp = path.name.removeprefix("expert_distribution_rank0_timestamp").removesuffix(".csv")
-    float(stamp)  # the reference writes time.time()
-    with path.open(newline="") as handle:
-        rows = list(csv.reader(handle))
-    assert rows[0] == CSV_HEADER, rows[0]
-    body = [tuple(int(x) for x in row) for row in rows[1:]]
-    layers = max(r[0] for r in body) + 1
-    experts = max(r[1] for r in body) + 1
-    assert [(r[0], r[1]) for r in body] == [(layer, e) for layer in range(layers) for e in range(experts)], (
-        "one row per layer and expert, in order"
-    )
-    counts = np.zeros((layers, experts), np.int64)
-    for layer, expert, count in body:
-        counts[layer, expert] = count
-    return path, counts
 
 
 def test_greedy_tokens_match_hf(moe: ServerProcess, ref: dict) -> None:

@@ -32,7 +32,16 @@ from runtime.engine import Engine
 from runtime.weights import load_config
 from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
-from tests.server_helpers import ServerProcess, generate_batch_ids, greedy_params, start_server, wait_idle
+from tests.server_helpers import (
+    ServerProcess,
+    dump_record,
+    generate_batch_ids,
+    greedy_params,
+    start_record,
+    start_server,
+    stop_record,
+    wait_idle,
+)
 
 SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32")  # the server's warm-up on
 TWO_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
@@ -103,9 +112,15 @@ def test_partition_specs(path: tuple[str, ...], shape: tuple[int, ...], expected
 
 
 def test_layers_that_cannot_split_are_named() -> None:
-    assert "mixture-of-experts" in unsupported_reason(_cfg_of(spec.TINY_QWEN2_MOE), 2)
+    moe = _cfg_of(spec.TINY_QWEN2_MOE)  # 4 heads, experts' intermediate 32, shared expert's 64
+    assert unsupported_reason(moe, 2) is None
+    odd_experts = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, intermediate_size=30))
+    assert (
+        unsupported_reason(odd_experts, 4)
+        == "its experts' intermediate size (30) cannot be split evenly over 4 devices"
+    )
     gqa8 = _cfg_of(spec.TINY_LLAMA_TIED_GQA8)
-    assert unsupported_reason(gqa8, 2) == "its KV heads (1) do not split evenly over 2 devices"
+    assert unsupported_reason(gqa8, 2) == "its KV heads (1) cannot be split evenly over 2 devices"
     assert unsupported_reason(gqa8, 1) is None
 
 
@@ -262,10 +277,46 @@ def test_a_reward_model_split_over_two_devices_scores_as_hf(tmp_path: Path) -> N
         server.stop()
 
 
+def test_mixture_of_experts_split_over_two_devices(tmp_path: Path) -> None:
+    """Qwen2-MoE with each expert's intermediate (and the shared expert's) split over two devices:
+    HF's greedy tokens in a batch, HF's logprob at every prompt position (also after the weights
+    are swapped in from disk, regrouped as at load), and the expert record's counts equal to HF's
+    router choices (the router runs whole on each device, recorded once)."""
+    ref = load_reference(spec.TINY_QWEN2_MOE)
+    prompts = prompts_of(ref)
+    server = start_server(
+        spec.models_dir() / spec.TINY_QWEN2_MOE,
+        "--tp-size",
+        "2",
+        "--disable-radix-cache",
+        log_dir=tmp_path,
+        cwd=tmp_path,
+        env=TWO_DEVICES,
+    )
+    try:
+        for i, ids in enumerate(generate_batch_ids(server, prompts, len(ref["greedy_0"]))):
+            result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
+            assert result, f"prompt {i}: {result}"
+        for i in (1, 2):
+            assert_prompt_logprobs(server, prompts[i], ref[f"logits_{i}"][:-1], f"prompt {i}")
+        r = server.post(
+            "/update_weights_from_disk", {"model_path": str(spec.models_dir() / spec.TINY_QWEN2_MOE)}
+        )
+        assert r.status_code == 200 and r.json()["success"], r.text
+        assert_prompt_logprobs(server, prompts[2], ref["logits_2"][:-1], "swapped in again")
+        wait_idle(server)
+        start_record(server)
+        generate_batch_ids(server, [prompts[2]], 1)
+        stop_record(server)
+        _, counts = dump_record(server, tmp_path)
+        assert np.array_equal(counts, ref["router_counts_2"]), (counts, ref["router_counts_2"])
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(
     ("model", "tp", "message"),
     [
-        (spec.TINY_QWEN2_MOE, "2", "--tp-size 2 cannot serve Qwen2MoeForCausalLM: mixture-of-experts"),
         (spec.TINY_QWEN2, "4", "--tp-size 4 needs 4 devices; this machine has 2 (cpu)"),
         (spec.MINILM, "2", "--tp-size 2 cannot serve BertModel: encoders run on one device"),
     ],

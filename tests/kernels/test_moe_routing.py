@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from tests.kernels.support import (
+    H100,
     lower_for_h100,
     race_params,
     races_found,
@@ -179,3 +180,32 @@ def test_grouped_matmul_lowers_for_h100(rows, depth, width, groups, dtype):
     group_sizes = jnp.zeros((groups,), jnp.int32)
     kernel = functools.partial(moe.grouped_matmul_mgpu, num_ctas=132)
     assert "mosaic_gpu" in lower_for_h100(kernel, lhs, rhs, group_sizes)
+
+
+def test_grouped_matmuls_lower_for_two_h100s_split_by_intermediate():
+    """Under tensor parallelism (`models.qwen2_moe.Experts`) the experts run in `shard_map`, each
+    of two H100s on its half of every expert's intermediate (Qwen1.5-MoE's 1408: 704 each): the
+    gate/up product by output column, the down product by input row, the parts all-reduced."""
+    mesh = jax.sharding.AbstractMesh((2,), ("tp",), abstract_device=jax.sharding.AbstractDevice(**H100))
+    spec = jax.sharding.PartitionSpec
+    specs = (spec(), spec(None, None, "tp"), spec(None, "tp", None), spec())
+
+    def experts(lhs, gate_up, down, group_sizes):
+        hidden = moe.grouped_matmul_mgpu(lhs, gate_up, group_sizes, num_ctas=132)
+        out = moe.grouped_matmul_mgpu(hidden[:, : hidden.shape[1] // 2], down, group_sizes, num_ctas=132)
+        return jax.lax.psum(out, "tp")
+
+    split = jax.shard_map(experts, mesh=mesh, in_specs=specs, out_specs=spec())
+    shapes = [
+        ((256, 2048), jnp.bfloat16),
+        ((60, 2048, 2 * 1408), jnp.bfloat16),
+        ((60, 1408, 2048), jnp.bfloat16),
+        ((60,), jnp.int32),
+    ]
+    placed = [
+        jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, s))
+        for (shape, dtype), s in zip(shapes, specs, strict=True)
+    ]
+    with jax.sharding.use_abstract_mesh(mesh):
+        hlo = jax.jit(split).trace(*placed).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in hlo and "all_reduce" in hlo
