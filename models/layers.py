@@ -276,12 +276,14 @@ class GatedMLP(nnx.Module):
 @dataclasses.dataclass(frozen=True)
 class KernelBackends:
     """How the kernels run: which implementation each dispatcher uses ("auto": Pallas on a GPU
-    where it is the faster, "pallas" or "reference"), and the device mesh whose `tp` axis splits
-    the heads and the MLP columns (tensor parallelism; None: one device)."""
+    where it is the faster, "pallas" or "reference"), the device mesh whose `tp` axis splits
+    the heads and the MLP columns (tensor parallelism; None: one device), and how MoE experts
+    split over it (`models/tensor_parallel.py`)."""
 
     attention: str = "auto"
     moe: str = "auto"
     mesh: jax.sharding.Mesh | None = None
+    experts_by_expert: bool = False  # expert parallelism: each device holds whole MoE experts
 
     @property
     def shards(self) -> int:

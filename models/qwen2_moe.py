@@ -13,6 +13,7 @@ Configs mixing dense and sparse layers (`decoder_sparse_step > 1`,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -58,12 +59,29 @@ def _routed_sum(
     return jnp.einsum("tkh,tk->th", out_pairs, routing.weights, preferred_element_type=jnp.float32)
 
 
+def _own_experts(routing: Routing, num_local: int) -> Routing:
+    """Expert parallelism: the routing as this device's block of `num_local` experts sees it.
+
+    The (token, choice) pairs sorted by expert put this device's experts' pairs in one run; the
+    sort order is rotated to bring that run first and the group sizes cut to the device's
+    experts. The grouped matmuls leave the rows past their groups zero, so every other pair adds
+    nothing here (its device adds it)."""
+    first = jax.lax.axis_index(TP_AXIS) * num_local
+    sizes = routing.group_sizes
+    start = jnp.sum(jnp.where(jnp.arange(sizes.shape[0]) < first, sizes, 0))
+    own_sizes = jax.lax.dynamic_slice_in_dim(sizes, first, num_local)
+    return dataclasses.replace(
+        routing, sort_order=jnp.roll(routing.sort_order, -start), group_sizes=own_sizes
+    )
+
+
 class Experts(nnx.Module):
     """The routed experts' weights, stacked: `gate_up_proj[E, H, 2I]`, `down_proj[E, I, H]`.
 
-    Under tensor parallelism each device holds every expert's slice of the intermediate (its
-    gate and up columns, grouped as `models/tensor_parallel.py` says, and the same rows of
-    down), runs the experts on its slice, and the devices' parts are summed (one all-reduce)."""
+    Split over devices (`models/tensor_parallel.py`), each device runs the experts on what it
+    holds and the devices' parts are summed (one all-reduce): under tensor parallelism every
+    expert's slice of the intermediate (its gate and up columns, grouped per device, and the
+    same rows of down); under expert parallelism whole experts, a block of E / N."""
 
     def __init__(self, moe: MoeConfig, hidden: int, act: str, dtype: Dtype, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
@@ -77,15 +95,19 @@ class Experts(nnx.Module):
         weights = (self.gate_up_proj[...], self.down_proj[...])
         if backends.mesh is None:
             return _routed_sum(x, routing, *weights, self.act, backends.moe).astype(x.dtype)
-        whole = PartitionSpec()
+        whole, by_expert = PartitionSpec(), backends.experts_by_expert
+        split = (
+            (PartitionSpec(TP_AXIS, None, None),) * 2
+            if by_expert
+            else (PartitionSpec(None, None, TP_AXIS), PartitionSpec(None, TP_AXIS, None))
+        )
 
         @functools.partial(
-            jax.shard_map,
-            mesh=backends.mesh,
-            in_specs=(whole, whole, PartitionSpec(None, None, TP_AXIS), PartitionSpec(None, TP_AXIS, None)),
-            out_specs=whole,
+            jax.shard_map, mesh=backends.mesh, in_specs=(whole, whole, *split), out_specs=whole
         )
         def per_device(x, routing, gate_up_proj, down_proj):
+            if by_expert:
+                routing = _own_experts(routing, gate_up_proj.shape[0])
             part = _routed_sum(x, routing, gate_up_proj, down_proj, self.act, backends.moe)
             return jax.lax.psum(part, TP_AXIS)
 

@@ -10,8 +10,10 @@ partitioner inserts the collectives (DESIGN.md, "Scale beyond one device"):
 - the KV pool by KV head, so each device keeps the KV of its own heads;
 - an untied LM head by vocabulary column;
 - a mixture-of-experts layer's experts by intermediate (each device holds every expert's slice,
-  as for the dense MLP; the experts run per device under `shard_map` and their parts are
-  all-reduced, `models/qwen2_moe.py`), its shared expert as a dense MLP;
+  as for the dense MLP), or with expert parallelism (`by_expert`, `--ep-size`) by expert (each
+  device holds whole experts, a block of E / N); either way the experts run per device under
+  `shard_map` and their parts are all-reduced (`models/qwen2_moe.py`), and the shared expert
+  splits as a dense MLP;
 - the rest (embedding table, norms, the router, classifier heads) whole on every device.
 
 A fused kernel holds its parts side by side (`[q | k | v]`, `[gate | up]`, each expert's too), so
@@ -46,10 +48,12 @@ _SPLIT_AXIS = {
     ("experts", "gate_up_proj"): -1,  # [E, H, 2I]: each expert's intermediate, as gate_up above
     ("experts", "down_proj"): -2,  # [E, I, H]
 }
+_BY_EXPERT = {("experts", "gate_up_proj"): -3, ("experts", "down_proj"): -3}  # expert parallelism
 
 
-def unsupported_reason(cfg: DecoderConfig, shards: int) -> str | None:
-    """Why these layers cannot be split over `shards` devices, or None when they can."""
+def unsupported_reason(cfg: DecoderConfig, shards: int, by_expert: bool = False) -> str | None:
+    """Why these layers cannot be split over `shards` devices, or None when they can; `by_expert`:
+    MoE experts split by expert (expert parallelism) rather than by intermediate."""
     counts = [
         ("attention heads", cfg.num_heads),
         ("KV heads", cfg.num_kv_heads),
@@ -57,7 +61,9 @@ def unsupported_reason(cfg: DecoderConfig, shards: int) -> str | None:
     ]
     if cfg.moe is not None:
         counts += [
-            ("experts' intermediate size", cfg.moe.intermediate_size),
+            ("experts", cfg.moe.num_experts)
+            if by_expert
+            else ("experts' intermediate size", cfg.moe.intermediate_size),
             ("shared expert's intermediate size", cfg.moe.shared_expert_intermediate_size),
         ]
     for name, count in counts:
@@ -76,14 +82,15 @@ def _group_columns(array: Any, sizes: Sequence[int], shards: int) -> Any:
     return xp.concatenate(blocks, axis=-1).reshape(*lead, -1)
 
 
-def _fused_parts(names: tuple[str, ...], cfg: DecoderConfig) -> list[int] | None:
+def _fused_parts(names: tuple[str, ...], cfg: DecoderConfig, by_expert: bool) -> list[int] | None:
     """The sizes of the parts side by side in the last axis of the leaf at `names` (keys from the
-    tree's root), for a fused kernel; None for any other leaf."""
+    tree's root), for a fused kernel a device holds part of; None for any other leaf (whole
+    experts, under expert parallelism, keep their order)."""
     head_dim = cfg.head_dim
     if names[-2:] in (("qkv_proj", "kernel"), ("qkv_proj", "bias")):
         return [cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim, cfg.num_kv_heads * head_dim]
     if names[-2:] == ("experts", "gate_up_proj") and cfg.moe is not None:
-        return [cfg.moe.intermediate_size] * 2
+        return None if by_expert else [cfg.moe.intermediate_size] * 2
     if names[-2:] in (("gate_up_proj", "kernel"), ("gate_up_proj", "bias")):
         shared = cfg.moe is not None and "shared_expert" in names
         size = cfg.moe.shared_expert_intermediate_size if shared else cfg.intermediate_size
@@ -91,7 +98,7 @@ def _fused_parts(names: tuple[str, ...], cfg: DecoderConfig) -> list[int] | None
     return None
 
 
-def group_for_shards(params: Params, cfg: DecoderConfig, shards: int) -> Params:
+def group_for_shards(params: Params, cfg: DecoderConfig, shards: int, by_expert: bool = False) -> Params:
     """A pure parameter tree with its fused kernels' columns grouped for `shards` devices (see the
     module's docstring); the tree as it is for one device. Stacked (`[L, ...]`) or not."""
     if shards == 1:
@@ -100,16 +107,18 @@ def group_for_shards(params: Params, cfg: DecoderConfig, shards: int) -> Params:
     def walk(tree: Any, names: tuple[str, ...]) -> Any:
         if isinstance(tree, dict):
             return {name: walk(value, (*names, name)) for name, value in tree.items()}
-        sizes = _fused_parts(names, cfg)
+        sizes = _fused_parts(names, cfg, by_expert)
         return tree if sizes is None else _group_columns(tree, sizes, shards)
 
     return walk(params, ())
 
 
-def partition_spec(path: Sequence[Any], shape: Sequence[int], shards: int) -> PartitionSpec:
+def partition_spec(
+    path: Sequence[Any], shape: Sequence[int], shards: int, by_expert: bool = False
+) -> PartitionSpec:
     """How a parameter of `shape` at `path` (keys from the tree's root) is split over the `tp` axis."""
-    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]  # not nnx's `.value`
-    axis = _SPLIT_AXIS.get(tuple(names[-2:]))
+    names = tuple(key.key for key in path if isinstance(key, jax.tree_util.DictKey))  # not nnx's `.value`
+    axis = (by_expert and _BY_EXPERT.get(names[-2:])) or _SPLIT_AXIS.get(names[-2:])
     if axis is None or len(shape) < -axis or shape[axis] % shards:
         return PartitionSpec()
     spec: list[str | None] = [None] * len(shape)
@@ -117,11 +126,11 @@ def partition_spec(path: Sequence[Any], shape: Sequence[int], shards: int) -> Pa
     return PartitionSpec(*spec)
 
 
-def param_shardings(params: Any, mesh: jax.sharding.Mesh) -> Any:
+def param_shardings(params: Any, mesh: jax.sharding.Mesh, by_expert: bool = False) -> Any:
     """Each leaf's `NamedSharding` on `mesh`, for a parameter tree (nnx state or pure dict)."""
     shards = mesh.shape[TP_AXIS]
     return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: NamedSharding(mesh, partition_spec(path, leaf.shape, shards)), params
+        lambda path, leaf: NamedSharding(mesh, partition_spec(path, leaf.shape, shards, by_expert)), params
     )
 
 

@@ -116,7 +116,10 @@ class Engine:
         self.mesh = self._split_over_devices(loaded.architecture)
         if hasattr(self.model, "kernel_backends"):
             self.model.kernel_backends = KernelBackends(
-                attention=args.attention_backend, moe=args.moe_backend, mesh=self.mesh
+                attention=args.attention_backend,
+                moe=args.moe_backend,
+                mesh=self.mesh,
+                experts_by_expert=self._experts_by_expert,
             )
         self.tokenizer = load_tokenizer(args)
         self.model_info = self._model_info(loaded.architecture)
@@ -171,6 +174,12 @@ class Engine:
             embedding_size={"embed": config.hidden_size, "classify": config.num_labels, None: None}[kind],
         )
 
+    @property
+    def _experts_by_expert(self) -> bool:
+        """Expert parallelism (`--ep-size` equal to a `--tp-size` above 1): MoE experts split over
+        the devices by expert rather than by intermediate."""
+        return self.server_args.ep_size > 1
+
     def _split_over_devices(self, architecture: str) -> jax.sharding.Mesh | None:
         """With `--tp-size N`, the model's weights split over N devices (`models/tensor_parallel.py`)
         and the mesh they are split over; None on one device."""
@@ -179,16 +188,18 @@ class Engine:
             return None
         mesh = tensor_parallel_mesh(shards)
         cfg = getattr(self.model, "cfg", None)
+        by_expert = self._experts_by_expert
         why = (
-            unsupported_reason(cfg, shards)
+            unsupported_reason(cfg, shards, by_expert)
             if isinstance(cfg, DecoderConfig)
             else "encoders run on one device"
         )
         if why is not None:
-            raise ValueError(f"--tp-size {shards} cannot serve {architecture}: {why}.")
+            flags = f"--tp-size {shards}" + (f" --ep-size {shards}" if by_expert else "")
+            raise ValueError(f"{flags} cannot serve {architecture}: {why}.")
         state = nnx.state(self.model)
-        nnx.replace_by_pure_dict(state, group_for_shards(nnx.to_pure_dict(state), cfg, shards))
-        nnx.update(self.model, jax.device_put(state, param_shardings(state, mesh)))
+        nnx.replace_by_pure_dict(state, group_for_shards(nnx.to_pure_dict(state), cfg, shards, by_expert))
+        nnx.update(self.model, jax.device_put(state, param_shardings(state, mesh, by_expert)))
         logger.info("Tensor parallel over %d devices: %s", shards, ", ".join(map(str, mesh.devices.flat)))
         return mesh
 
@@ -550,7 +561,9 @@ class Engine:
                 on_host=self.mesh is not None,
             )
             if self.mesh is not None:
-                pure = group_for_shards(pure, self.model.cfg, self.server_args.tp_size)
+                pure = group_for_shards(
+                    pure, self.model.cfg, self.server_args.tp_size, self._experts_by_expert
+                )
             pooling = load_pooling(model_path) if self.encoder is not None else None
         except Exception as exc:  # any failure leaves the serving weights untouched
             return False, f"Failed to update weights: {exc}", 0

@@ -143,6 +143,7 @@ class ServerArgs:
 
     # Parallelism
     tp_size: int = 1
+    ep_size: int = 1  # 1: MoE experts split by intermediate over --tp-size; = tp_size: by expert
     dp_size: int = 1
     load_balance_method: str = "round_robin"
     nnodes: int = 1
@@ -231,7 +232,7 @@ class ServerArgs:
             raise ValueError(
                 f"--burst-window-ms must be in [0, {MAX_BURST_WINDOW_MS:g}], got {self.burst_window_ms}."
             )
-        for name in ("tp_size", "dp_size", "nnodes"):
+        for name in ("tp_size", "ep_size", "dp_size", "nnodes"):
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
@@ -240,6 +241,12 @@ class ServerArgs:
                     f"--nnodes {value}: this server runs on one host; multi-node serving is not "
                     "implemented yet (--tp-size and --dp-size are)."
                 )
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(
+                f"--ep-size {self.ep_size} with --tp-size {self.tp_size}: expert parallelism spans the "
+                "tensor-parallel devices (--ep-size equal to --tp-size) or none (1); an expert "
+                "split within a smaller group is not implemented."
+            )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}.")
         if self.skip_tokenizer_init and self.chat_template:
@@ -342,6 +349,17 @@ class ServerArgs:
 
         para = parser.add_argument_group("parallelism")
         para.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=default("tp_size"))
+        para.add_argument(
+            "--ep-size",
+            "--expert-parallel-size",
+            "--ep",
+            dest="ep_size",
+            type=int,
+            default=default("ep_size"),
+            help="MoE layers: 1 splits each expert's intermediate over the --tp-size devices; equal "
+            "to --tp-size gives each device whole experts (expert parallelism). Attention stays split "
+            "by head either way.",
+        )
         para.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=default("dp_size"))
         para.add_argument(
             "--load-balance-method",

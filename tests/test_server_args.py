@@ -33,6 +33,12 @@ def test_python_api_defaults_skip_warmup() -> None:
     assert ServerArgs(model_path="/m").warmup is False
 
 
+def test_expert_parallel_flags_parse() -> None:
+    for flag in ("--ep-size", "--expert-parallel-size", "--ep"):
+        args = parse_server_args(f"--model-path /m --tp-size 2 {flag} 2".split())
+        assert (args.tp_size, args.ep_size) == (2, 2)
+
+
 def test_reference_flags_parse() -> None:
     args = parse_server_args(
         "--model-path /m --tokenizer-path /t --host 0.0.0.0 --port 1234 --is-embedding "
@@ -104,6 +110,9 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"burst_window_ms": -1.0}, "--burst-window-ms must be in [0, 100], got -1.0."),
         ({"burst_window_ms": 500.0}, "--burst-window-ms must be in [0, 100]"),
         ({"tp_size": 0}, "--tp-size must be at least 1"),
+        ({"ep_size": 0}, "--ep-size must be at least 1"),
+        ({"tp_size": 4, "ep_size": 2}, "--ep-size 2 with --tp-size 4: expert parallelism spans"),
+        ({"ep_size": 2}, "--ep-size 2 with --tp-size 1"),
         ({"schedule_policy": "lifo"}, "--schedule-policy must be one of fcfs, lpm"),
         (
             {"load_balance_method": "random"},

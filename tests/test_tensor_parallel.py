@@ -109,12 +109,75 @@ def test_grouping_puts_each_shards_heads_together() -> None:
 def test_partition_specs(path: tuple[str, ...], shape: tuple[int, ...], expected: PartitionSpec) -> None:
     keys = tuple(jax.tree_util.DictKey(name) for name in path)
     assert partition_spec(keys, shape, 2) == expected
+    assert partition_spec(keys, shape, 2, by_expert=True) == expected  # no experts among these
+
+
+@pytest.mark.parametrize(
+    ("leaf", "shape", "by_intermediate", "by_expert"),
+    [
+        (
+            "gate_up_proj",
+            (2, 8, 64, 64),
+            PartitionSpec(None, None, None, "tp"),
+            PartitionSpec(None, "tp", None, None),
+        ),
+        (
+            "down_proj",
+            (2, 8, 32, 64),
+            PartitionSpec(None, None, "tp", None),
+            PartitionSpec(None, "tp", None, None),
+        ),
+    ],
+)
+def test_experts_split_by_intermediate_or_by_expert(
+    leaf: str, shape: tuple[int, ...], by_intermediate: PartitionSpec, by_expert: PartitionSpec
+) -> None:
+    keys = tuple(jax.tree_util.DictKey(name) for name in ("model", "layers", "mlp", "experts", leaf))
+    assert partition_spec(keys, shape, 2) == by_intermediate
+    assert partition_spec(keys, shape, 2, by_expert=True) == by_expert
+
+
+def test_whole_experts_keep_their_column_order() -> None:
+    """Grouped per device by intermediate, an expert's `[gate | up]` columns are reordered; split by
+    expert, each device holds whole experts, in the checkpoint's order. The shared expert is
+    grouped by its own intermediate size either way."""
+    cfg = _cfg_of(spec.TINY_QWEN2_MOE)
+    experts = np.arange(2 * 8 * 2 * 32, dtype=np.float32).reshape(2, 8, 1, 64)
+    shared = np.arange(2 * 128, dtype=np.float32).reshape(2, 1, 128)
+    tree = {
+        "mlp": {"experts": {"gate_up_proj": experts}, "shared_expert": {"gate_up_proj": {"kernel": shared}}}
+    }
+    split = group_for_shards(tree, cfg, 2)["mlp"]
+    assert not np.array_equal(split["experts"]["gate_up_proj"], experts)
+    np.testing.assert_array_equal(split["experts"]["gate_up_proj"][..., :16], experts[..., :16])  # gate_0
+    np.testing.assert_array_equal(split["experts"]["gate_up_proj"][..., 16:32], experts[..., 32:48])  # up_0
+    whole = group_for_shards(tree, cfg, 2, by_expert=True)["mlp"]
+    assert whole["experts"]["gate_up_proj"] is experts
+    for grouped in (split, whole):
+        kernel = grouped["shared_expert"]["gate_up_proj"]["kernel"]
+        np.testing.assert_array_equal(kernel[..., 32:64], shared[..., 64:96])  # up_0 after gate_0
 
 
 def test_layers_that_cannot_split_are_named() -> None:
     moe = _cfg_of(spec.TINY_QWEN2_MOE)  # 4 heads, experts' intermediate 32, shared expert's 64
     assert unsupported_reason(moe, 2) is None
     odd_experts = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, intermediate_size=30))
+    assert (
+        unsupported_reason(moe, 3, by_expert=True)
+        == "its attention heads (4) cannot be split evenly over 3 devices"
+    )
+    assert (
+        unsupported_reason(moe, 8, by_expert=True)
+        == "its attention heads (4) cannot be split evenly over 8 devices"
+    )
+    six_experts = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, num_experts=6))
+    assert (
+        unsupported_reason(six_experts, 4, by_expert=True)
+        == "its experts (6) cannot be split evenly over 4 devices"
+    )
+    assert (
+        unsupported_reason(odd_experts, 2, by_expert=True) is None
+    )  # whole experts: their intermediate stays
     assert (
         unsupported_reason(odd_experts, 4)
         == "its experts' intermediate size (30) cannot be split evenly over 4 devices"
@@ -277,9 +340,11 @@ def test_a_reward_model_split_over_two_devices_scores_as_hf(tmp_path: Path) -> N
         server.stop()
 
 
-def test_mixture_of_experts_split_over_two_devices(tmp_path: Path) -> None:
-    """Qwen2-MoE with each expert's intermediate (and the shared expert's) split over two devices:
-    HF's greedy tokens in a batch, HF's logprob at every prompt position (also after the weights
+@pytest.mark.parametrize("ep", ["1", "2"], ids=["by-intermediate", "by-expert"])
+def test_mixture_of_experts_split_over_two_devices(ep: str, tmp_path: Path) -> None:
+    """Qwen2-MoE over two devices, each expert's intermediate split (`--ep-size 1`) or whole
+    experts on each (expert parallelism), the shared expert's intermediate split: HF's greedy
+    tokens in a batch, HF's logprob at every prompt position (also after the weights
     are swapped in from disk, regrouped as at load), and the expert record's counts equal to HF's
     router choices (the router runs whole on each device, recorded once)."""
     ref = load_reference(spec.TINY_QWEN2_MOE)
@@ -288,6 +353,8 @@ def test_mixture_of_experts_split_over_two_devices(tmp_path: Path) -> None:
         spec.models_dir() / spec.TINY_QWEN2_MOE,
         "--tp-size",
         "2",
+        "--ep-size",
+        ep,
         "--disable-radix-cache",
         log_dir=tmp_path,
         cwd=tmp_path,
@@ -310,6 +377,8 @@ def test_mixture_of_experts_split_over_two_devices(tmp_path: Path) -> None:
         stop_record(server)
         _, counts = dump_record(server, tmp_path)
         assert np.array_equal(counts, ref["router_counts_2"]), (counts, ref["router_counts_2"])
+        info = server.get("/get_server_info").json()
+        assert (info["tp_size"], info["ep_size"]) == (2, int(ep))
     finally:
         server.stop()
 

@@ -182,13 +182,20 @@ def test_grouped_matmul_lowers_for_h100(rows, depth, width, groups, dtype):
     assert "mosaic_gpu" in lower_for_h100(kernel, lhs, rhs, group_sizes)
 
 
-def test_grouped_matmuls_lower_for_two_h100s_split_by_intermediate():
-    """Under tensor parallelism (`models.qwen2_moe.Experts`) the experts run in `shard_map`, each
-    of two H100s on its half of every expert's intermediate (Qwen1.5-MoE's 1408: 704 each): the
-    gate/up product by output column, the down product by input row, the parts all-reduced."""
+@pytest.mark.parametrize(
+    "by_expert", [False, True], ids=["tensor-parallel-by-intermediate", "expert-parallel-by-expert"]
+)
+def test_grouped_matmuls_lower_for_two_h100s(by_expert):
+    """Split over devices (`models.qwen2_moe.Experts`) the experts run in `shard_map`, each of two
+    H100s on its half of every expert's intermediate (Qwen1.5-MoE's 1408: 704 each; the gate/up
+    product by output column, the down product by input row) or on its 30 of the 60 whole
+    experts (expert parallelism, its own experts' group sizes); the parts are all-reduced."""
     mesh = jax.sharding.AbstractMesh((2,), ("tp",), abstract_device=jax.sharding.AbstractDevice(**H100))
     spec = jax.sharding.PartitionSpec
-    specs = (spec(), spec(None, None, "tp"), spec(None, "tp", None), spec())
+    if by_expert:
+        specs = (spec(), spec("tp", None, None), spec("tp", None, None), spec("tp"))
+    else:
+        specs = (spec(), spec(None, None, "tp"), spec(None, "tp", None), spec())
 
     def experts(lhs, gate_up, down, group_sizes):
         hidden = moe.grouped_matmul_mgpu(lhs, gate_up, group_sizes, num_ctas=132)
