@@ -8,13 +8,16 @@ partitioner inserts the collectives (DESIGN.md, "Scale beyond one device"):
   adds its part, and XLA all-reduces the sum): one all-reduce per attention block and one per
   MLP block;
 - the KV pool by KV head, so each device keeps the KV of its own heads;
-- an untied LM head by vocabulary column;
+- an untied LM head by vocabulary column, the embedding table by vocabulary row (a lookup reads
+  the rows a device holds, zeros elsewhere, and XLA all-reduces the `[T, H]` sum; tied to the LM
+  head, each device computes its vocabulary's logits): a vocabulary that does not split evenly
+  stays whole;
 - a mixture-of-experts layer's experts by intermediate (each device holds every expert's slice,
   as for the dense MLP), or with expert parallelism (`by_expert`, `--ep-size`) by expert (each
   device holds whole experts, a block of E / N); either way the experts run per device under
   `shard_map` and their parts are all-reduced (`models/qwen2_moe.py`), and the shared expert
   splits as a dense MLP;
-- the rest (embedding table, norms, the router, classifier heads) whole on every device.
+- the rest (norms, the router, classifier heads) whole on every device.
 
 A fused kernel holds its parts side by side (`[q | k | v]`, `[gate | up]`, each expert's too), so
 cutting its columns into equal blocks would hand a device some of q and some of k.
@@ -45,6 +48,7 @@ _SPLIT_AXIS = {
     ("o_proj", "kernel"): -2,
     ("down_proj", "kernel"): -2,
     ("lm_head", "kernel"): -1,
+    ("embed_tokens", "embedding"): -2,  # [V, H] by vocabulary row
     ("experts", "gate_up_proj"): -1,  # [E, H, 2I]: each expert's intermediate, as gate_up above
     ("experts", "down_proj"): -2,  # [E, I, H]
 }

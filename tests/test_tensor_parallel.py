@@ -44,7 +44,10 @@ from tests.server_helpers import (
 )
 
 SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32")  # the server's warm-up on
-TWO_DEVICES = {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
+TWO_DEVICES, THREE_DEVICES = (
+    {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}"}
+    for n in (2, 3)
+)
 LOGPROB_TOL = 1e-4  # norm-wise, of the logprob scale (TEST_MODELS.md)
 SCORE_RTOL = 1e-3
 
@@ -100,7 +103,8 @@ def test_grouping_puts_each_shards_heads_together() -> None:
         (("model", "layers", "self_attn", "o_proj", "kernel"), (2, 8, 8), PartitionSpec(None, "tp", None)),
         (("model", "layers", "mlp", "down_proj", "kernel"), (2, 6, 8), PartitionSpec(None, "tp", None)),
         (("model", "layers", "input_layernorm", "weight"), (2, 8), PartitionSpec()),
-        (("model", "embed_tokens", "embedding"), (100, 8), PartitionSpec()),
+        (("model", "embed_tokens", "embedding"), (100, 8), PartitionSpec("tp", None)),
+        (("model", "embed_tokens", "embedding"), (101, 8), PartitionSpec()),
         (("lm_head", "kernel"), (8, 100), PartitionSpec(None, "tp")),
         (("lm_head", "kernel"), (8, 101), PartitionSpec()),  # a vocabulary that does not split
         (("score_head", "kernel"), (8, 1), PartitionSpec()),
@@ -301,6 +305,26 @@ def test_a_weight_swap_keeps_the_split(qwen2_tp2: ServerProcess, tmp_path: Path)
         r = qwen2_tp2.post("/update_weights_from_disk", {"model_path": str(original)})
     assert r.status_code == 200 and r.json()["success"], r.text
     assert_prompt_logprobs(qwen2_tp2, prompt, ref["logits_1"][:-1], "swapped back")
+
+
+def test_a_tied_head_split_by_vocabulary_over_three_devices(tmp_path: Path) -> None:
+    """SmolLM2 (9 heads, 3 KV heads, its embedding table doubling as the LM head) over three
+    devices, the table split by vocabulary row: each lookup and each device's logits from its
+    rows; HF's greedy tokens in a batch and HF's logprob at every prompt position."""
+    ref = load_reference(spec.SMOLLM2)
+    prompts = prompts_of(ref)
+    server = start_server(
+        spec.models_dir() / spec.SMOLLM2, "--tp-size", "3", log_dir=tmp_path, env=THREE_DEVICES
+    )
+    try:
+        longest = max(len(ref[f"greedy_{i}"]) for i in range(len(prompts)))
+        for i, ids in enumerate(generate_batch_ids(server, prompts, longest)):
+            want = ref[f"greedy_{i}"]
+            result = greedy_agrees(ids[: len(want)], want, ref[f"greedy_margin_{i}"])
+            assert result, f"prompt {i}: {result}"
+        assert_prompt_logprobs(server, prompts[2], ref["logits_2"][:-1], "prompt 2")
+    finally:
+        server.stop()
 
 
 def test_unrolled_layers_split_over_two_devices_swap_without_compiling(tmp_path: Path) -> None:
