@@ -138,6 +138,20 @@ def param_shardings(params: Any, mesh: jax.sharding.Mesh, by_expert: bool = Fals
     )
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put(tree, shardings)`, but a sharding over several hosts' devices (`--nnodes`)
+    takes each leaf from this host's own copy: `device_put` would first check that every host
+    holds the same values, a collective that every host must join at that moment."""
+
+    def put(leaf: Any, sharding: Any) -> Any:
+        if sharding.is_fully_addressable:
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def tensor_parallel_mesh(shards: int) -> jax.sharding.Mesh | None:
     """A mesh of the first `shards` devices on the `tp` axis; None for one device."""
     if shards == 1:

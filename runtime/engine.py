@@ -33,6 +33,7 @@ from models.tensor_parallel import (
     tensor_parallel_mesh,
     unsupported_reason,
 )
+from runtime import multi_node
 from runtime.batch import StepShape, burst_shapes, step_shape
 from runtime.expert_stats import write_expert_distribution
 from runtime.grammar import TokenGrammars
@@ -106,6 +107,9 @@ class Engine:
             )
         if args.enable_compile_cache and args.compile_cache_dir:
             _enable_compile_cache(args.compile_cache_dir)
+        # Several hosts (`--nnodes`): every node's JAX process joins before the model loads.
+        multi_node.initialize(args)
+        self.nodes = multi_node.NodeGroup(args) if args.nnodes > 1 else None
         # Split over devices, the weights go from the host straight to their shards.
         on_host = args.tp_size > 1
         loaded = load_model(args.model_path, dtype=args.dtype, load_format=args.load_format, on_host=on_host)
@@ -132,6 +136,9 @@ class Engine:
         self.encoder = None
         self.scheduler: Scheduler | None = None
         self.grammars: TokenGrammars | None = None  # with a tokenizer: structured output
+        if self.is_follower:
+            self._build_runner()
+            return
         if loaded.architecture == "BertModel":
             from runtime.encoder_runner import EncoderRunner
 
@@ -230,7 +237,20 @@ class Engine:
         nnx.update(self.model, params)
         return layer_weights
 
-    def _build_scheduler(self) -> None:
+    @property
+    def is_follower(self) -> bool:
+        """A node other than node 0 of several (`--nnodes`): it runs node 0's steps (`follow`)."""
+        return self.server_args.node_rank > 0
+
+    def follow(self) -> None:
+        """A follower node's work: run node 0's device calls until node 0 closes."""
+        assert self.nodes is not None and self.is_follower
+        multi_node.follow(self.runner, self.nodes, self._stage_weights)
+        multi_node.leave()
+
+    def _build_runner(self) -> None:
+        """The KV pool and the model runner; on node 0 of several, the runner's device calls
+        mirrored to the other nodes (`runtime/multi_node.py`)."""
         args = self.server_args
         config = self.config
         layer_weights = self._unrolled_layer_weights()
@@ -253,6 +273,8 @@ class Engine:
             max_total_tokens=args.max_total_tokens,
             mem_fraction_static=fraction,
         )
+        if self.nodes is not None:  # one pool, split over every node's devices: node 0's size
+            num_pages = self.nodes.agree(num_pages)
         self.pool = KVPool(
             layers,
             num_pages,
@@ -273,6 +295,13 @@ class Engine:
             fused_greedy={"auto": None, "on": True, "off": False}[args.fused_greedy_sampling],
             mesh=self.mesh,
         )
+        if self.nodes is not None and not self.is_follower:
+            self.runner = multi_node.MirroredRunner(self.runner, self.nodes)
+
+    def _build_scheduler(self) -> None:
+        self._build_runner()
+        args = self.server_args
+        config = self.config
         context = self.model_info.context_length
         chunk = args.chunked_prefill_size if args.chunked_prefill_size > 0 else context
         eos_ids = _eos_ids(config, self.tokenizer, args.model_path)
@@ -298,7 +327,7 @@ class Engine:
         self.scheduler.start()
         logger.info(
             "KV pool: %d pages of %d tokens (%d tokens, %.1f MB)",
-            num_pages - 1,
+            self.pool.num_pages - 1,
             args.page_size,
             self.pool.max_total_tokens,
             2 * self.pool.k_pool.nbytes / 1e6,
@@ -552,36 +581,46 @@ class Engine:
     def _update_weights_from_disk(self, model_path: str, load_format: str | None) -> tuple[bool, str, int]:
         if not path_exists(model_path):
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
+        mirrored = isinstance(self.runner, multi_node.MirroredRunner) if self.scheduler is not None else False
+        if mirrored:  # every other node loads first: a node that cannot read it fails the update
+            failure = self.runner.stage_weights(model_path, load_format)
+            if failure is not None:
+                return False, f"Failed to update weights: {failure}", 0
         try:
-            pure = load_params_for(
-                self.model,
-                model_path,
-                load_format or "auto",
-                self.param_shapes,
-                on_host=self.mesh is not None,
-            )
-            if self.mesh is not None:
-                pure = group_for_shards(
-                    pure, self.model.cfg, self.server_args.tp_size, self._experts_by_expert
-                )
+            new = self._stage_weights(model_path, load_format)
             pooling = load_pooling(model_path) if self.encoder is not None else None
         except Exception as exc:  # any failure leaves the serving weights untouched
+            if mirrored:
+                self.runner.drop_weights()
             return False, f"Failed to update weights: {exc}", 0
-        old = self.runner.params if self.scheduler is not None else self.encoder.params
-        new = jax.tree.map(lambda leaf: leaf, old)
-        nnx.replace_by_pure_dict(new, pure)
-        if self.scheduler is not None:
-            new = self.runner.place_params(new)
-        else:  # each leaf's placement (committed or not) as it was, or every jit cache would miss
-            new = jax.tree.map(
-                lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
-            )
         paused = self._swap(new, pooling)
         # The model object must not pin the weights it was loaded with (or the stand-ins' originals).
         nnx.update(self.model, self.runner.params if self.scheduler is not None else self.encoder.params)
         self.model_info.model_path = model_path
         self.server_args.model_path = model_path
         return True, "Succeeded to update model weights.", paused
+
+    def _stage_weights(self, model_path: str, load_format: str | None) -> Any:
+        """A checkpoint's weights checked against the serving ones and placed as they are (split
+        over the devices as they are), ready to swap in; raises on any failure."""
+        pure = load_params_for(
+            self.model,
+            model_path,
+            load_format or "auto",
+            self.param_shapes,
+            on_host=self.mesh is not None,
+        )
+        if self.mesh is not None:
+            pure = group_for_shards(pure, self.model.cfg, self.server_args.tp_size, self._experts_by_expert)
+        old = self.runner.params if self.encoder is None else self.encoder.params
+        new = jax.tree.map(lambda leaf: leaf, old)
+        nnx.replace_by_pure_dict(new, pure)
+        if self.encoder is None:
+            return self.runner.place_params(new)
+        # each leaf's placement (committed or not) as it was, or every jit cache would miss
+        return jax.tree.map(
+            lambda fresh, leaf: jax.device_put(fresh, leaf.sharding if leaf.committed else None), new, old
+        )
 
     def _swap(self, new_params: Any, pooling: Pooling | None) -> int:
         """Hold queued requests, let running ones finish, swap, flush the prefix cache, resume."""
@@ -615,6 +654,8 @@ class Engine:
             self.scheduler.shutdown()
         if self.encoder is not None:
             self.encoder.shutdown()
+        if self.nodes is not None:  # the runner told the other nodes to stop
+            multi_node.leave()
 
     # -- offline use ----------------------------------------------------------------------------------
 

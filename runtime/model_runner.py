@@ -25,7 +25,7 @@ from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
 from models.layers import unstack_layer_weights
-from models.tensor_parallel import kv_pool_sharding
+from models.tensor_parallel import kv_pool_sharding, place
 from runtime.batch import MAX_BORROW_FACTOR, ScheduledBatch, StepShape, sampler_rows
 from runtime.kv_pool import KVPool
 from runtime.packed_inputs import PackedArrays
@@ -424,6 +424,12 @@ class ModelRunner:
             self.output_counts, self.prompt_mask, np.array([slot], np.int32), padded
         )
 
+    def count_outputs(self, slot: int, tokens: list[int]) -> None:
+        """Count a re-admitted (retracted) request's outputs so far in its penalty row again."""
+        padded = np.full((1 << max(len(tokens) - 1, 0).bit_length(),), self.vocab_size, np.int32)
+        padded[: len(tokens)] = tokens  # a few shapes compile; the padding's index is out of range
+        self.output_counts = self.output_counts.at[slot, padded].add(1, mode="drop")
+
     # -- reading hidden states -----------------------------------------------------------------
 
     def _readout_fn(self, params, hidden, rows, *, kind: str):
@@ -481,8 +487,8 @@ class ModelRunner:
         layers = None
         if self.layer_weights is not None:
             new_params, layers = unstack_layer_weights(new_params)
-            layers = jax.device_put(layers, placement(self.layer_weights))
-        return jax.device_put(new_params, placement(self.params)), layers
+            layers = place(layers, placement(self.layer_weights))
+        return place(new_params, placement(self.params)), layers
 
     def swap_params(self, placed: tuple[Any, Any]) -> None:
         """Serve the weights `place_params` placed, from the next step on."""

@@ -567,8 +567,8 @@ class Scheduler:
         params = req.request.sampling_params
         if params.frequency_penalty or params.presence_penalty or params.repetition_penalty != 1.0:
             self.runner.reset_penalties(req.penalty_slot, req.request.input_ids)
-            for token in req.output_ids:  # a retracted request keeps its counts
-                self.runner.output_counts = self.runner.output_counts.at[req.penalty_slot, token].add(1)
+            if req.output_ids:  # a retracted request keeps its counts
+                self.runner.count_outputs(req.penalty_slot, req.output_ids)
         plan.num_new_seqs += 1
         plan.num_cached_tokens += match.num_tokens
         return take

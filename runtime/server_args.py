@@ -236,11 +236,6 @@ class ServerArgs:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-            if value > 1 and name == "nnodes":  # refused, not ignored: N hosts asked for, one given
-                raise ValueError(
-                    f"--nnodes {value}: this server runs on one host; multi-node serving is not "
-                    "implemented yet (--tp-size and --dp-size are)."
-                )
         if self.ep_size not in (1, self.tp_size):
             raise ValueError(
                 f"--ep-size {self.ep_size} with --tp-size {self.tp_size}: expert parallelism spans the "
@@ -249,8 +244,25 @@ class ServerArgs:
             )
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={self.nnodes}), got {self.node_rank}.")
+        if self.nnodes > 1:
+            self._check_nodes()
         if self.skip_tokenizer_init and self.chat_template:
             raise ValueError("--chat-template needs a tokenizer: drop --skip-tokenizer-init.")
+
+    def _check_nodes(self) -> None:
+        """Several hosts serve one model split over all their devices (`runtime/multi_node.py`)."""
+        if not self.dist_init_addr or ":" not in self.dist_init_addr:
+            raise ValueError(
+                f"--nnodes {self.nnodes} needs --dist-init-addr host:port, node 0's address (the same "
+                "on every node)."
+            )
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"--nnodes {self.nnodes} splits the model over every node's devices: --tp-size "
+                f"({self.tp_size}) must be a multiple of it (the devices of all nodes together)."
+            )
+        if self.dp_size > 1:
+            raise ValueError("--dp-size with --nnodes is not implemented: one model spans the nodes.")
 
     @property
     def url(self) -> str:

@@ -158,6 +158,22 @@ def _address_in_use(host: str, port: int) -> str | None:
     return None
 
 
+def run_follower(server_args: ServerArgs) -> int:
+    """Node N > 0 of several (`--nnodes`): no HTTP server here; this node's share of the model runs
+    node 0's steps (`runtime/multi_node.py`) until node 0 stops."""
+    from runtime.engine import Engine
+
+    try:
+        engine = Engine(server_args)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("Cannot serve %s: %s", server_args.model_path, exc)
+        return 1
+    logger.info("Node %d is following node 0 (%s).", server_args.node_rank, server_args.dist_init_addr)
+    engine.follow()
+    logger.info("Node 0 stopped; node %d stops too.", server_args.node_rank)
+    return 0
+
+
 def run_server(server_args: ServerArgs) -> int:
     """Serve until a signal (or the engine process's death); returns the process exit code."""
     from server.app import create_app
@@ -233,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        code = run_server(server_args)
+        code = (run_follower if server_args.node_rank > 0 else run_server)(server_args)
     except KeyboardInterrupt:  # Ctrl-C before serving began (uvicorn handles it afterwards)
         logger.info("Interrupted while starting; the engine process was stopped.")
         code = 130

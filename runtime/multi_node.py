@@ -1,0 +1,274 @@
+"""Serving over several hosts (`--nnodes N`): one model split over every host's devices.
+
+JAX runs one controller per host (`jax.distributed`): a program whose arrays span the hosts'
+devices must be run by every host, in the same order, with the same host inputs, or the
+collectives inside it wait forever. Node 0 runs the server, the scheduler and the model runner
+as on one host; every other node runs a follower: the same model and KV pool, split the same
+way, and a loop that runs what node 0's runner runs.
+
+- `NodeGroup`: the command connections, node 0 to each follower (`--dist-init-addr`'s port + 1;
+  the JAX coordinator has the port itself).
+- `MirroredRunner`: node 0's runner. Each call that runs programs on the devices is sent to the
+  followers before it runs here, under one lock, so every host dispatches the same programs in
+  the same order. A step's device outputs a later call reads (its logits, its hidden states) are
+  named by the step's number: each host reads its own.
+- `follow`: a follower's loop.
+
+A weight swap loads on every node first and swaps only when all loaded (`stage_weights`); a
+node that cannot read the new checkpoint fails the update and every node keeps its weights.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection, Listener
+from typing import Any
+
+import jax
+
+from runtime.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+COMMAND_PORT_OFFSET = 1  # the command connections listen on the coordinator's port + 1
+AUTHKEY = b"sglax-nodes"  # the command channel's handshake; keep the port inside the cluster
+CONNECT_TIMEOUT_S = 120.0
+STEPS_KEPT = 64  # steps whose device outputs a later call may still name
+
+
+def initialize(args: ServerArgs) -> None:
+    """Join the JAX processes of every node (before any other JAX call); on a CPU, the hosts'
+    collectives go over Gloo."""
+    if args.nnodes == 1:
+        return
+    if not args.dist_init_addr:
+        raise ValueError(f"--nnodes {args.nnodes} needs --dist-init-addr host:port (node 0's address).")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.dist_init_addr, num_processes=args.nnodes, process_id=args.node_rank)
+    if args.tp_size != jax.device_count():
+        raise ValueError(
+            f"--tp-size {args.tp_size} over {args.nnodes} nodes: the nodes have {jax.device_count()} "
+            "devices in all, and the model is split over all of them."
+        )
+    logger.info(
+        "Node %d of %d: %d local devices, %d in all",
+        args.node_rank,
+        args.nnodes,
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+
+
+def leave() -> None:
+    """Leave JAX's processes together (every node waits for the others here), so that no node's
+    JAX process sees another vanish and aborts."""
+    try:
+        jax.distributed.shutdown()
+    except Exception:  # a node already gone: this one is stopping anyway
+        logger.exception("Leaving the other nodes failed")
+
+
+def _command_address(args: ServerArgs) -> tuple[str, int]:
+    assert args.dist_init_addr is not None
+    host, port = args.dist_init_addr.rsplit(":", 1)
+    return host, int(port) + COMMAND_PORT_OFFSET
+
+
+class NodeGroup:
+    """The command connections: on node 0 one per follower, on a follower the one to node 0."""
+
+    def __init__(self, args: ServerArgs) -> None:
+        self.rank = args.node_rank
+        address = _command_address(args)
+        if self.rank == 0:
+            with Listener(address, authkey=AUTHKEY) as listener:
+                self.conns = [listener.accept() for _ in range(args.nnodes - 1)]
+        else:
+            self.conns = [_connect(address)]
+        self._lock = threading.RLock()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while a call is sent and run: every node sees the calls in one order."""
+        return self._lock
+
+    def send(self, *message: Any) -> None:
+        with self._lock:
+            for conn in self.conns:
+                conn.send(message)
+
+    def replies(self) -> list[Any]:
+        """One reply from each follower (to a message that asks for one)."""
+        return [conn.recv() for conn in self.conns]
+
+    def agree(self, value: Any) -> Any:
+        """Node 0's `value`, on every node (a figure each node would work out on its own, such
+        as the KV pool's pages from its free memory, that must be one)."""
+        if self.rank == 0:
+            self.send("agree", value)
+            return value
+        message = self.conns[0].recv()
+        assert message[0] == "agree", message
+        return message[1]
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+
+
+def _connect(address: tuple[str, int]) -> Connection:
+    """Connect to node 0's command listener, which opens once node 0 has joined JAX's processes."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            return Client(address, authkey=AUTHKEY)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+class MirroredRunner:
+    """Node 0's model runner: the runner's calls that run device programs go to every follower
+    first (see the module's docstring); everything else is the runner's own."""
+
+    def __init__(self, runner: Any, nodes: NodeGroup) -> None:
+        self._runner = runner
+        self._nodes = nodes
+        self._step_numbers = itertools.count()
+        # id(device array) -> (step number, field), for the arrays of the last STEPS_KEPT steps,
+        # which are held so that no id is reused while named
+        self._named: dict[int, tuple[int, str]] = {}
+        self._held: collections.deque[tuple[int, Any]] = collections.deque()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def _mirror(self, name: str, *args: Any) -> Any:
+        with self._nodes.lock:
+            self._nodes.send(name, *args)
+            return getattr(self._runner, name)(*args)
+
+    def _ref(self, array: Any) -> tuple[int, str]:
+        named = self._named.get(id(array))
+        if named is None:
+            raise RuntimeError("a device array no mirrored step made cannot be named to the other nodes")
+        return named
+
+    def forward(self, batch: Any) -> Any:
+        with self._nodes.lock:
+            number = next(self._step_numbers)
+            self._nodes.send("forward", number, batch)
+            step = self._runner.forward(batch)
+        for field in ("logits", "hidden"):
+            self._named[id(getattr(step, field))] = (number, field)
+        self._named[id(step)] = (number, "step")
+        self._held.append((number, step))
+        while self._held and self._held[0][0] <= number - STEPS_KEPT:
+            _, old = self._held.popleft()
+            for item in (old, old.logits, old.hidden):
+                self._named.pop(id(item), None)
+        return step
+
+    def sample(self, step: Any) -> Any:
+        with self._nodes.lock:
+            self._nodes.send("sample", self._ref(step))
+            return self._runner.sample(step)
+
+    def readout(self, hidden: Any, rows: list[int], kind: str) -> Any:
+        with self._nodes.lock:
+            self._nodes.send("readout", self._ref(hidden), rows, kind)
+            return self._runner.readout(hidden, rows, kind)
+
+    def prompt_logprobs(self, hidden: Any, rows: list[int], targets: list[int], whole: bool) -> Any:
+        with self._nodes.lock:
+            self._nodes.send("prompt_logprobs", self._ref(hidden), rows, targets, whole)
+            return self._runner.prompt_logprobs(hidden, rows, targets, whole)
+
+    def full_logprobs(self, logits: Any) -> Any:
+        with self._nodes.lock:
+            self._nodes.send("full_logprobs", self._ref(logits))
+            return self._runner.full_logprobs(logits)
+
+    def reset_penalties(self, slot: int, prompt_ids: list[int]) -> None:
+        self._mirror("reset_penalties", slot, prompt_ids)
+
+    def count_outputs(self, slot: int, tokens: list[int]) -> None:
+        self._mirror("count_outputs", slot, tokens)
+
+    def set_recording(self, on: bool) -> None:
+        self._mirror("set_recording", on)
+
+    def take_expert_histogram(self) -> Any:
+        return self._mirror("take_expert_histogram")
+
+    def stage_weights(self, model_path: str, load_format: str | None) -> str | None:
+        """Every follower loads and places the checkpoint, keeping it aside; None when all did,
+        else the first failure's message (then every follower drops what it staged)."""
+        with self._nodes.lock:
+            self._nodes.send("stage_weights", model_path, load_format)
+            failures = [reply for reply in self._nodes.replies() if reply is not None]
+        if failures:
+            self._nodes.send("drop_weights")
+            return failures[0]
+        return None
+
+    def drop_weights(self) -> None:
+        self._nodes.send("drop_weights")
+
+    def swap_params(self, placed: Any) -> None:
+        with self._nodes.lock:
+            self._nodes.send("swap_weights")
+            self._runner.swap_params(placed)
+
+    def close(self) -> None:
+        self._nodes.send("close")
+        self._nodes.close()
+        self._runner.close()
+
+
+def follow(runner: Any, nodes: NodeGroup, stage_weights: Callable[[str, str | None], Any]) -> None:
+    """A follower's loop: run each of node 0's device calls on this node's devices, until node 0
+    closes. `stage_weights(path, load_format)` loads and places a checkpoint as node 0's engine
+    does, for `swap_params`."""
+    conn = nodes.conns[0]
+    steps: dict[int, Any] = {}
+    staged: Any = None
+    while True:
+        try:
+            name, *args = conn.recv()
+        except EOFError:
+            logger.warning("Node 0 closed the connection; this node stops following.")
+            break
+        if name == "close":
+            break
+        if name == "forward":
+            number, batch = args
+            steps[number] = runner.forward(batch)
+            steps.pop(number - STEPS_KEPT, None)
+        elif name == "sample":
+            runner.sample(steps[args[0][0]])
+        elif name in ("readout", "prompt_logprobs", "full_logprobs"):
+            (number, field), *rest = args
+            getattr(runner, name)(getattr(steps[number], field), *rest)
+        elif name == "stage_weights":
+            try:
+                staged = stage_weights(*args)
+                conn.send(None)
+            except Exception as exc:  # the update fails on every node; this one keeps serving
+                logger.exception("Staging the new weights failed")
+                conn.send(f"node {nodes.rank}: {type(exc).__name__}: {exc}")
+        elif name == "drop_weights":
+            staged = None
+        elif name == "swap_weights":
+            runner.swap_params(staged)
+            staged = None
+        else:
+            getattr(runner, name)(*args)
+    nodes.close()
+    runner.close()

@@ -1,0 +1,144 @@
+"""Several nodes (`--nnodes 2`): two local processes, one CPU device each, serve one model split
+over both (DESIGN.md: "On a CPU-only machine both are tested with ... several local processes").
+
+Node 0 is a real server; node 1 is a follower (`--node-rank 1`, no HTTP) that runs node 0's steps
+on its device. Checked against HF's outputs on the same weights: greedy tokens, every prompt
+position's logprob, the expert record, weight swaps (one that every node refuses), and that the
+follower stops cleanly with the server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.multi_node import COMMAND_PORT_OFFSET
+from server.utils import find_free_port, terminate_process
+from tests import fixture_spec as spec
+from tests.conftest import greedy_agrees, load_reference, prompts_of
+from tests.server_helpers import (
+    REPO_ROOT,
+    ServerProcess,
+    dump_record,
+    generate_batch_ids,
+    start_record,
+    start_server,
+    stop_record,
+    wait_idle,
+)
+from tests.test_tensor_parallel import assert_prompt_logprobs
+
+MODEL = spec.TINY_QWEN2_MOE
+NODE_FLAGS = ("--tp-size", "2", "--ep-size", "2", "--nnodes", "2", "--disable-radix-cache")
+SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32", "--no-warmup")
+
+
+def coordinator_address() -> str:
+    """A free port for JAX's coordinator whose next port (the command connections') is free too."""
+    while True:
+        port = find_free_port("127.0.0.1")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + COMMAND_PORT_OFFSET))
+            except OSError:
+                continue
+        return f"127.0.0.1:{port}"
+
+
+def start_follower(address: str, log_path: Path) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        "-m",
+        "server.launch_server",
+        "--model-path",
+        str(spec.models_dir() / MODEL),
+        *SMALL,
+        *NODE_FLAGS,
+        "--node-rank",
+        "1",
+        "--dist-init-addr",
+        address,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            argv, cwd=str(REPO_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, subprocess.Popen, Path]]:
+    workdir = tmp_path_factory.mktemp("nodes")
+    address = coordinator_address()
+    follower = start_follower(address, workdir / "node1.log")
+    try:
+        server = start_server(
+            spec.models_dir() / MODEL,
+            *NODE_FLAGS,
+            "--node-rank",
+            "0",
+            "--dist-init-addr",
+            address,
+            log_dir=workdir,
+            cwd=workdir,
+            defaults=SMALL,
+        )
+    except Exception:
+        terminate_process(follower, timeout=5)
+        raise
+    yield server, follower, workdir
+    server.stop()
+    terminate_process(follower, timeout=5)
+
+
+def test_two_nodes_serve_hf_outputs(nodes: tuple[ServerProcess, subprocess.Popen, Path]) -> None:
+    """Greedy tokens of a batch, every prompt position's logprob, and the expert record's counts
+    equal HF's, with whole experts on each node's device (`--ep-size 2`)."""
+    server, follower, workdir = nodes
+    ref = load_reference(MODEL)
+    prompts = prompts_of(ref)
+    for i, ids in enumerate(generate_batch_ids(server, prompts, len(ref["greedy_0"]))):
+        result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
+        assert result, f"prompt {i}: {result}"
+    assert_prompt_logprobs(server, prompts[2], ref["logits_2"][:-1], "prompt 2")
+    wait_idle(server)
+    start_record(server)
+    generate_batch_ids(server, [prompts[1]], 1)
+    stop_record(server)
+    _, counts = dump_record(server, workdir)
+    assert np.array_equal(counts, ref["router_counts_1"]), (counts, ref["router_counts_1"])
+    info = server.get("/get_server_info").json()
+    assert (info["nnodes"], info["tp_size"]) == (2, 2)
+    assert follower.poll() is None
+
+
+def test_weights_swap_on_every_node(nodes: tuple[ServerProcess, subprocess.Popen, Path]) -> None:
+    """A swap loads on every node before any swaps: a checkpoint no node can take fails the update
+    and every node keeps serving its weights; a good one swaps on both."""
+    server, follower, _ = nodes
+    ref = load_reference(MODEL)
+    prompt = prompts_of(ref)[1]
+    r = server.post("/update_weights_from_disk", {"model_path": str(spec.models_dir() / spec.TINY_LLAMA)})
+    assert r.status_code == 400 or not r.json()["success"], r.text
+    assert "node 1" in r.json()["message"], r.text
+    assert_prompt_logprobs(server, prompt, ref["logits_1"][:-1], "after a refused swap")
+    r = server.post("/update_weights_from_disk", {"model_path": str(spec.models_dir() / MODEL)})
+    assert r.status_code == 200 and r.json()["success"], r.text
+    assert_prompt_logprobs(server, prompt, ref["logits_1"][:-1], "swapped in again")
+    assert follower.poll() is None
+
+
+def test_the_follower_stops_with_the_server(nodes: tuple[ServerProcess, subprocess.Popen, Path]) -> None:
+    """Node 0 tells the follower to stop when it stops; both leave JAX's processes cleanly (the
+    module's last test: it stops the nodes)."""
+    server, follower, workdir = nodes
+    server.stop()
+    assert follower.wait(timeout=60) == 0, (workdir / "node1.log").read_text()[-3000:]
+    assert server.process.returncode == 0
