@@ -133,13 +133,43 @@ def _connect(address: tuple[str, int]) -> Connection:
             time.sleep(0.2)
 
 
+class _MirroredPrograms:
+    """Node 0's compiled step programs (`StepPrograms`): a shape it queues to compile aside, the
+    followers queue too, so that they seldom compile inline while node 0 waits for them."""
+
+    def __init__(self, programs: Any, nodes: NodeGroup) -> None:
+        self._programs = programs
+        self._nodes = nodes
+        self._sent: set[Any] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._programs, name)
+
+    def _send(self, shape: Any) -> None:
+        if shape not in self._sent:
+            self._sent.add(shape)
+            self._nodes.send("prepare", shape)
+
+    def prepare(self, shape: Any) -> None:
+        self._send(shape)
+        self._programs.prepare(shape)
+
+    def shape_for(self, need: Any) -> Any:
+        shape = self._programs.shape_for(need)
+        if shape != need:  # borrowed: its own compiles aside
+            self._send(need)
+        return shape
+
+
 class MirroredRunner:
     """Node 0's model runner: the runner's calls that run device programs go to every follower
-    first (see the module's docstring); everything else is the runner's own."""
+    first (see the module's docstring), and so do the shapes it compiles; everything else is the
+    runner's own."""
 
     def __init__(self, runner: Any, nodes: NodeGroup) -> None:
         self._runner = runner
         self._nodes = nodes
+        self.step_programs = _MirroredPrograms(runner.step_programs, nodes)
         self._step_numbers = itertools.count()
         # id(device array) -> (step number, field), for the arrays of the last STEPS_KEPT steps,
         # which are held so that no id is reused while named
@@ -194,6 +224,9 @@ class MirroredRunner:
         with self._nodes.lock:
             self._nodes.send("full_logprobs", self._ref(logits))
             return self._runner.full_logprobs(logits)
+
+    def compile_programs(self, shapes: list[Any]) -> None:
+        self._mirror("compile_programs", shapes)
 
     def reset_penalties(self, slot: int, prompt_ids: list[int]) -> None:
         self._mirror("reset_penalties", slot, prompt_ids)
@@ -263,6 +296,8 @@ def follow(runner: Any, nodes: NodeGroup, stage_weights: Callable[[str, str | No
             except Exception as exc:  # the update fails on every node; this one keeps serving
                 logger.exception("Staging the new weights failed")
                 conn.send(f"node {nodes.rank}: {type(exc).__name__}: {exc}")
+        elif name == "prepare":
+            runner.step_programs.prepare(*args)
         elif name == "drop_weights":
             staged = None
         elif name == "swap_weights":
