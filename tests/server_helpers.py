@@ -213,3 +213,13 @@ def dump_record(server: ServerProcess, workdir: Path) -> tuple[Path, np.ndarray]
     for layer, expert, count in body:
         counts[layer, expert] = count
     return path, counts
+
+
+def expert_counts_of(server: ServerProcess, prompt: list[int], workdir: Path) -> np.ndarray:
+    """The expert record of one prompt's prefill alone (a request for one token on an idle server),
+    as int[layers, experts] (`dump_record`)."""
+    wait_idle(server)
+    start_record(server)
+    generate_batch_ids(server, [prompt], 1)
+    stop_record(server)
+    return dump_record(server, workdir)[1]

@@ -26,12 +26,9 @@ from tests.conftest import greedy_agrees, load_reference, prompts_of
 from tests.server_helpers import (
     REPO_ROOT,
     ServerProcess,
-    dump_record,
+    expert_counts_of,
     generate_batch_ids,
-    start_record,
     start_server,
-    stop_record,
-    wait_idle,
 )
 from tests.test_tensor_parallel import assert_prompt_logprobs
 
@@ -108,11 +105,7 @@ def test_two_nodes_serve_hf_outputs(nodes: tuple[ServerProcess, subprocess.Popen
         result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
         assert result, f"prompt {i}: {result}"
     assert_prompt_logprobs(server, prompts[2], ref["logits_2"][:-1], "prompt 2")
-    wait_idle(server)
-    start_record(server)
-    generate_batch_ids(server, [prompts[1]], 1)
-    stop_record(server)
-    _, counts = dump_record(server, workdir)
+    counts = expert_counts_of(server, prompts[1], workdir)
     assert np.array_equal(counts, ref["router_counts_1"]), (counts, ref["router_counts_1"])
     info = server.get("/get_server_info").json()
     assert (info["nnodes"], info["tp_size"]) == (2, 2)

@@ -34,12 +34,10 @@ from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
 from tests.server_helpers import (
     ServerProcess,
-    dump_record,
+    expert_counts_of,
     generate_batch_ids,
     greedy_params,
-    start_record,
     start_server,
-    stop_record,
     wait_idle,
 )
 
@@ -395,11 +393,7 @@ def test_mixture_of_experts_split_over_two_devices(ep: str, tmp_path: Path) -> N
         )
         assert r.status_code == 200 and r.json()["success"], r.text
         assert_prompt_logprobs(server, prompts[2], ref["logits_2"][:-1], "swapped in again")
-        wait_idle(server)
-        start_record(server)
-        generate_batch_ids(server, [prompts[2]], 1)
-        stop_record(server)
-        _, counts = dump_record(server, tmp_path)
+        counts = expert_counts_of(server, prompts[2], tmp_path)
         assert np.array_equal(counts, ref["router_counts_2"]), (counts, ref["router_counts_2"])
         info = server.get("/get_server_info").json()
         assert (info["tp_size"], info["ep_size"]) == (2, int(ep))
