@@ -207,7 +207,12 @@ class Engine:
         state = nnx.state(self.model)
         nnx.replace_by_pure_dict(state, group_for_shards(nnx.to_pure_dict(state), cfg, shards, by_expert))
         nnx.update(self.model, jax.device_put(state, param_shardings(state, mesh, by_expert)))
-        logger.info("Tensor parallel over %d devices: %s", shards, ", ".join(map(str, mesh.devices.flat)))
+        logger.info(
+            "Tensor parallel over %d devices%s: %s",
+            shards,
+            " (MoE experts split by expert)" if by_expert and cfg.moe is not None else "",
+            ", ".join(map(str, mesh.devices.flat)),
+        )
         return mesh
 
     def _warn_if_pooling_differs(self) -> None:

@@ -133,7 +133,7 @@ class ModelRunner:
         self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
         self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
         self._token_logprobs = jax.jit(self._token_logprobs_fn, static_argnames=("whole",))
-        self._full_logprobs = jax.jit(full_logprobs)
+        self._full_logprobs = jax.jit(lambda logits: self._whole(full_logprobs(logits)))
         # (sampler rows, suppressed-ids width, plain) in _sample's cache
         self._sampler_shapes: set[tuple[int, int, bool]] = set()
         self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}
@@ -234,7 +234,8 @@ class ModelRunner:
         A step's outputs keep the placement of the state they replace, so that every program,
         those compiled aside from shapes alone included, meets the placement it was compiled
         for: left to XLA, a split LM head's logits come out split by vocabulary, and a sampler
-        compiled for whole logits refuses them."""
+        compiled for whole logits refuses them. What the host reads is whole too: over several
+        hosts (`--nnodes`) a host reads only its own devices."""
         return self._placed(tree, lambda mesh: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
     def _placed(self, tree: Any, sharding_on: Callable[[jax.sharding.Mesh], Any]) -> Any:
@@ -433,14 +434,15 @@ class ModelRunner:
     # -- reading hidden states -----------------------------------------------------------------
 
     def _readout_fn(self, params, hidden, rows, *, kind: str):
+        """Whole on every device, as what the host reads must be (`_whole`)."""
         model = nnx.merge(self.graphdef, params)
         selected = hidden[rows].astype(jnp.float32)
         if kind == "classify":
-            return model.score(selected.astype(hidden.dtype)).astype(jnp.float32)
+            return self._whole(model.score(selected.astype(hidden.dtype)).astype(jnp.float32))
         if kind == "embed":
             norm = jnp.linalg.norm(selected, axis=-1, keepdims=True)
-            return selected / jnp.maximum(norm, 1e-12)
-        return selected
+            return self._whole(selected / jnp.maximum(norm, 1e-12))
+        return self._whole(selected)
 
     def readout(self, hidden: jax.Array, rows: list[int], kind: str) -> np.ndarray:
         """Pooled outputs for embedding / reward requests, or raw hidden states (`kind="hidden"`)."""
@@ -449,12 +451,14 @@ class ModelRunner:
         return np.asarray(self._readout(self.params, hidden, padded, kind=kind))[: len(rows)]
 
     def _token_logprobs_fn(self, params, hidden, rows, targets, *, whole: bool):
+        """Whole on every device: a split LM head's logprobs come out split by vocabulary, which
+        a host cannot read where the devices are on several hosts (`_whole`)."""
         model = nnx.merge(self.graphdef, params)
         logits = model.compute_logits(hidden[rows])
         if not whole:
-            return None, chosen_logprobs(logits, targets)
+            return None, self._whole(chosen_logprobs(logits, targets))
         logprobs = full_logprobs(logits)
-        return logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        return self._whole((logprobs, jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]))
 
     def full_logprobs(self, logits: jax.Array) -> np.ndarray:
         """A step's log-softmax table `[R, V]` on the host, from its raw logits (`StepOutput.logits`):

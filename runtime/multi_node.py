@@ -16,15 +16,22 @@ way, and a loop that runs what node 0's runner runs.
 
 A weight swap loads on every node first and swaps only when all loaded (`stage_weights`); a
 node that cannot read the new checkpoint fails the update and every node keeps its weights.
+
+The command connections carry pickles: keep the port inside the cluster, and set the same
+secret in `SGLAX_NODE_AUTHKEY` on every node (the handshake's key; a fixed one otherwise).
+A node that fails leaves at once (`abandon`): the others cannot go on without its devices, and
+JAX's exit would wait for them.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
+import os
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
@@ -36,9 +43,12 @@ from runtime.server_args import ServerArgs
 logger = logging.getLogger(__name__)
 
 COMMAND_PORT_OFFSET = 1  # the command connections listen on the coordinator's port + 1
-AUTHKEY = b"sglax-nodes"  # the command channel's handshake; keep the port inside the cluster
 CONNECT_TIMEOUT_S = 120.0
-STEPS_KEPT = 64  # steps whose device outputs a later call may still name
+STEPS_KEPT = 4  # the steps whose device outputs a later call may name: the last few only
+
+
+def _authkey() -> bytes:
+    return os.environ.get("SGLAX_NODE_AUTHKEY", "sglax-nodes").encode()
 
 
 def initialize(args: ServerArgs) -> None:
@@ -64,6 +74,14 @@ def initialize(args: ServerArgs) -> None:
     )
 
 
+def abandon(code: int = 1) -> None:
+    """Exit now, without waiting for the other nodes (JAX's exit would wait for every node)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def leave() -> None:
     """Leave JAX's processes together (every node waits for the others here), so that no node's
     JAX process sees another vanish and aborts."""
@@ -86,8 +104,7 @@ class NodeGroup:
         self.rank = args.node_rank
         address = _command_address(args)
         if self.rank == 0:
-            with Listener(address, authkey=AUTHKEY) as listener:
-                self.conns = [listener.accept() for _ in range(args.nnodes - 1)]
+            self.conns = _accept(address, args.nnodes - 1)
         else:
             self.conns = [_connect(address)]
         self._lock = threading.RLock()
@@ -99,8 +116,13 @@ class NodeGroup:
 
     def send(self, *message: Any) -> None:
         with self._lock:
-            for conn in self.conns:
-                conn.send(message)
+            for rank, conn in enumerate(self.conns, start=1):
+                try:
+                    conn.send(message)
+                except OSError as exc:
+                    raise RuntimeError(
+                        f"node {rank} is gone ({exc}): the model spans every node, so this server stops"
+                    ) from exc
 
     def replies(self) -> list[Any]:
         """One reply from each follower (to a message that asks for one)."""
@@ -121,12 +143,64 @@ class NodeGroup:
             conn.close()
 
 
+def _within(seconds: float, work: Callable[[], Any], what: str) -> Any:
+    """`work()`'s result, or a TimeoutError saying `what` did not happen in time (the work's
+    thread is left behind: the node is about to stop)."""
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(work())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="node-connect", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if failure:
+        raise failure[0]
+    if not result:
+        raise TimeoutError(f"{what} within {seconds:.0f} s")
+    return result[0]
+
+
+def _accept(address: tuple[str, int], followers: int) -> list[Connection]:
+    """Node 0: the other nodes' command connections, once each has loaded its model share."""
+    try:
+        listener = Listener(address, authkey=_authkey())
+    except OSError as exc:
+        raise ValueError(
+            f"cannot listen for the other nodes on {address[0]}:{address[1]} (--dist-init-addr's port "
+            f"+ {COMMAND_PORT_OFFSET}, node 0's command port): {exc}"
+        ) from exc
+    conns: list[Connection] = []
+
+    def accept_all() -> list[Connection]:
+        while len(conns) < followers:
+            conns.append(listener.accept())
+        return conns
+
+    try:
+        return _within(
+            CONNECT_TIMEOUT_S,
+            accept_all,
+            f"only {len(conns)} of the {followers} other nodes connected to {address[0]}:{address[1]}",
+        )
+    finally:
+        listener.close()
+
+
 def _connect(address: tuple[str, int]) -> Connection:
-    """Connect to node 0's command listener, which opens once node 0 has joined JAX's processes."""
+    """A follower: connect to node 0's command port, which opens once node 0 has loaded its share."""
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
     while True:
         try:
-            return Client(address, authkey=AUTHKEY)
+            return _within(
+                max(deadline - time.monotonic(), 1.0),
+                lambda: Client(address, authkey=_authkey()),
+                f"node 0's command port {address[0]}:{address[1]} did not answer as an sglax node 0",
+            )
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
@@ -171,10 +245,10 @@ class MirroredRunner:
         self._nodes = nodes
         self.step_programs = _MirroredPrograms(runner.step_programs, nodes)
         self._step_numbers = itertools.count()
-        # id(device array) -> (step number, field), for the arrays of the last STEPS_KEPT steps,
-        # which are held so that no id is reused while named
+        self._last_step = -1
+        # id(step or device array) -> (step number, field), while the object lives (an entry goes
+        # when its object does, so no id is named twice)
         self._named: dict[int, tuple[int, str]] = {}
-        self._held: collections.deque[tuple[int, Any]] = collections.deque()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
@@ -184,25 +258,26 @@ class MirroredRunner:
             self._nodes.send(name, *args)
             return getattr(self._runner, name)(*args)
 
-    def _ref(self, array: Any) -> tuple[int, str]:
-        named = self._named.get(id(array))
-        if named is None:
-            raise RuntimeError("a device array no mirrored step made cannot be named to the other nodes")
+    def _ref(self, item: Any) -> tuple[int, str]:
+        named = self._named.get(id(item))
+        if named is None or named[0] <= self._last_step - STEPS_KEPT:
+            raise RuntimeError("only the last few mirrored steps' outputs can be named to the other nodes")
         return named
+
+    def _name(self, item: Any, number: int, field: str) -> None:
+        key = id(item)
+        self._named[key] = (number, field)
+        weakref.finalize(item, self._named.pop, key, None)
 
     def forward(self, batch: Any) -> Any:
         with self._nodes.lock:
             number = next(self._step_numbers)
             self._nodes.send("forward", number, batch)
             step = self._runner.forward(batch)
-        for field in ("logits", "hidden"):
-            self._named[id(getattr(step, field))] = (number, field)
-        self._named[id(step)] = (number, "step")
-        self._held.append((number, step))
-        while self._held and self._held[0][0] <= number - STEPS_KEPT:
-            _, old = self._held.popleft()
-            for item in (old, old.logits, old.hidden):
-                self._named.pop(id(item), None)
+            self._last_step = number
+            for field in ("logits", "hidden"):
+                self._name(getattr(step, field), number, field)
+            self._name(step, number, "step")
         return step
 
     def sample(self, step: Any) -> Any:
@@ -267,17 +342,17 @@ class MirroredRunner:
 
 def follow(runner: Any, nodes: NodeGroup, stage_weights: Callable[[str, str | None], Any]) -> None:
     """A follower's loop: run each of node 0's device calls on this node's devices, until node 0
-    closes. `stage_weights(path, load_format)` loads and places a checkpoint as node 0's engine
-    does, for `swap_params`."""
+    says stop; raises if node 0 vanishes or a call fails (the caller then `abandon`s). A
+    `stage_weights(path, load_format)` loads and places a checkpoint as node 0's engine does, for
+    `swap_params`."""
     conn = nodes.conns[0]
     steps: dict[int, Any] = {}
     staged: Any = None
     while True:
         try:
             name, *args = conn.recv()
-        except EOFError:
-            logger.warning("Node 0 closed the connection; this node stops following.")
-            break
+        except EOFError as exc:  # node 0 died: nobody will leave JAX's processes with this node
+            raise ConnectionError("node 0 closed the command connection without a stop") from exc
         if name == "close":
             break
         if name == "forward":

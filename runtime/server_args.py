@@ -372,6 +372,11 @@ class ServerArgs:
             "to --tp-size gives each device whole experts (expert parallelism). Attention stays split "
             "by head either way.",
         )
+        para.add_argument(
+            "--enable-ep-moe",
+            action="store_true",
+            help="The reference's older spelling of --ep-size equal to --tp-size.",
+        )
         para.add_argument("--dp-size", "--dp", dest="dp_size", type=int, default=default("dp_size"))
         para.add_argument(
             "--load-balance-method",
@@ -465,6 +470,8 @@ class ServerArgs:
             value = getattr(args, _ignored_dest(flag), None)
             if value not in (None, False):
                 logger.warning("%s is ignored: %s.", flag.flag, flag.reason)
+        if getattr(args, "enable_ep_moe", False):
+            args.ep_size = args.tp_size
         names = [f.name for f in dataclasses.fields(cls)]
         return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 

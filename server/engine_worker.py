@@ -84,14 +84,25 @@ def run_engine_worker(
         engine = Engine(server_args)
     except (ValueError, FileNotFoundError) as exc:  # a wrong path or an unservable model
         conn.send((FAILED, str(exc), True))
+        _leave_the_other_nodes(server_args)
         return
     except Exception as exc:
         logger.exception("The engine failed to start")
         conn.send((FAILED, f"{type(exc).__name__}: {exc}", False))
+        _leave_the_other_nodes(server_args)
         return
     finally:
         started.set()
     EngineWorker(engine, conn).serve()
+
+
+def _leave_the_other_nodes(server_args: ServerArgs) -> None:
+    """Node 0 of several that failed to start exits at once: JAX's exit would wait for the other
+    nodes, which wait for this one (`runtime/multi_node.py`)."""
+    if server_args.nnodes > 1:
+        from runtime import multi_node
+
+        multi_node.abandon(1)
 
 
 def _exit_if_orphaned(parent_pid: int, started: threading.Event) -> None:

@@ -161,15 +161,19 @@ def _address_in_use(host: str, port: int) -> str | None:
 def run_follower(server_args: ServerArgs) -> int:
     """Node N > 0 of several (`--nnodes`): no HTTP server here; this node's share of the model runs
     node 0's steps (`runtime/multi_node.py`) until node 0 stops."""
+    from runtime import multi_node
     from runtime.engine import Engine
 
     try:
         engine = Engine(server_args)
-    except (ValueError, FileNotFoundError) as exc:
-        logger.error("Cannot serve %s: %s", server_args.model_path, exc)
-        return 1
-    logger.info("Node %d is following node 0 (%s).", server_args.node_rank, server_args.dist_init_addr)
-    engine.follow()
+        logger.info("Node %d is following node 0 (%s).", server_args.node_rank, server_args.dist_init_addr)
+        engine.follow()
+    except (ValueError, FileNotFoundError, TimeoutError) as exc:
+        logger.error("Node %d cannot serve %s: %s", server_args.node_rank, server_args.model_path, exc)
+        multi_node.abandon(1)
+    except Exception:
+        logger.exception("Node %d failed", server_args.node_rank)
+        multi_node.abandon(1)
     logger.info("Node 0 stopped; node %d stops too.", server_args.node_rank)
     return 0
 

@@ -30,7 +30,7 @@ from tests.server_helpers import (
     generate_batch_ids,
     start_server,
 )
-from tests.test_tensor_parallel import assert_prompt_logprobs
+from tests.test_tensor_parallel import assert_prompt_logprobs, log_softmax
 
 MODEL = spec.TINY_QWEN2_MOE
 NODE_FLAGS = ("--tp-size", "2", "--ep-size", "2", "--nnodes", "2", "--disable-radix-cache")
@@ -95,9 +95,29 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProc
     terminate_process(follower, timeout=5)
 
 
+def assert_prompt_top_logprobs(server: ServerProcess, prompt: list[int], logits: np.ndarray) -> None:
+    """Each prompt position's top-3 logprobs (a `[rows, V]` table, read on node 0 whole) equal HF's:
+    the same tokens and values."""
+    body = {
+        "input_ids": prompt,
+        "sampling_params": {"temperature": 0, "max_new_tokens": 1},
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "top_logprobs_num": 3,
+    }
+    r = server.post("/generate", body)
+    assert r.status_code == 200, r.text
+    tops = r.json()["meta_info"]["input_top_logprobs"][1:]
+    expected = log_softmax(logits)
+    for position, top in enumerate(tops):
+        want = np.argsort(-expected[position])[:3]
+        assert [entry[1] for entry in top] == want.tolist(), (position, top, want)
+        np.testing.assert_allclose([entry[0] for entry in top], expected[position][want], atol=1e-4)
+
+
 def test_two_nodes_serve_hf_outputs(nodes: tuple[ServerProcess, subprocess.Popen, Path]) -> None:
-    """Greedy tokens of a batch, every prompt position's logprob, and the expert record's counts
-    equal HF's, with whole experts on each node's device (`--ep-size 2`)."""
+    """Greedy tokens of a batch, every prompt position's logprob and top logprobs, and the expert
+    record's counts equal HF's, with whole experts on each node's device (`--ep-size 2`)."""
     server, follower, workdir = nodes
     ref = load_reference(MODEL)
     prompts = prompts_of(ref)
@@ -105,6 +125,7 @@ def test_two_nodes_serve_hf_outputs(nodes: tuple[ServerProcess, subprocess.Popen
         result = greedy_agrees(ids, ref[f"greedy_{i}"], ref[f"greedy_margin_{i}"])
         assert result, f"prompt {i}: {result}"
     assert_prompt_logprobs(server, prompts[2], ref["logits_2"][:-1], "prompt 2")
+    assert_prompt_top_logprobs(server, prompts[1], ref["logits_1"][:-1])
     counts = expert_counts_of(server, prompts[1], workdir)
     assert np.array_equal(counts, ref["router_counts_1"]), (counts, ref["router_counts_1"])
     info = server.get("/get_server_info").json()

@@ -37,6 +37,8 @@ def test_expert_parallel_flags_parse() -> None:
     for flag in ("--ep-size", "--expert-parallel-size", "--ep"):
         args = parse_server_args(f"--model-path /m --tp-size 2 {flag} 2".split())
         assert (args.tp_size, args.ep_size) == (2, 2)
+    args = parse_server_args("--model-path /m --tp-size 4 --enable-ep-moe".split())
+    assert (args.tp_size, args.ep_size) == (4, 4)
 
 
 def test_reference_flags_parse() -> None:
