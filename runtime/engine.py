@@ -278,8 +278,8 @@ class Engine:
             max_total_tokens=args.max_total_tokens,
             mem_fraction_static=fraction,
         )
-        if self.nodes is not None:  # one pool, split over every node's devices: node 0's size
-            num_pages = self.nodes.agree(num_pages)
+        if self.nodes is not None:  # one pool split over every node's devices: the size all can hold
+            num_pages = self.nodes.smallest(num_pages)
         self.pool = KVPool(
             layers,
             num_pages,

@@ -128,14 +128,17 @@ class NodeGroup:
         """One reply from each follower (to a message that asks for one)."""
         return [conn.recv() for conn in self.conns]
 
-    def agree(self, value: Any) -> Any:
-        """Node 0's `value`, on every node (a figure each node would work out on its own, such
-        as the KV pool's pages from its free memory, that must be one)."""
+    def smallest(self, value: int) -> int:
+        """The smallest of every node's `value`, on every node: a figure each node works out for
+        itself that must be one, such as the KV pool's pages from each node's free memory."""
         if self.rank == 0:
-            self.send("agree", value)
-            return value
-        message = self.conns[0].recv()
-        assert message[0] == "agree", message
+            agreed = min([value, *self.replies()])
+            self.send("agreed", agreed)
+            return agreed
+        conn = self.conns[0]
+        conn.send(value)
+        message = conn.recv()
+        assert message[0] == "agreed", message
         return message[1]
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from tests.test_tensor_parallel import assert_prompt_logprobs, log_softmax
 MODEL = spec.TINY_QWEN2_MOE
 NODE_FLAGS = ("--tp-size", "2", "--ep-size", "2", "--nnodes", "2", "--disable-radix-cache")
 SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32", "--no-warmup")
+FOLLOWER_TOKENS = 2048
 
 
 def coordinator_address() -> str:
@@ -58,6 +59,8 @@ def start_follower(address: str, log_path: Path) -> subprocess.Popen:
         str(spec.models_dir() / MODEL),
         *SMALL,
         *NODE_FLAGS,
+        "--max-total-tokens",  # less room here than on node 0: the pool is the size both hold
+        str(FOLLOWER_TOKENS),
         "--node-rank",
         "1",
         "--dist-init-addr",
@@ -130,6 +133,7 @@ def test_two_nodes_serve_hf_outputs(nodes: tuple[ServerProcess, subprocess.Popen
     assert np.array_equal(counts, ref["router_counts_1"]), (counts, ref["router_counts_1"])
     info = server.get("/get_server_info").json()
     assert (info["nnodes"], info["tp_size"]) == (2, 2)
+    assert 0 < info["max_total_num_tokens"] <= FOLLOWER_TOKENS, info["max_total_num_tokens"]
     assert follower.poll() is None
 
 
