@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
@@ -89,6 +90,17 @@ def leave() -> None:
         jax.distributed.shutdown()
     except Exception:  # a node already gone: this one is stopping anyway
         logger.exception("Leaving the other nodes failed")
+
+
+def settle(runner: Any) -> None:
+    """On a CPU, wait for the programs a call ran. Its runtime runs programs with no data between
+    them side by side (the next step's forward beside a step's logprob table), and their
+    collectives may then meet in another order on each node: a mismatch, or a hang. A GPU runs a
+    device's programs in the order they were launched, so there nothing waits."""
+    if jax.default_backend() != "cpu":
+        return
+    state = (runner.pool.k_pool, runner.pool.v_pool, runner.output_counts, runner.prompt_mask)
+    jax.block_until_ready((*state, runner.slot_tokens, runner.expert_hist, runner.recording))
 
 
 def _command_address(args: ServerArgs) -> tuple[str, int]:
@@ -181,7 +193,13 @@ def _accept(address: tuple[str, int], followers: int) -> list[Connection]:
 
     def accept_all() -> list[Connection]:
         while len(conns) < followers:
-            conns.append(listener.accept())
+            try:
+                conns.append(listener.accept())
+            except AuthenticationError:
+                logger.warning(
+                    "A connection to the command port failed the handshake (another "
+                    "SGLAX_NODE_AUTHKEY?); still waiting for the other nodes."
+                )
         return conns
 
     try:
@@ -208,6 +226,11 @@ def _connect(address: tuple[str, int]) -> Connection:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+        except AuthenticationError as exc:
+            raise ValueError(
+                f"node 0's command port {address[0]}:{address[1]} refused this node's handshake: set "
+                "the same SGLAX_NODE_AUTHKEY on every node"
+            ) from exc
 
 
 class _MirroredPrograms:
@@ -257,9 +280,15 @@ class MirroredRunner:
         return getattr(self._runner, name)
 
     def _mirror(self, name: str, *args: Any) -> Any:
+        return self._call(name, args, *args)
+
+    def _call(self, name: str, sent: tuple, *args: Any) -> Any:
+        """Send `name` with `sent` (device outputs named), then run it here with `args`."""
         with self._nodes.lock:
-            self._nodes.send(name, *args)
-            return getattr(self._runner, name)(*args)
+            self._nodes.send(name, *sent)
+            result = getattr(self._runner, name)(*args)
+            settle(self._runner)
+            return result
 
     def _ref(self, item: Any) -> tuple[int, str]:
         named = self._named.get(id(item))
@@ -277,6 +306,7 @@ class MirroredRunner:
             number = next(self._step_numbers)
             self._nodes.send("forward", number, batch)
             step = self._runner.forward(batch)
+            settle(self._runner)
             self._last_step = number
             for field in ("logits", "hidden"):
                 self._name(getattr(step, field), number, field)
@@ -284,24 +314,17 @@ class MirroredRunner:
         return step
 
     def sample(self, step: Any) -> Any:
-        with self._nodes.lock:
-            self._nodes.send("sample", self._ref(step))
-            return self._runner.sample(step)
+        return self._call("sample", (self._ref(step),), step)
 
     def readout(self, hidden: Any, rows: list[int], kind: str) -> Any:
-        with self._nodes.lock:
-            self._nodes.send("readout", self._ref(hidden), rows, kind)
-            return self._runner.readout(hidden, rows, kind)
+        return self._call("readout", (self._ref(hidden), rows, kind), hidden, rows, kind)
 
     def prompt_logprobs(self, hidden: Any, rows: list[int], targets: list[int], whole: bool) -> Any:
-        with self._nodes.lock:
-            self._nodes.send("prompt_logprobs", self._ref(hidden), rows, targets, whole)
-            return self._runner.prompt_logprobs(hidden, rows, targets, whole)
+        sent = (self._ref(hidden), rows, targets, whole)
+        return self._call("prompt_logprobs", sent, hidden, rows, targets, whole)
 
     def full_logprobs(self, logits: Any) -> Any:
-        with self._nodes.lock:
-            self._nodes.send("full_logprobs", self._ref(logits))
-            return self._runner.full_logprobs(logits)
+        return self._call("full_logprobs", (self._ref(logits),), logits)
 
     def compile_programs(self, shapes: list[Any]) -> None:
         self._mirror("compile_programs", shapes)
@@ -362,8 +385,10 @@ def follow(runner: Any, nodes: NodeGroup, stage_weights: Callable[[str, str | No
             number, batch = args
             steps[number] = runner.forward(batch)
             steps.pop(number - STEPS_KEPT, None)
+            settle(runner)
         elif name == "sample":
             runner.sample(steps[args[0][0]])
+            settle(runner)
         elif name in ("readout", "prompt_logprobs", "full_logprobs"):
             (number, field), *rest = args
             getattr(runner, name)(getattr(steps[number], field), *rest)
@@ -383,5 +408,6 @@ def follow(runner: Any, nodes: NodeGroup, stage_weights: Callable[[str, str | No
             staged = None
         else:
             getattr(runner, name)(*args)
+            settle(runner)
     nodes.close()
     runner.close()

@@ -33,7 +33,12 @@ from tests.server_helpers import (
 from tests.test_tensor_parallel import assert_prompt_logprobs, log_softmax
 
 MODEL = spec.TINY_QWEN2_MOE
-NODE_FLAGS = ("--tp-size", "2", "--ep-size", "2", "--nnodes", "2", "--disable-radix-cache")
+# The dispatch thread (on by default off a CPU) and short prefill chunks: a step's forward and the
+# previous step's readouts then run side by side (`multi_node.settle`).
+NODE_FLAGS = (
+    *("--tp-size", "2", "--ep-size", "2", "--nnodes", "2", "--disable-radix-cache"),
+    *("--dispatch-thread", "on", "--chunked-prefill-size", "16"),
+)
 SMALL = ("--max-total-tokens", "4096", "--max-running-requests", "32", "--no-warmup")
 FOLLOWER_TOKENS = 2048
 
