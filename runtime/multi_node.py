@@ -95,8 +95,8 @@ def leave() -> None:
 def settle(runner: Any) -> None:
     """On a CPU, wait for the programs a call ran. Its runtime runs programs with no data between
     them side by side (the next step's forward beside a step's logprob table), and their
-    collectives may then meet in another order on each node: a mismatch, or a hang. A GPU runs a
-    device's programs in the order they were launched, so there nothing waits."""
+    collectives may then meet in another order on each node: a mismatch, or a hang. On a GPU
+    nothing waits: XLA runs a device's programs one after another on its stream."""
     if jax.default_backend() != "cpu":
         return
     state = (runner.pool.k_pool, runner.pool.v_pool, runner.output_counts, runner.prompt_mask)
