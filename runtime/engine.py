@@ -30,6 +30,7 @@ from models.tensor_parallel import (
     group_for_shards,
     kv_pool_sharding,
     param_shardings,
+    place,
     tensor_parallel_mesh,
     unsupported_reason,
 )
@@ -206,7 +207,7 @@ class Engine:
             raise ValueError(f"{flags} cannot serve {architecture}: {why}.")
         state = nnx.state(self.model)
         nnx.replace_by_pure_dict(state, group_for_shards(nnx.to_pure_dict(state), cfg, shards, by_expert))
-        nnx.update(self.model, jax.device_put(state, param_shardings(state, mesh, by_expert)))
+        nnx.update(self.model, place(state, param_shardings(state, mesh, by_expert)))
         logger.info(
             "Tensor parallel over %d devices%s: %s",
             shards,
@@ -586,7 +587,7 @@ class Engine:
     def _update_weights_from_disk(self, model_path: str, load_format: str | None) -> tuple[bool, str, int]:
         if not path_exists(model_path):
             return False, f"Failed to get weights iterator: {model_path} (repository not found).", 0
-        mirrored = isinstance(self.runner, multi_node.MirroredRunner) if self.scheduler is not None else False
+        mirrored = isinstance(getattr(self, "runner", None), multi_node.MirroredRunner)
         if mirrored:  # every other node loads first: a node that cannot read it fails the update
             failure = self.runner.stage_weights(model_path, load_format)
             if failure is not None:
