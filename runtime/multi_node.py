@@ -10,8 +10,9 @@ way, and a loop that runs what node 0's runner runs.
   the JAX coordinator has the port itself).
 - `MirroredRunner`: node 0's runner. Each call that runs programs on the devices is sent to the
   followers before it runs here, under one lock, so every host dispatches the same programs in
-  the same order. A step's device outputs a later call reads (its logits, its hidden states) are
-  named by the step's number: each host reads its own.
+  the same order (and on a CPU runs them one at a time: `settle`). A step's device outputs a
+  later call reads (its logits, its hidden states) are named by the step's number: each host
+  reads its own.
 - `follow`: a follower's loop.
 
 A weight swap loads on every node first and swaps only when all loaded (`stage_weights`); a
