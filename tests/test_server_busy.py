@@ -60,7 +60,8 @@ def test_a_busy_server_is_healthy(busy: ServerProcess) -> None:
         started = time.monotonic()
         r = busy.get("/health_generate")
         took = time.monotonic() - started
-        assert r.status_code == 200 and took < HEALTH_TIMEOUT_S / 2, (r.status_code, took)
+        # before the fix: 503 at the timeout; on a slow stretch of the 2-core box 1.6 s
+        assert r.status_code == 200 and took < HEALTH_TIMEOUT_S * 0.9, (r.status_code, took)
     finally:
         assert busy.post("/abort_request", {"abort_all": True}).status_code == 200
         for thread in threads:
