@@ -120,15 +120,10 @@ class NodeGroup:
             self.conns = _accept(address, args.nnodes - 1)
         else:
             self.conns = [_connect(address)]
-        self._lock = threading.RLock()
-
-    @property
-    def lock(self) -> threading.RLock:
-        """Held while a call is sent and run: every node sees the calls in one order."""
-        return self._lock
+        self.lock = threading.RLock()  # held while a call is sent and run: one order on every node
 
     def send(self, *message: Any) -> None:
-        with self._lock:
+        with self.lock:
             for rank, conn in enumerate(self.conns, start=1):
                 try:
                     conn.send(message)
