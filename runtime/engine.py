@@ -321,6 +321,7 @@ class Engine:
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=chunk,
             schedule_policy=args.schedule_policy,
+            schedule_conservativeness=args.schedule_conservativeness,
             disable_radix_cache=args.disable_radix_cache,
             stream_interval=args.stream_interval,
             eos_ids=eos_ids,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.admission import GrowthEstimate
 from runtime.batch import Buckets, ScheduledBatch, StepShape, sampler_rows, step_shape
 from runtime.detokenizer import OutputText, find_stop_string, partial_stop_suffix, scheduler_needs_text
 from runtime.grammar import TokenGrammars
@@ -107,6 +108,7 @@ class Scheduler:
         chunked_prefill_size: int,
         schedule_policy: str,
         disable_radix_cache: bool,
+        schedule_conservativeness: float = 0.0,
         stream_interval: int,
         eos_ids: frozenset[int],
         burst_window: float = 0.0,
@@ -114,7 +116,8 @@ class Scheduler:
         dispatch_thread: bool = False,
     ) -> None:
         """`burst_window` (seconds): see `_drain_inbox`. `grammars` makes the token masks of
-        requests with a grammar (`Req.grammar`). `dispatch_thread`: see `_dispatch_forward`."""
+        requests with a grammar (`Req.grammar`). `dispatch_thread`: see `_dispatch_forward`.
+        `schedule_conservativeness`: see `_fits_beside_the_running`."""
         self.runner = runner
         self.pool = pool
         self.allocator = pool.allocator
@@ -125,6 +128,9 @@ class Scheduler:
         self.max_running = max_running_requests
         self.chunk_tokens = chunked_prefill_size
         self.policy = schedule_policy
+        self.growth = GrowthEstimate(schedule_conservativeness, self.page_size, context_length)
+        self.num_retracted = 0  # retractions since start, for /get_server_info and /metrics
+        self._reserved_pages: int | None = None  # `_admit`'s running total within a step
         self.stream_interval = max(1, stream_interval)
         self.burst_window = burst_window
         self.grammars = grammars
@@ -367,6 +373,9 @@ class Scheduler:
         if not self._hold_admission:
             self._order_waiting()
             computing = self._prefixes_in_progress() if self.waiting else {}
+            if not self._anything_runs():
+                self.growth.idle()
+            self._reserved_pages = None  # worked out at the step's first admission
             deferred: list[Req] = []
             while self.waiting and budget > 0 and len(prefills) < MAX_PREFILL_SEQS:
                 if len(self.running) >= self.max_running:
@@ -535,7 +544,9 @@ class Scheduler:
             req.input_logprobs, req.input_top_logprobs, req.input_ids_logprobs = [], [], []
         self.running.remove(req)
         self.waiting.appendleft(req)
-        logger.info("retracted request %s to free KV pages", req.rid)
+        self.num_retracted += 1
+        self.growth.retracted(self.running)
+        logger.info("retracted request %s to free KV pages; new token ratio %.3f", req.rid, self.growth.ratio)
 
     def _take_chunk(self, req: Req, budget: int) -> int:
         take = min(req.remaining, budget)
@@ -545,6 +556,21 @@ class Scheduler:
         req.pages.extend(pages)
         return take
 
+    def _anything_runs(self) -> bool:
+        return any(not r.finished for r in self.running)
+
+    def _fits_beside_the_running(self, req: Req) -> bool:
+        """Whether all a prefix-matched request may write fits beside what the running requests
+        (this step's admissions included) are expected to grow into, with
+        `--schedule-conservativeness` above 0 (`runtime/admission.py`); always while nothing else
+        runs. At 0 a request starts whenever its first chunk fits, and retraction makes room."""
+        if not self.growth.reserves or not self._anything_runs():
+            return True
+        if self._reserved_pages is None:
+            self._reserved_pages = self.growth.reserved_pages(self.running)
+        room = self.allocator.num_free + self.radix.evictable_pages() - self._reserved_pages
+        return self.growth.pages_to_finish(req) <= room
+
     def _admit(self, req: Req, budget: int, plan: _Plan) -> int:
         """Prefix-match, lock and allocate for a waiting request; 0 if it cannot start now."""
         match = self.radix.match_prefix(self._reusable_ids(req))
@@ -553,12 +579,15 @@ class Scheduler:
         req.pages = list(match.pages)
         req.num_computed = match.num_tokens
         take = min(req.remaining, budget)
-        pages = self._alloc(req, self._pages_needed(req, take))
+        fits = self._fits_beside_the_running(req)
+        pages = self._alloc(req, self._pages_needed(req, take)) if fits else None
         if pages is None:
             self.radix.dec_lock(match.node)
             req.locked_node, req.pages, req.num_computed = None, [], 0
             return 0
         req.pages.extend(pages)
+        if self.growth.reserves:
+            self._reserved_pages = (self._reserved_pages or 0) + self.growth.pages_to_finish(req)
         if req.admitted_at is None:
             req.cached_tokens = match.num_tokens
         req.admitted_at = time.monotonic()
@@ -674,6 +703,7 @@ class Scheduler:
             sample_rows[:n] = np.arange(n)
             sample_valid[:n] = True
             self._decode_steps += 1
+            self.growth.decode_step()
             for seq, req in enumerate(decodes):
                 pages = req.page_row()
                 page_table[seq, : len(pages)] = pages
@@ -1064,6 +1094,8 @@ class Scheduler:
             "gen_throughput": self.last_gen_throughput,
             "last_gen_throughput": self.last_gen_throughput,
             "num_steps": self.num_steps,  # steps dispatched: a health check watches it move
+            "num_retracted_reqs": self.num_retracted,
+            "new_token_ratio": self.growth.ratio,
         }
 
     def _maybe_log(self) -> None:

@@ -68,7 +68,6 @@ IGNORED_FLAGS: tuple[IgnoredFlag, ...] = (
     IgnoredFlag("--tokenizer-mode", "the HF fast tokenizer is always used", True),
     IgnoredFlag("--device", "the platform is the one JAX picks (set JAX_PLATFORMS to force one)", True),
     IgnoredFlag("--max-prefill-tokens", "the prefill budget of a step is --chunked-prefill-size", True),
-    IgnoredFlag("--schedule-conservativeness", "admission is exact: pages are reserved per request", True),
     IgnoredFlag("--cpu-offload-gb", "weights stay on the device", True),
     IgnoredFlag("--enable-dp-attention", "data-parallel attention does not exist here"),
     IgnoredFlag("--disable-custom-all-reduce", "collectives are inserted by XLA"),
@@ -134,6 +133,7 @@ class ServerArgs:
     max_total_tokens: int | None = None
     chunked_prefill_size: int | None = None
     schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 0.0
     burst_window_ms: float | None = None
     disable_radix_cache: bool = False
     page_size: int = 16
@@ -224,6 +224,11 @@ class ServerArgs:
             raise ValueError(
                 "--chunked-prefill-size must be -1 (no chunking) or at least --page-size "
                 f"({self.page_size}), got {self.chunked_prefill_size}."
+            )
+        if not 0.0 <= self.schedule_conservativeness < float("inf"):
+            raise ValueError(
+                "--schedule-conservativeness must be a number of at least 0, got "
+                f"{self.schedule_conservativeness}."
             )
         if self.stream_interval < 1:
             raise ValueError(f"--stream-interval must be at least 1, got {self.stream_interval}.")
@@ -341,6 +346,14 @@ class ServerArgs:
             "--chunked-prefill-size", type=int, default=None, help="Tokens per prefill chunk; -1 disables."
         )
         sched.add_argument("--schedule-policy", default=default("schedule_policy"), choices=SCHEDULE_POLICIES)
+        sched.add_argument(
+            "--schedule-conservativeness",
+            type=float,
+            default=default("schedule_conservativeness"),
+            help="Above 0, admission leaves running requests room to grow into (the reference's "
+            "new-token ratio times this): fewer requests at once, fewer retracted. 0 (the default "
+            "here; the reference's is 1.0): a request starts when its first chunk fits.",
+        )
         sched.add_argument(
             "--burst-window-ms",
             type=float,

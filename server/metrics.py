@@ -44,6 +44,8 @@ STAT_GAUGES = {
     "gen_throughput": "The generation throughput (token/s).",
     "cache_hit_rate": "The prefix cache hit rate.",
     "avg_request_queue_latency": "The average request queue latency of the last batch (s).",
+    "num_retracted_reqs": "The number of requests retracted to free KV pages since the start.",
+    "new_token_ratio": "The share of their remaining output that running requests are expected to write.",
 }
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

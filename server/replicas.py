@@ -48,6 +48,7 @@ _SUMMED = frozenset(
         "last_gen_throughput",
         "num_served",
         "num_steps",
+        "num_retracted_reqs",
         "num_compiled_programs",
         "num_pending_compiles",
     }

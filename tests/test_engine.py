@@ -341,6 +341,32 @@ def test_memory_pressure_every_request_finishes(tiny_llama_path, tiny, monkeypat
         small.shutdown()
 
 
+def test_admission_that_reserves_for_outputs_retracts_nothing(tiny_llama_path, tiny):
+    """The memory-pressure load again, on a pool too small for its requests at once: by default
+    requests start whenever their first chunk fits and are retracted when outputs outgrow the
+    pool; with `--schedule-conservativeness` 1 admission leaves them room (requests that ignore
+    EOS write all they may, so the room is exact) and none is retracted, for the same tokens."""
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(100, 300, size=12)]
+    params = [_greedy(40)] * len(prompts)
+    expected = _mixed_ids(tiny, prompts, params)
+    retracted = {}
+    for conservativeness in (0.0, 1.0):
+        small = _engine(
+            tiny_llama_path,
+            max_total_tokens=1024,
+            chunked_prefill_size=128,
+            schedule_conservativeness=conservativeness,
+        )
+        try:
+            assert _mixed_ids(small, prompts, params) == expected
+            retracted[conservativeness] = small.stats()["num_retracted_reqs"]
+            assert _pool_whole(small)
+        finally:
+            small.shutdown()
+    assert retracted[0.0] > 0 and retracted[1.0] == 0, retracted
+
+
 def test_no_leaks_after_burst_with_aborts(tiny):
     rng = np.random.default_rng(5)
     done = threading.Event()

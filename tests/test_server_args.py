@@ -45,7 +45,8 @@ def test_reference_flags_parse() -> None:
     args = parse_server_args(
         "--model-path /m --tokenizer-path /t --host 0.0.0.0 --port 1234 --is-embedding "
         "--context-length 512 --mem-fraction-static 0.5 --max-running-requests 8 --max-total-tokens 4096 "
-        "--chunked-prefill-size 256 --schedule-policy lpm --disable-radix-cache --tp-size 1 --dp-size 1 "
+        "--chunked-prefill-size 256 --schedule-policy lpm --schedule-conservativeness 1.5 "
+        "--disable-radix-cache --tp-size 1 --dp-size 1 "
         "--dtype half --random-seed 7 --page-size 32 --api-key k --served-model-name m "
         "--enable-metrics --log-level WARNING --stream-interval 4 --chat-template t.jinja --log-requests "
         "--allow-auto-truncate --load-format gguf --attention-backend reference --moe-backend pallas "
@@ -58,6 +59,7 @@ def test_reference_flags_parse() -> None:
     assert args.context_length == 512 and args.mem_fraction_static == 0.5
     assert (args.max_running_requests, args.max_total_tokens, args.chunked_prefill_size) == (8, 4096, 256)
     assert (args.schedule_policy, args.tp_size, args.dtype, args.random_seed) == ("lpm", 1, "half", 7)
+    assert args.schedule_conservativeness == 1.5
     assert (args.page_size, args.api_key, args.served_model_name) == (32, "k", "m")
     assert (args.log_level, args.stream_interval, args.chat_template) == ("warning", 4, "t.jinja")
     assert (args.load_format, args.attention_backend, args.moe_backend) == ("gguf", "reference", "pallas")
@@ -109,6 +111,8 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"max_total_tokens": 8}, "--max-total-tokens (8) must hold at least one page"),
         ({"chunked_prefill_size": 4}, "--chunked-prefill-size must be -1"),
         ({"stream_interval": 0}, "--stream-interval must be at least 1"),
+        ({"schedule_conservativeness": -0.5}, "--schedule-conservativeness must be a number of at least 0"),
+        ({"schedule_conservativeness": float("nan")}, "--schedule-conservativeness must be a number"),
         ({"burst_window_ms": -1.0}, "--burst-window-ms must be in [0, 100], got -1.0."),
         ({"burst_window_ms": 500.0}, "--burst-window-ms must be in [0, 100]"),
         ({"tp_size": 0}, "--tp-size must be at least 1"),

@@ -560,6 +560,7 @@ def test_metrics(base_url: str) -> None:
         assert sse(r)[-1] == "[DONE]"  # streamed: its TTFT is recorded
     assert gauge("sglang:cache_hit_rate") > 0.5  # the second prompt's batch found it cached
     assert gauge("sglang:avg_request_queue_latency") >= 0.0
+    assert gauge("sglang:num_retracted_reqs") == 0.0  # a pool far larger than these requests
     text = requests.get(base_url + "/metrics").text
     for name in (
         "sglang:prompt_tokens_total",
@@ -920,6 +921,7 @@ def test_random_load_on_a_small_pool(small_pool_url: str, chat_prompt: str, toke
     prompts = _story_prompts(chat_prompt)
     failures = _run_random_load(small_pool_url, random.Random(seed), prompts, len(tokenizer), 40, 120)
     assert not failures, failures[:5]
+    assert server_info(small_pool_url)["num_retracted_reqs"] > 0  # the load did outgrow the pool
     _assert_pool_whole_then_empty(small_pool_url)
 
 
