@@ -373,8 +373,6 @@ class Scheduler:
         if not self._hold_admission:
             self._order_waiting()
             computing = self._prefixes_in_progress() if self.waiting else {}
-            if not self._anything_runs():
-                self.growth.idle()
             self._reserved_pages = None  # worked out at the step's first admission
             deferred: list[Req] = []
             while self.waiting and budget > 0 and len(prefills) < MAX_PREFILL_SEQS:
@@ -556,15 +554,15 @@ class Scheduler:
         req.pages.extend(pages)
         return take
 
-    def _anything_runs(self) -> bool:
-        return any(not r.finished for r in self.running)
-
     def _fits_beside_the_running(self, req: Req) -> bool:
         """Whether all a prefix-matched request may write fits beside what the running requests
         (this step's admissions included) are expected to grow into, with
         `--schedule-conservativeness` above 0 (`runtime/admission.py`); always while nothing else
         runs. At 0 a request starts whenever its first chunk fits, and retraction makes room."""
-        if not self.growth.reserves or not self._anything_runs():
+        if not self.growth.reserves:
+            return True
+        if all(r.finished for r in self.running):
+            self.growth.idle()
             return True
         if self._reserved_pages is None:
             self._reserved_pages = self.growth.reserved_pages(self.running)
