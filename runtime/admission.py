@@ -56,10 +56,12 @@ class GrowthEstimate:
         self.ratio = self.initial
 
     def retracted(self, running: Iterable[Req]) -> None:
-        """The estimate fell short: restart it from what the requests still running have written."""
+        """The estimate fell short: restart it from what the decoding requests left have written."""
+        if not self.reserves:
+            return
         written = wanted = steps = 0
         for req in running:
-            if not req.finished and req.samples:
+            if not req.finished and req.samples and req.produced:
                 written += req.produced
                 wanted += req.max_new_tokens
                 steps += RETRACT_DECODE_STEPS

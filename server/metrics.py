@@ -7,8 +7,8 @@ comes from the engine (`first_token_latency`) and its inter-token latency is the
 mean gap of its later tokens (the reference sends such requests' outputs every 50
 tokens and takes TTFT at the first of them);
 the scheduler's gauges (running and queued requests, token usage, throughput,
-cache hit rate) are read from `engine.stats()` when /metrics is scraped, so the
-scheduler thread pays nothing for them.
+cache hit rate) and its count of retractions are read from `engine.stats()` when
+/metrics is scraped, so the scheduler thread pays nothing for them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ STAT_GAUGES = {
     "gen_throughput": "The generation throughput (token/s).",
     "cache_hit_rate": "The prefix cache hit rate.",
     "avg_request_queue_latency": "The average request queue latency of the last batch (s).",
-    "num_retracted_reqs": "The number of requests retracted to free KV pages since the start.",
     "new_token_ratio": "The share of their remaining output that running requests are expected to write.",
 }
 
@@ -81,6 +80,10 @@ class ServerMetrics:
         self.generation_tokens = counter("generation_tokens", "Number of generation tokens processed.")
         self.cached_tokens = counter("cached_tokens", "Number of prompt tokens served from the prefix cache.")
         self.num_requests = counter("num_requests", "Number of requests processed.")
+        # Counted by the scheduler (`num_retracted_reqs`, since the start); advanced at each scrape.
+        self.retracted_requests = counter("num_retracted_requests", "Number of requests retracted.")
+        self.retracted_requests.labels(**self.labels)  # shown at 0 before the first
+        self._retracted_seen = 0
         self.time_to_first_token = histogram(
             "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
         )
@@ -145,4 +148,8 @@ class ServerMetrics:
             value = stats.get(key)
             if isinstance(value, int | float):
                 gauge.labels(**self.labels).set(value)
+        retracted = stats.get("num_retracted_reqs")
+        if isinstance(retracted, int) and retracted > self._retracted_seen:
+            self.retracted_requests.labels(**self.labels).inc(retracted - self._retracted_seen)
+            self._retracted_seen = retracted
         return generate_latest(self.registry)

@@ -55,7 +55,8 @@ def test_conservativeness_scales_the_ratio_up_to_one() -> None:
 
 def test_a_retraction_restarts_the_ratio_from_what_was_written() -> None:
     growth = GrowthEstimate(1.0, PAGE, 4096)
-    running = [_req(10, 100, written=30), _req(10, 300, written=50)]
+    prefilling = _req(500, 1000)  # not decoding yet: nothing learnt from it
+    running = [_req(10, 100, written=30), prefilling, _req(10, 300, written=50)]
     growth.retracted(running)
     assert growth.ratio == pytest.approx((30 + 50 + 2 * RETRACT_DECODE_STEPS) / 400)
     growth.retracted([_req(10, 10, written=9)])
@@ -63,6 +64,9 @@ def test_a_retraction_restarts_the_ratio_from_what_was_written() -> None:
     ratio = growth.ratio
     growth.retracted([])  # nothing left running: nothing to learn from
     assert growth.ratio == ratio
+    off = GrowthEstimate(0.0, PAGE, 4096)  # reserving nothing, its ratio stays 0
+    off.retracted(running)
+    assert off.ratio == 0.0
 
 
 def test_running_requests_reserve_their_prompt_and_a_share_of_their_output() -> None:

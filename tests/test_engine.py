@@ -345,12 +345,13 @@ def test_admission_that_reserves_for_outputs_retracts_nothing(tiny_llama_path, t
     """The memory-pressure load again, on a pool too small for its requests at once: by default
     requests start whenever their first chunk fits and are retracted when outputs outgrow the
     pool; with `--schedule-conservativeness` 1 admission leaves them room (requests that ignore
-    EOS write all they may, so the room is exact) and none is retracted, for the same tokens."""
+    EOS write all they may, so the room is exact) and none is retracted, for the same tokens,
+    while several still run at once."""
     rng = np.random.default_rng(3)
     prompts = [rng.integers(100, 40000, size=int(n)).tolist() for n in rng.integers(100, 300, size=12)]
     params = [_greedy(40)] * len(prompts)
     expected = _mixed_ids(tiny, prompts, params)
-    retracted = {}
+    retracted, steps = {}, {}
     for conservativeness in (0.0, 1.0):
         small = _engine(
             tiny_llama_path,
@@ -360,11 +361,15 @@ def test_admission_that_reserves_for_outputs_retracts_nothing(tiny_llama_path, t
         )
         try:
             assert _mixed_ids(small, prompts, params) == expected
-            retracted[conservativeness] = small.stats()["num_retracted_reqs"]
+            stats = small.stats()
+            retracted[conservativeness] = stats["num_retracted_reqs"]
+            steps[conservativeness] = stats["num_steps"]
             assert _pool_whole(small)
         finally:
             small.shutdown()
     assert retracted[0.0] > 0 and retracted[1.0] == 0, retracted
+    one_at_a_time = sum(-(-len(p) // 128) + 39 for p in prompts)  # 492 steps; 134 ran here
+    assert steps[1.0] < one_at_a_time / 2, (steps, one_at_a_time)
 
 
 def test_no_leaks_after_burst_with_aborts(tiny):

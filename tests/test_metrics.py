@@ -67,3 +67,13 @@ def test_a_streamed_request_reports_from_its_events_and_nothing_without_tokens()
     got = _samples(metrics)
     assert got["sglang:time_to_first_token_seconds_count"] == 1
     assert got["sglang:e2e_request_latency_seconds_count"] == 2
+
+
+def test_retractions_count_up_from_the_schedulers_total():
+    metrics = ServerMetrics("m")
+    assert _samples(metrics)["sglang:num_retracted_requests_total"] == 0
+    for total, expected in ((3, 3), (3, 3), (5, 5), (None, 5)):
+        text = metrics.render({"num_retracted_reqs": total} if total is not None else {}).decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        family = families["sglang:num_retracted_requests"]
+        assert family.type == "counter" and family.samples[0].value == expected

@@ -560,7 +560,7 @@ def test_metrics(base_url: str) -> None:
         assert sse(r)[-1] == "[DONE]"  # streamed: its TTFT is recorded
     assert gauge("sglang:cache_hit_rate") > 0.5  # the second prompt's batch found it cached
     assert gauge("sglang:avg_request_queue_latency") >= 0.0
-    assert gauge("sglang:num_retracted_reqs") == 0.0  # a pool far larger than these requests
+    assert gauge("sglang:num_retracted_requests_total") == 0.0  # a pool far larger than these requests
     text = requests.get(base_url + "/metrics").text
     for name in (
         "sglang:prompt_tokens_total",
