@@ -13,9 +13,10 @@ With reservation on, a request about to be admitted is counted at all it may sti
 CLIP_MAX_NEW_TOKENS); a running one at the rest of its prompt and `ratio` of the output it may
 still write, since most requests stop before their `max_new_tokens` (all of it for a request
 that ignores EOS, which writes every token it may). The ratio starts at
-INIT_NEW_TOKEN_RATIO times `--schedule-conservativeness`, falls in DECAY_STEPS decode steps to
-MIN_NEW_TOKEN_RATIO_FACTOR of that, and after a retraction restarts from what the requests left
-running have written so far, RETRACT_DECODE_STEPS more tokens each, over what they may write.
+INIT_NEW_TOKEN_RATIO times `--schedule-conservativeness` (at most 1), falls in DECAY_STEPS decode
+steps to MIN_NEW_TOKEN_RATIO_FACTOR of that, starts again whenever nothing runs, and after a
+retraction restarts from what the decoding requests left have written so far,
+RETRACT_DECODE_STEPS more tokens each, over what they may write.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class GrowthEstimate:
         self.context_length = context_length
 
     def decode_step(self) -> None:
-        """A decode step ran without a retraction: outputs grew no faster than estimated."""
+        """A decode step ran: the estimate eases toward its floor until a retraction says otherwise."""
         self.ratio = max(self.ratio - self.decay, self.floor)
 
     def idle(self) -> None:
