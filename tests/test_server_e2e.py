@@ -904,12 +904,14 @@ def test_random_mixed_load_with_disconnects_and_aborts(
 
 
 @pytest.fixture(scope="module")
-def small_pool_url(model_path: Path) -> Iterator[str]:
+def small_pool_url(tiny_llama_path: Path) -> Iterator[str]:
     """A KV pool of 40 pages and 64-token prefill chunks: admission waits and decode rows are
-    retracted all the time under the random load."""
+    retracted all the time under the random load. The tiny Llama shares SmolLM2's tokenizer and
+    vocabulary, and this test is about the scheduler, so its steps need not cost a real model's."""
     yield from _served(
-        f"python3 -m sglang.launch_server --model-path {model_path} --host 127.0.0.1 --max-total-tokens 640 "
-        "--chunked-prefill-size 64 --max-running-requests 64 --no-warmup --log-level warning"
+        f"python3 -m sglang.launch_server --model-path {tiny_llama_path} --host 127.0.0.1 "
+        "--max-total-tokens 640 --chunked-prefill-size 64 --max-running-requests 64 --no-warmup "
+        "--log-level warning"
     )
 
 
