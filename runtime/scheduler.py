@@ -544,7 +544,8 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_retracted += 1
         self.growth.retracted(self.running)
-        logger.info("retracted request %s to free KV pages; new token ratio %.3f", req.rid, self.growth.ratio)
+        ratio = f"; new token ratio {self.growth.ratio:.3f}" if self.growth.reserves else ""
+        logger.info("retracted request %s to free KV pages%s", req.rid, ratio)
 
     def _take_chunk(self, req: Req, budget: int) -> int:
         take = min(req.remaining, budget)
