@@ -312,6 +312,11 @@ class MirroredRunner:
     def sample(self, step: Any) -> Any:
         return self._call("sample", (self._ref(step),), step)
 
+    def run(self, batch: Any) -> Any:
+        """The step's forward and sampling, each mirrored (the runner's own `run` would call
+        its own, which no follower would run)."""
+        return self.sample(self.forward(batch))
+
     def readout(self, hidden: Any, rows: list[int], kind: str) -> Any:
         return self._call("readout", (self._ref(hidden), rows, kind), hidden, rows, kind)
 

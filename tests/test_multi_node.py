@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.multi_node import COMMAND_PORT_OFFSET
+from runtime.model_runner import ModelRunner
+from runtime.multi_node import COMMAND_PORT_OFFSET, MirroredRunner
 from server.utils import find_free_port, terminate_process
 from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
@@ -121,6 +122,29 @@ def assert_prompt_top_logprobs(server: ServerProcess, prompt: list[int], logits:
         want = np.argsort(-expected[position])[:3]
         assert [entry[1] for entry in top] == want.tolist(), (position, top, want)
         np.testing.assert_allclose([entry[0] for entry in top], expected[position][want], atol=1e-4)
+
+
+# The runner's public calls that run no device program with the other nodes: a compile (no
+# collective), placing weights on this node's own shards, waits and counts.
+RUNNER_CALLS_LEFT_LOCAL = {
+    "compile_samplers",
+    "wait_for_background_compiles",
+    "place_params",
+    "steps_are_cheap",
+    "num_compiled_programs",
+    "num_step_programs",
+}
+
+
+def test_every_runner_call_with_device_programs_is_mirrored() -> None:
+    """Node 0's `MirroredRunner` hands a call it does not define to its own runner alone; one that
+    runs a device program would then run on node 0 only, and its collectives would wait forever for
+    the followers. So each public call of the runner is mirrored, or named above as local: a new
+    one fails here until it is placed."""
+    public = {name for name in vars(ModelRunner) if not name.startswith("_")}
+    mirrored = {name for name in vars(MirroredRunner) if not name.startswith("_")}
+    assert public - mirrored == RUNNER_CALLS_LEFT_LOCAL
+    assert not RUNNER_CALLS_LEFT_LOCAL & mirrored
 
 
 def test_two_nodes_serve_hf_outputs(nodes: tuple[ServerProcess, subprocess.Popen, Path]) -> None:
