@@ -30,11 +30,13 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     # The server starts with no warm-up: a long request's first steps would compile their programs
     # inline, seconds with no step done (longer when other tests share the cores), which the
     # probe below would wait out. A short request of the same kind compiles them first.
-    short = {**LONG, "max_new_tokens": 32}
-    warm = server.post("/generate", {"input_ids": [5, 6, 7], "sampling_params": short})
-    assert warm.status_code == 200, warm.text
-    yield server
-    server.stop()
+    try:
+        short = {**LONG, "max_new_tokens": 32}
+        warm = server.post("/generate", {"input_ids": [5, 6, 7], "sampling_params": short})
+        assert warm.status_code == 200, warm.text
+        yield server
+    finally:
+        server.stop()
 
 
 def in_background(server: ServerProcess, body: dict[str, Any]) -> tuple[threading.Thread, list[Any]]:
