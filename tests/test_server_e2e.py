@@ -917,7 +917,7 @@ def small_pool_url(tiny_llama_path: Path) -> Iterator[str]:
 
 def test_random_load_on_a_small_pool(small_pool_url: str, chat_prompt: str, tokenizer: Any) -> None:
     """The random load with outputs up to 120 tokens on a pool a few requests fill: retractions,
-    prefix sharing, aborts and departures together (one run retracted 319 times here)."""
+    prefix sharing, aborts and departures together."""
     seed = secrets.randbits(32)
     print(f"seed {seed}")
     prompts = _story_prompts(chat_prompt)
