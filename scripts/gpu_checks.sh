@@ -120,22 +120,31 @@ for step in "${steps[@]}"; do
     # The decode steps alone under XLA flags, each beside one_batch_decode (no flags) on the
     # same machine: slice fusion hands a scanned layer's weight slice straight to the GEMM
     # instead of copying it first (b=64: 97 copies, 0.52 ms a step); no command buffers shows
-    # what XLA's default CUDA graphs give or cost; cuBLAS replaces the Triton GEMM fusions.
-    one_batch_decode | one_batch_slice_fusion | one_batch_no_command_buffers | one_batch_cublas)
+    # what XLA's default CUDA graphs give or cost; cuBLAS replaces the Triton GEMM fusions; both
+    # together (slice fusion hands slices to cuBLAS calls, not to Triton's GEMM fusions).
+    one_batch_decode | one_batch_slice_fusion | one_batch_no_command_buffers | one_batch_cublas | one_batch_cublas_slice_fusion)
         declare -A flags=([one_batch_decode]="" [one_batch_slice_fusion]="--xla_gpu_enable_dynamic_slice_fusion=true"
-            [one_batch_no_command_buffers]="--xla_gpu_enable_command_buffer=" [one_batch_cublas]="--xla_gpu_enable_triton_gemm=false")
+            [one_batch_no_command_buffers]="--xla_gpu_enable_command_buffer=" [one_batch_cublas]="--xla_gpu_enable_triton_gemm=false"
+            [one_batch_cublas_slice_fusion]="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true")
         run_step "$step" 90 env XLA_FLAGS="${XLA_FLAGS:-} ${flags[$step]}" $PY "${ONE_BATCH[@]}" \
             --decode-batches 1 64 --prefill-cases --mixed-cases --output-file "$results/$step.json" ;;
     # Kernel by kernel: where a batch-1 and a batch-64 decode step spend their time (traces stay in /tmp).
-    profile_decode) run_step profile_decode 150 bash -c '$PY "${@}" --attention-backend auto \
-        --decode-batches 1 64 --prefill-cases --mixed-cases --profile-dir /tmp/gpu_traces --profile-steps 5 &&
-        for case in /tmp/gpu_traces/*; do $PY scripts/trace_summary.py "$case" --steps 5 --top 25; done' \
-        _ "${ONE_BATCH[@]}" ;;
+    # profile_decode_unrolled: the same with the layers unrolled (no loop, so XLA's default CUDA
+    # graphs may take the whole step; the second GPU session saw its kernels launched one by one,
+    # before a step's inputs were packed into two buffers).
+    profile_decode | profile_decode_unrolled) run_step "$step" 150 bash -c 'loop=$1; shift
+        $PY "${@}" --attention-backend auto --layer-loop $loop --decode-batches 1 64 --prefill-cases \
+        --mixed-cases --profile-dir /tmp/gpu_traces_$loop --profile-steps 5 --output-file "$results/$0.json" &&
+        for case in /tmp/gpu_traces_$loop/*; do $PY scripts/trace_summary.py "$case" --steps 5 --top 25; done' \
+        "$step" "$([ "$step" = profile_decode ] && echo scan || echo unrolled)" "${ONE_BATCH[@]}" ;;
     host_profile_b64) run_step host_profile_b64 200 bash -c 'serving_host_profile 64' ;;
     serving_pallas_b1) run_step serving_pallas_b1 300 bash -c 'serving pallas 1' ;;
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
+    # The layers unrolled, served (its own programs: a cold warm-up took 150 s in the second GPU session).
+    serving_unrolled_b1 | serving_unrolled_b64) run_step "$step" 300 \
+        bash -c 'serving reference "${0#serving_unrolled_b}" "${0#serving_}" "--layer-loop unrolled"' "$step" ;;
     # serving_reference_b64's workload in one process, no HTTP server, streamed as the server's
     # engine process streams: how much of the served step's host time is the server's (the fourth
     # GPU session: ITL 4.94 ms against a 2.68 ms step), and the scheduler thread's CPU per step.
