@@ -9,20 +9,23 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). First come the serving figures: the fifth GPU session's
-# fixes to a burst's compiles, the engine alone with and without its dispatch thread and the layer loop in CUDA graphs
-# (the served loop is host-bound on a GPU), the host profile, structured output's cost. Then step
-# times and kernels; last, on a machine with two GPUs or more, tensor and data parallelism.
+# (docs/benchmarks.md, GPU section). First the bare decode step under the CUDA-graph settings
+# the sixth GPU session pointed to (the unrolled layers' graph, updated at every launch), then
+# the served figures at batch 1 and 64, the host profile, structured output's cost and a fresh
+# server's first burst; then profiles, step times and kernels; last, on a machine with two GPUs
+# or more, tensor and data parallelism. A step's XLA flags add to $XLA_FLAGS, so a whole run can
+# take a setting: XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP scripts/gpu_checks.sh ...
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env serving_reference_b64 serving_first_burst_b64 offline_b64
-    offline_b64_no_dispatch_thread offline_b64_while_graphs host_profile_b64 offline_tokenizer_b64 offline_constrained_b64 serving_reference_b1
-    serving_unfused_b64 one_batch_decode one_batch_unfused one_batch_auto profile_decode kernel_tests bench_kernels
-    one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion one_batch_command_buffers
-    one_batch_unrolled serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference
-    serving_tp2_b64 serving_dp2_b64)
+[ ${#steps[@]} -gt 0 ] || steps=(env one_batch_decode one_batch_unrolled_skip_temp one_batch_skip_temp
+    one_batch_while_unrolled serving_reference_b1 serving_reference_b64 host_profile_b64 offline_b64
+    offline_tokenizer_b64 offline_constrained_b64 serving_first_burst_b64 profile_decode profile_decode_unrolled
+    offline_b64_no_dispatch_thread offline_b64_while_graphs serving_unfused_b64 one_batch_unfused one_batch_auto
+    kernel_tests bench_kernels one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion
+    one_batch_cublas_slice_fusion one_batch_command_buffers one_batch_unrolled serving_unrolled_b64
+    serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference serving_tp2_b64 serving_dp2_b64)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -122,11 +125,22 @@ for step in "${steps[@]}"; do
     # instead of copying it first (b=64: 97 copies, 0.52 ms a step); no command buffers shows
     # what XLA's default CUDA graphs give or cost; cuBLAS replaces the Triton GEMM fusions; both
     # together (slice fusion hands slices to cuBLAS calls, not to Triton's GEMM fusions).
-    one_batch_decode | one_batch_slice_fusion | one_batch_no_command_buffers | one_batch_cublas | one_batch_cublas_slice_fusion)
+    # SKIP_TEMP: a CUDA graph whose temporary buffer moved between runs is not updated (XLA maps
+    # the buffer at a fixed virtual address instead). The sixth GPU session found the unrolled
+    # step, one large graph, slower pipelined than synced (b=1: 3.26 against 2.37 ms) with the
+    # GPU busy a third of it: a graph updated at every launch, which this flag should spare.
+    # while_unrolled: the scanned loop inside the graphs, unrolled there (weights stay stacked).
+    one_batch_decode | one_batch_slice_fusion | one_batch_no_command_buffers | one_batch_cublas \
+        | one_batch_cublas_slice_fusion | one_batch_skip_temp | one_batch_unrolled_skip_temp | one_batch_while_unrolled)
         declare -A flags=([one_batch_decode]="" [one_batch_slice_fusion]="--xla_gpu_enable_dynamic_slice_fusion=true"
             [one_batch_no_command_buffers]="--xla_gpu_enable_command_buffer=" [one_batch_cublas]="--xla_gpu_enable_triton_gemm=false"
-            [one_batch_cublas_slice_fusion]="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true")
-        run_step "$step" 90 env XLA_FLAGS="${XLA_FLAGS:-} ${flags[$step]}" $PY "${ONE_BATCH[@]}" \
+            [one_batch_cublas_slice_fusion]="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true"
+            [one_batch_skip_temp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+            [one_batch_unrolled_skip_temp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+            [one_batch_while_unrolled]="--xla_gpu_enable_command_buffer=+WHILE --xla_gpu_command_buffer_unroll_loops=true")
+        loop=scan
+        [ "$step" = one_batch_unrolled_skip_temp ] && loop=unrolled
+        run_step "$step" 90 env XLA_FLAGS="${XLA_FLAGS:-} ${flags[$step]}" $PY "${ONE_BATCH[@]}" --layer-loop $loop \
             --decode-batches 1 64 --prefill-cases --mixed-cases --output-file "$results/$step.json" ;;
     # Kernel by kernel: where a batch-1 and a batch-64 decode step spend their time (traces stay in /tmp).
     # profile_decode_unrolled: the same with the layers unrolled (no loop, so XLA's default CUDA
