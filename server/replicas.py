@@ -95,7 +95,7 @@ def _stop_starting(starts: list[concurrent.futures.Future], others: set[Any]) ->
     `EngineClient` until it has loaded), until every start has ended. `others`: the process's
     children from before, left alone."""
     for start in starts:
-        if start.done() and start.exception() is None:
+        if start.done() and not start.cancelled() and start.exception() is None:
             start.result().shutdown()
     while not all(start.done() for start in starts):
         for child in set(multiprocessing.active_children()) - others:
@@ -115,12 +115,15 @@ class EngineReplicas:
             for i in range(count)
         ]
         others = set(multiprocessing.active_children())
+        starts: list[concurrent.futures.Future] = []
         with concurrent.futures.ThreadPoolExecutor(count) as pool:  # they load side by side
-            starts = [
-                pool.submit(EngineClient, one, on_exit, replica_devices(i, server_args.tp_size, visible))
-                for i, one in enumerate(ones)
-            ]
+            # The submits sit inside the `try`: a replica's process may exist before the last
+            # submit returns, and a Ctrl-C there must stop it too. Else the pool's exit waits out
+            # every load: the likely cause of one timeout of the Ctrl-C test on a loaded box.
             try:
+                for i, one in enumerate(ones):
+                    devices = replica_devices(i, server_args.tp_size, visible)
+                    starts.append(pool.submit(EngineClient, one, on_exit, devices))
                 concurrent.futures.wait(starts, return_when=concurrent.futures.FIRST_EXCEPTION)
                 failed = next(
                     (start.exception() for start in starts if start.done() and start.exception()), None
@@ -128,6 +131,7 @@ class EngineReplicas:
                 if failed is not None:
                     raise failed
             except BaseException:  # a replica that cannot start, or Ctrl-C: none may outlive the start
+                pool.shutdown(wait=False, cancel_futures=True)  # a start not yet begun never begins
                 _stop_starting(starts, others)
                 raise
         self.replicas = [start.result() for start in starts]

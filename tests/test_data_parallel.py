@@ -198,6 +198,38 @@ def test_ctrl_c_while_the_replicas_load_stops_them_all(tmp_path: Path) -> None:
         log.close()
 
 
+def test_ctrl_c_between_two_replica_starts_stops_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C that lands after the first replica's process started, before the second is
+    submitted: the start stops at once and leaves no engine process (it used to wait for the
+    first replica to load, then leave it running). The interrupt is raised where the signal
+    handler would raise it; the engine processes are real."""
+    import concurrent.futures
+    import multiprocessing
+
+    from runtime.server_args import ServerArgs
+    from server.replicas import EngineReplicas
+
+    submit = concurrent.futures.ThreadPoolExecutor.submit
+
+    def submit_then_interrupt(pool, fn, *args):
+        if multiprocessing.active_children():  # the first replica's process is up: Ctrl-C now
+            raise KeyboardInterrupt
+        future = submit(pool, fn, *args)
+        deadline = time.monotonic() + 60
+        while not multiprocessing.active_children():
+            assert time.monotonic() < deadline and not future.done(), "the first replica never started"
+            time.sleep(0.01)
+        return future
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", submit_then_interrupt)
+    args = ServerArgs(model_path=str(spec.models_dir() / spec.TINY_LLAMA), dp_size=2, max_total_tokens=4096)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        EngineReplicas(args)
+    assert not multiprocessing.active_children()
+    assert time.monotonic() - start < 30
+
+
 def test_replicas_split_over_devices_of_their_own(tmp_path: Path) -> None:
     """`--dp-size 2 --tp-size 2`: two replicas, each split over two devices (on a CPU, two forced
     devices per engine process): HF's greedy tokens from both."""
