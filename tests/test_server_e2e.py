@@ -1058,7 +1058,11 @@ def test_mutated_bodies_get_a_200_or_a_4xx_and_the_server_keeps_serving(base_url
 def bare_server(
     model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Any, Path]]:
-    """`--skip-tokenizer-init --api-key`, warm-up on, its log kept to check the readiness line."""
+    """`--skip-tokenizer-init --api-key`, warm-up on, its log kept to check the readiness line.
+
+    Its requests are short and one at a time, so 8 rows and 128-token chunks serve them; the
+    warm-up then compiles 9 step programs instead of 24 (the suite's compile time, not the
+    server's behaviour, is what the limits change)."""
     port = find_free_port("127.0.0.1")
     log_path = tmp_path_factory.mktemp("bare") / "server.log"
     argv = [
@@ -1074,6 +1078,10 @@ def bare_server(
         "test-key",
         "--max-total-tokens",
         "4096",
+        "--max-running-requests",
+        "8",
+        "--chunked-prefill-size",
+        "128",
         "--disable-cuda-graph",
         "--trust-remote-code",
         "--cuda-graph-max-bs",
