@@ -143,9 +143,9 @@ for step in "${steps[@]}"; do
         run_step "$step" 90 env XLA_FLAGS="${XLA_FLAGS:-} ${flags[$step]}" $PY "${ONE_BATCH[@]}" --layer-loop $loop \
             --decode-batches 1 64 --prefill-cases --mixed-cases --output-file "$results/$step.json" ;;
     # Kernel by kernel: where a batch-1 and a batch-64 decode step spend their time (traces stay in /tmp).
-    # profile_decode_unrolled: the same with the layers unrolled (no loop: XLA's default CUDA
-    # graphs take the whole step; the sixth GPU session found the GPU busy 1.18 ms of a 4.0 ms
-    # span at b=1, the graph updated at each launch: see SKIP_TEMP above).
+    # profile_decode_unrolled: the same with the layers unrolled (no loop, so XLA's default CUDA
+    # graphs can take the whole step; the sixth GPU session found the GPU busy 1.18 ms of a 4.0 ms
+    # span at b=1, likely the graph updated at each launch: see SKIP_TEMP above).
     profile_decode | profile_decode_unrolled) run_step "$step" 150 bash -c 'loop=$1; shift
         $PY "${@}" --attention-backend auto --layer-loop $loop --decode-batches 1 64 --prefill-cases \
         --mixed-cases --profile-dir /tmp/gpu_traces_$loop --profile-steps 5 --output-file "$results/$0.json" &&
