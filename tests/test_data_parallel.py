@@ -3,7 +3,9 @@ against what one engine answers, on the routes that concern both replicas."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from runtime.engine import Engine
-from server.replicas import merge_stats, replica_devices
+from runtime.server_args import ServerArgs
+from server.replicas import EngineReplicas, merge_stats, replica_devices
 from server.utils import find_free_port
 from tests import fixture_spec as spec
 from tests.conftest import greedy_agrees, load_reference, prompts_of
@@ -203,12 +206,6 @@ def test_ctrl_c_between_two_replica_starts_stops_the_first(monkeypatch: pytest.M
     submitted: the start stops at once and leaves no engine process (it used to wait for the
     first replica to load, then leave it running). The interrupt is raised where the signal
     handler would raise it; the engine processes are real."""
-    import concurrent.futures
-    import multiprocessing
-
-    from runtime.server_args import ServerArgs
-    from server.replicas import EngineReplicas
-
     submit = concurrent.futures.ThreadPoolExecutor.submit
 
     def submit_then_interrupt(pool, fn, *args):
