@@ -277,13 +277,19 @@ class GatedMLP(nnx.Module):
 class KernelBackends:
     """How the kernels run: which implementation each dispatcher uses ("auto": Pallas on a GPU
     where it is the faster, "pallas" or "reference"), the device mesh whose `tp` axis splits
-    the heads and the MLP columns (tensor parallelism; None: one device), and how MoE experts
-    split over it (`models/tensor_parallel.py`)."""
+    the heads and the MLP columns (tensor parallelism; None: one device), how MoE experts
+    split over it (`models/tensor_parallel.py`), and whether the decoder's layer loop is
+    unrolled (`--layer-loop unrolled`)."""
 
     attention: str = "auto"
     moe: str = "auto"
     mesh: jax.sharding.Mesh | None = None
     experts_by_expert: bool = False  # expert parallelism: each device holds whole MoE experts
+    # Each layer then reads its weights at a fixed offset of the stacked buffers, a static
+    # slice, where a scanned step copies each dynamic slice before its GEMM (0.5 ms of a
+    # batch-64 decode step on an H200); with no loop left, XLA's CUDA graphs can take the
+    # whole step (docs/benchmarks.md, seventh GPU session).
+    unroll_layers: bool = False
 
     @property
     def shards(self) -> int:
@@ -515,37 +521,26 @@ class Decoder(nnx.Module):
         v_pool: jax.Array,
         meta: AttentionMetadata,
         backends: KernelBackends,
-        layer_weights: Sequence[Any] | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-        """`(hidden[T, H] after the final norm, k_pool, v_pool, expert_counts int32[L, E] or None)`.
-
-        With `layer_weights` (one state per layer, see `unstack_layer_weights`) the layers run
-        unrolled on those instead of scanned over the stacked weights.
-        """
+        """`(hidden[T, H] after the final norm, k_pool, v_pool, expert_counts int32[L, E] or None)`."""
         cfg = self.cfg
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, cfg.rope, cfg.head_dim)
         graphdef, layer_state = nnx.split(self.layers)
 
         def run_layer(
-            carry: tuple[jax.Array, ...], state: Any, layer: jax.Array
+            carry: tuple[jax.Array, ...], xs: tuple[Any, jax.Array]
         ) -> tuple[Any, jax.Array | None]:
             x, k_pool, v_pool = carry
+            state, layer = xs
             block = nnx.merge(graphdef, state)
             x, k_pool, v_pool, counts = block(x, cos, sin, k_pool, v_pool, layer, meta, backends)
             return (x, k_pool, v_pool), counts
 
-        carry = (x, k_pool, v_pool)
-        if layer_weights is None:
-            layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            carry, counts = jax.lax.scan(lambda c, xs: run_layer(c, *xs), carry, (layer_state, layer_ids))
-        else:
-            per_layer = []
-            for i, state in enumerate(layer_weights):
-                carry, layer_counts = run_layer(carry, state, jnp.int32(i))
-                per_layer.append(layer_counts)
-            counts = None if per_layer[0] is None else jnp.stack(per_layer)
-        x, k_pool, v_pool = carry
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, k_pool, v_pool), counts = jax.lax.scan(
+            run_layer, (x, k_pool, v_pool), (layer_state, layer_ids), unroll=backends.unroll_layers
+        )
         return self.norm(x), k_pool, v_pool, counts
 
 
@@ -607,10 +602,9 @@ class CausalLM(nnx.Module):
         k_pool: jax.Array,
         v_pool: jax.Array,
         meta: AttentionMetadata,
-        layer_weights: Sequence[Any] | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """`(hidden[T, H], k_pool, v_pool, expert_counts)`, see docs/architecture.md."""
-        return self.model(input_ids, positions, k_pool, v_pool, meta, self.kernel_backends, layer_weights)
+        return self.model(input_ids, positions, k_pool, v_pool, meta, self.kernel_backends)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """float32[N, V] logits of hidden states `[N, H]`."""
@@ -779,22 +773,6 @@ class HFTensorReader:
 def stack_layers(per_layer: Sequence[Params]) -> Params:
     """Per-layer trees -> one tree with every leaf stacked on a new leading axis."""
     return jax.tree.map(lambda *leaves: np.stack(leaves), *per_layer)
-
-
-def unstack_layer_weights(params: nnx.State) -> tuple[nnx.State, list[nnx.State]]:
-    """`(params with zero-size stand-ins for the stacked decoder layer weights, one state per layer)`.
-
-    For `Decoder`'s unrolled layers: on a GPU a scanned layer's weight slice is copied
-    before cuBLAS reads it (0.5 ms of a batch-64 decode step on an H200); separate
-    buffers are read where they lie. The stand-ins keep `params` whole for `nnx.merge`,
-    and keep the stacked buffers from staying alive beside the per-layer ones.
-    """
-    stacked = params["model"]["layers"]
-    num_layers = jax.tree.leaves(stacked)[0].shape[0]
-    per_layer = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
-    rest = jax.tree.map(lambda a: a, params)
-    rest["model"]["layers"] = jax.tree.map(lambda a: jnp.zeros((0,), a.dtype), stacked)
-    return rest, per_layer
 
 
 LayerParamsFn = Callable[[DecoderConfig, HFTensorReader, str], Params]

@@ -169,14 +169,10 @@ def load_params_for(
     model: nnx.Module,
     model_path: str,
     load_format: str = "auto",
-    expected: Params | None = None,
     on_host: bool = False,
 ) -> Params:
     """New weights for a serving `model` (hot swap): same architecture and settings, every leaf
     of the same shape, cast to the serving dtypes. WeightError otherwise; the model is untouched.
-
-    `expected`: the serving tree's `param_shapes`, where the model's own arrays are stand-ins
-    (layers unrolled, `unstack_layer_weights`).
     """
     cls = type(model)
     config = load_config(model_path)
@@ -194,5 +190,4 @@ def load_params_for(
             if getattr(settings, f.name) != getattr(model.cfg, f.name)
         ]
         raise WeightError(f"{model_path} changes the model's settings ({'; '.join(changed)})")
-    expected = param_shapes(model) if expected is None else expected
-    return read_params(cls, config, expected, model_path, load_format, on_host)
+    return read_params(cls, config, param_shapes(model), model_path, load_format, on_host)

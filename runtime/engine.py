@@ -23,8 +23,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from models.layers import DecoderConfig, KernelBackends, unstack_layer_weights
-from models.loader import load_model, load_params_for, param_shapes
+from models.layers import DecoderConfig, KernelBackends
+from models.loader import load_model, load_params_for
 from models.pooling import Pooling, load_pooling
 from models.tensor_parallel import (
     group_for_shards,
@@ -117,7 +117,6 @@ class Engine:
         _keep_float32_exact(loaded.dtype)
         self.config = loaded.config
         self.model = loaded.model
-        self.param_shapes = param_shapes(self.model)  # what a weight swap must bring, leaf by leaf
         self.mesh = self._split_over_devices(loaded.architecture)
         if hasattr(self.model, "kernel_backends"):
             self.model.kernel_backends = KernelBackends(
@@ -125,6 +124,7 @@ class Engine:
                 moe=args.moe_backend,
                 mesh=self.mesh,
                 experts_by_expert=self._experts_by_expert,
+                unroll_layers=args.layer_loop == "unrolled",
             )
         self.tokenizer = load_tokenizer(args)
         self.model_info = self._model_info(loaded.architecture)
@@ -234,15 +234,6 @@ class Engine:
                 wanted,
             )
 
-    def _unrolled_layer_weights(self) -> list[nnx.State] | None:
-        """The layer weights split one buffer per layer when the layers run unrolled (the model
-        keeps stand-ins); done before the KV pool takes its share of the free memory."""
-        if self.server_args.layer_loop == "scan":
-            return None
-        params, layer_weights = unstack_layer_weights(nnx.state(self.model))
-        nnx.update(self.model, params)
-        return layer_weights
-
     @property
     def is_follower(self) -> bool:
         """A node other than node 0 of several (`--nnodes`): it runs node 0's steps (`follow`)."""
@@ -259,7 +250,6 @@ class Engine:
         mirrored to the other nodes (`runtime/multi_node.py`)."""
         args = self.server_args
         config = self.config
-        layer_weights = self._unrolled_layer_weights()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         layers = config.num_hidden_layers
@@ -297,7 +287,6 @@ class Engine:
             self.model_info.vocab_size,
             num_experts=int(getattr(config, "num_experts", 0) or 0),
             borrow_programs=args.borrow_compiled_programs,
-            layer_weights=layer_weights,
             fused_greedy={"auto": None, "on": True, "off": False}[args.fused_greedy_sampling],
             mesh=self.mesh,
         )
@@ -601,7 +590,7 @@ class Engine:
                 self.runner.drop_weights()
             return False, f"Failed to update weights: {exc}", 0
         paused = self._swap(new, pooling)
-        # The model object must not pin the weights it was loaded with (or the stand-ins' originals).
+        # The model object must not pin the weights it was loaded with.
         nnx.update(self.model, self.runner.params if self.scheduler is not None else self.encoder.params)
         self.model_info.model_path = model_path
         self.server_args.model_path = model_path
@@ -614,7 +603,6 @@ class Engine:
             self.model,
             model_path,
             load_format or "auto",
-            self.param_shapes,
             on_host=self.mesh is not None,
         )
         if self.mesh is not None:

@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from kernels_pallas.ragged_paged_attention import AttentionMetadata
-from models.layers import unstack_layer_weights
 from models.tensor_parallel import kv_pool_sharding, place
 from runtime.batch import MAX_BORROW_FACTOR, ScheduledBatch, StepShape, sampler_rows
 from runtime.kv_pool import KVPool
@@ -80,14 +79,10 @@ class ModelRunner:
         vocab_size: int,
         num_experts: int = 0,
         borrow_programs: bool = True,
-        layer_weights: list[nnx.State] | None = None,
         fused_greedy: bool | None = None,
         mesh: jax.sharding.Mesh | None = None,
     ) -> None:
-        """`layer_weights`: the decoder layers' weights one state per layer (`model` holding
-        stand-ins, see `unstack_layer_weights`) to run the layers unrolled; None scans them.
-
-        `fused_greedy` (None: on where the backend is not a CPU): every forward also samples
+        """`fused_greedy` (None: on where the backend is not a CPU): every forward also samples
         greedily, with no branch, and an all-greedy step without penalties takes those tokens
         and dispatches no sampler. On a GPU, each dispatch costs the serving loop about a
         millisecond of host time (docs/benchmarks.md), and the general sampler's `lax.cond`s
@@ -99,7 +94,6 @@ class ModelRunner:
         self.mesh = mesh
         self.fused_greedy = jax.default_backend() != "cpu" if fused_greedy is None else fused_greedy
         self.graphdef, self.params = nnx.split(model)
-        self.layer_weights = layer_weights
         self.pool = pool
         self.vocab_size = vocab_size
         self.penalty_rows = max_running_requests + 1  # row 0 serves padding rows
@@ -156,23 +150,12 @@ class ModelRunner:
         entry compiled for uncommitted inputs would not serve them (one wasted compile per shape)."""
         if self.mesh is not None:  # the weights and pools are split already (the engine's doing)
             whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            # but for unrolled layers' zero-size stand-ins (`unstack_layer_weights`)
-            self.params = jax.tree.map(lambda x: x if x.committed else jax.device_put(x, whole), self.params)
             for name in ("output_counts", "prompt_mask", "expert_hist", "recording", "slot_tokens"):
                 setattr(self, name, jax.device_put(getattr(self, name), whole))
             return
         device = self.pool.k_pool.devices().pop()
         self.pool.k_pool, self.pool.v_pool = jax.device_put((self.pool.k_pool, self.pool.v_pool), device)
-        names = (
-            "params",
-            "layer_weights",
-            "output_counts",
-            "prompt_mask",
-            "expert_hist",
-            "recording",
-            "slot_tokens",
-        )
-        for name in names:
+        for name in ("params", "output_counts", "prompt_mask", "expert_hist", "recording", "slot_tokens"):
             setattr(self, name, jax.device_put(getattr(self, name), device))
 
     # -- the step -------------------------------------------------------------------------
@@ -180,7 +163,7 @@ class ModelRunner:
     def _forward_state(self) -> tuple:
         """The device state a step reads: `_forward_fn`'s first seven."""
         return (
-            (self.params, self.layer_weights),
+            self.params,
             self.pool.k_pool,
             self.pool.v_pool,
             self.expert_hist,
@@ -190,12 +173,11 @@ class ModelRunner:
         )
 
     def _forward_fn(
-        self, weights, k_pool, v_pool, expert_hist, recording, slot_tokens, output_counts, inputs, sampling
+        self, params, k_pool, v_pool, expert_hist, recording, slot_tokens, output_counts, inputs, sampling
     ):
         """The model over the flat batch, and the logits of each sequence's last token; with fused
         greedy sampling also `_sample_and_record`'s outputs, which touch the device state only
         where the inputs' `greedy` flag is set."""
-        params, layer_weights = weights
         model = nnx.merge(self.graphdef, params)
         host = inputs.unpack()
         meta = AttentionMetadata(
@@ -208,9 +190,7 @@ class ModelRunner:
         )
         source = host["token_source"]
         input_ids = jnp.where(source >= 0, slot_tokens[jnp.maximum(source, 0)], host["input_ids"])
-        hidden, k_pool, v_pool, expert_counts = model(
-            input_ids, host["positions"], k_pool, v_pool, meta, layer_weights
-        )
+        hidden, k_pool, v_pool, expert_counts = model(input_ids, host["positions"], k_pool, v_pool, meta)
         seqs = host["sample_rows"].shape[0]
         if getattr(type(model), "kind", "causal_lm") == "causal_lm":
             logits = model.compute_logits(hidden[host["sample_rows"]])
@@ -482,23 +462,16 @@ class ModelRunner:
 
     # -- weights and accounting ------------------------------------------------------------------
 
-    def place_params(self, new_params: Any) -> tuple[Any, Any]:
-        """New weights of the serving tree's structure, shapes and dtypes (layers stacked, on the
-        host or a device) placed as the serving ones are, leaf by leaf (split over the devices
-        under tensor parallelism; with unrolled layers, split per layer first): what
-        `swap_params` takes. Done while the old weights still serve; nothing recompiles."""
-        placement = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-        layers = None
-        if self.layer_weights is not None:
-            new_params, layers = unstack_layer_weights(new_params)
-            layers = place(layers, placement(self.layer_weights))
-        return place(new_params, placement(self.params)), layers
+    def place_params(self, new_params: Any) -> Any:
+        """New weights of the serving tree's structure, shapes and dtypes (on the host or a
+        device) placed as the serving ones are, leaf by leaf (split over the devices under
+        tensor parallelism): what `swap_params` takes. Done while the old weights still serve;
+        nothing recompiles."""
+        return place(new_params, jax.tree.map(lambda x: x.sharding, self.params))
 
-    def swap_params(self, placed: tuple[Any, Any]) -> None:
+    def swap_params(self, placed: Any) -> None:
         """Serve the weights `place_params` placed, from the next step on."""
-        self.params, layers = placed
-        if layers is not None:
-            self.layer_weights = layers
+        self.params = placed
 
     def set_recording(self, on: bool) -> None:
         self.recording = jax.device_put(jnp.asarray(1 if on else 0, jnp.int32), self.recording.sharding)

@@ -415,8 +415,8 @@ class ServerArgs:
             default=default("layer_loop"),
             choices=LAYER_LOOPS,
             help="How a step runs the decoder layers: scan (default; one compiled layer in a loop) or "
-            "unrolled (each layer its own code and weight buffer: on a GPU faster prefill and mixed "
-            "steps, slower batch-1 decode, four times the compile time; docs/benchmarks.md).",
+            "unrolled (each layer its own code over the same weights: on an H200 no faster at "
+            "batch 64, much slower at batch 1, longer compiles; docs/benchmarks.md).",
         )
         kern.add_argument(
             "--fused-greedy-sampling",

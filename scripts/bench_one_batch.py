@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bandwidth = machine["bandwidth_gb_s"] * 1e9
     matmul_rate = machine["matmul_gflop_s"] * 1e9
 
+    from models.loader import param_shapes
     from runtime.engine import Engine
     from runtime.server_args import ServerArgs
 
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = []
     try:
         runner, buckets = engine.runner, engine.scheduler.buckets
-        params = jax.tree_util.tree_leaves(engine.param_shapes)
+        params = jax.tree_util.tree_leaves(param_shapes(engine.model))
         weight_bytes = sum(math.prod(p.shape) * p.dtype.itemsize for p in params)
         cost = ModelCost.from_config(config, weight_bytes, params[0].dtype.itemsize)
         rng = np.random.default_rng(0)

@@ -326,9 +326,8 @@ def test_a_tied_head_split_by_vocabulary_over_three_devices(tmp_path: Path) -> N
 
 
 def test_unrolled_layers_split_over_two_devices_swap_without_compiling(tmp_path: Path) -> None:
-    """`--layer-loop unrolled` under tensor parallelism: each layer's own buffers split as the
-    stacked ones are, HF's logprobs, and a weight swap (placed leaf by leaf as the serving
-    weights, stand-ins included) that compiles nothing."""
+    """`--layer-loop unrolled` under tensor parallelism: HF's logprobs, and a weight swap (placed
+    leaf by leaf as the serving weights) that compiles nothing."""
     ref = load_reference(spec.TINY_QWEN2)
     prompt = prompts_of(ref)[1]
     model = spec.models_dir() / spec.TINY_QWEN2
