@@ -308,13 +308,19 @@ def time_case(runner: Any, batch: Any, iters: int, warmup: int) -> tuple[float, 
     return pipelined, statistics.median(synced)
 
 
-def trace_case(runner: Any, batch: Any, directory: Path, steps: int) -> None:
-    """An XLA trace of `steps` steps, each waited for, so the device timeline shows whole steps."""
+def trace_case(runner: Any, batch: Any, directory: Path, steps: int, pipelined: bool = False) -> None:
+    """An XLA trace of `steps` steps, each waited for, so the device timeline shows whole steps;
+    or `pipelined`, launched back to back as the timing's steps are, waited for at the end: the
+    gaps a step launched behind another leaves on the device, and the host's work between."""
     import jax
 
     with jax.profiler.trace(str(directory), create_perfetto_trace=True):
-        for _ in range(steps):
-            runner.run(batch).next_tokens.block_until_ready()
+        if pipelined:
+            launched = [runner.run(batch) for _ in range(steps)]
+            launched[-1].next_tokens.block_until_ready()
+        else:
+            for _ in range(steps):
+                runner.run(batch).next_tokens.block_until_ready()
 
 
 # ----------------------------------------------------------------------------- main
@@ -367,6 +373,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "in a subfolder (read them with scripts/trace_summary.py).",
     )
     parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument(
+        "--profile-pipelined",
+        action="store_true",
+        help="Trace the steps launched back to back (as the ms/step column runs them), not synced.",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # The engine's XLA CPU flags, before the machine measurements start JAX's CPU client.
@@ -432,9 +443,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch = build_batch(case, runner, buckets, page_size, rng)
             pipelined, synced = time_case(runner, batch, args.iters, args.warmup)
             if args.profile_dir:
-                trace_case(
-                    runner, batch, Path(args.profile_dir) / case.name.replace(" ", "_"), args.profile_steps
-                )
+                directory = Path(args.profile_dir) / case.name.replace(" ", "_")
+                trace_case(runner, batch, directory, args.profile_steps, args.profile_pipelined)
             floor = case.bytes_read(cost) / bandwidth
             compute_floor = case.flops(cost) / matmul_rate
             gflops = case.flops(cost) / pipelined / 1e9

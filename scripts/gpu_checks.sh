@@ -9,23 +9,24 @@
 # step (or into $GPU_CHECKS_ARCHIVE), so whatever finished survives the caller's
 # own limit. The machine has no network: the model is the published Qwen2.5-0.5B
 # shape with random weights, and the server's missing packages travel as wheels
-# (docs/benchmarks.md, GPU section). First the bare decode step under the CUDA-graph settings
-# the sixth GPU session pointed to (the unrolled layers' graph, updated at every launch), then
-# the served figures at batch 1 and 64, the host profile, structured output's cost and a fresh
-# server's first burst; then profiles, step times and kernels; last, on a machine with two GPUs
-# or more, tensor and data parallelism. A step's XLA flags add to $XLA_FLAGS, so a whole run can
-# take a setting: XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP scripts/gpu_checks.sh ...
+# (docs/benchmarks.md, GPU section). First the unrolled layers' decode step traced back to
+# back (the seventh GPU session found it fast synced and slow pipelined), then the served
+# figures at batch 1 and 64, the host profile, structured output's cost and a fresh server's
+# first burst; then profiles, step times and kernels; last, on a machine with two GPUs or more,
+# tensor and data parallelism. A step's XLA flags add to $XLA_FLAGS, so a whole run can take a
+# setting: XLA_FLAGS=--xla_gpu_enable_command_buffer= scripts/gpu_checks.sh ...
 set -u
 results=${1:?usage: scripts/gpu_checks.sh RESULTS_DIR [STEP ...]}
 shift
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(env one_batch_decode one_batch_unrolled_skip_temp one_batch_skip_temp
-    one_batch_while_unrolled serving_reference_b1 serving_reference_b64 host_profile_b64 offline_b64
-    offline_tokenizer_b64 offline_constrained_b64 serving_first_burst_b64 profile_decode profile_decode_unrolled
-    offline_b64_no_dispatch_thread offline_b64_while_graphs serving_unfused_b64 one_batch_unfused one_batch_auto
-    kernel_tests bench_kernels one_batch_no_command_buffers one_batch_cublas one_batch_slice_fusion
-    one_batch_cublas_slice_fusion one_batch_command_buffers one_batch_unrolled serving_unrolled_b64
-    serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference serving_tp2_b64 serving_dp2_b64)
+[ ${#steps[@]} -gt 0 ] || steps=(env profile_decode_unrolled profile_decode serving_reference_b1
+    serving_reference_b64 host_profile_b64 offline_b64 offline_tokenizer_b64 offline_constrained_b64
+    serving_first_burst_b64 offline_b64_no_dispatch_thread offline_b64_while_graphs serving_unfused_b64
+    one_batch_unfused one_batch_auto kernel_tests bench_kernels one_batch_decode one_batch_no_command_buffers
+    one_batch_cublas one_batch_slice_fusion one_batch_cublas_slice_fusion one_batch_command_buffers
+    one_batch_unrolled one_batch_unrolled_skip_temp one_batch_skip_temp one_batch_while_unrolled
+    serving_unrolled_b64 serving_pallas_b1 serving_pallas_b64 one_batch_pallas one_batch_reference
+    serving_tp2_b64 serving_dp2_b64)
 mkdir -p "$results"
 archive=${GPU_CHECKS_ARCHIVE:-$results.tgz}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -126,9 +127,8 @@ for step in "${steps[@]}"; do
     # what XLA's default CUDA graphs give or cost; cuBLAS replaces the Triton GEMM fusions; both
     # together (slice fusion hands slices to cuBLAS calls, not to Triton's GEMM fusions).
     # SKIP_TEMP: a CUDA graph whose temporary buffer moved between runs is not updated (XLA maps
-    # the buffer at a fixed virtual address instead). The sixth GPU session found the unrolled
-    # step, one large graph, slower pipelined than synced (b=1: 3.26 against 2.37 ms) with the
-    # GPU busy a third of it: a graph updated at every launch, which this flag should spare.
+    # the buffer at a fixed virtual address instead, with its VMM allocator). Against the
+    # unrolled step's slowness pipelined; it did not help (seventh GPU session).
     # while_unrolled: the scanned loop inside the graphs, unrolled there (weights stay stacked).
     one_batch_decode | one_batch_slice_fusion | one_batch_no_command_buffers | one_batch_cublas \
         | one_batch_cublas_slice_fusion | one_batch_skip_temp | one_batch_unrolled_skip_temp | one_batch_while_unrolled)
@@ -143,20 +143,23 @@ for step in "${steps[@]}"; do
         run_step "$step" 90 env XLA_FLAGS="${XLA_FLAGS:-} ${flags[$step]}" $PY "${ONE_BATCH[@]}" --layer-loop $loop \
             --decode-batches 1 64 --prefill-cases --mixed-cases --output-file "$results/$step.json" ;;
     # Kernel by kernel: where a batch-1 and a batch-64 decode step spend their time (traces stay in /tmp).
-    # profile_decode_unrolled: the same with the layers unrolled (no loop, so XLA's default CUDA
-    # graphs can take the whole step; the sixth GPU session found the GPU busy 1.18 ms of a 4.0 ms
-    # span at b=1, likely the graph updated at each launch: see SKIP_TEMP above).
+    # profile_decode_unrolled: the layers unrolled (no loop, so XLA's default CUDA graphs can take
+    # the whole step), its steps traced back to back: the seventh GPU session found it 2.13 ms
+    # synced and 2.26 pipelined at b=64 (2.02 and 2.98 at b=1), perhaps XLA re-recording the graph
+    # for inputs at new addresses; the trace shows where the device waits between steps.
     profile_decode | profile_decode_unrolled) run_step "$step" 150 bash -c 'loop=$1; shift
         $PY "${@}" --attention-backend auto --layer-loop $loop --decode-batches 1 64 --prefill-cases \
         --mixed-cases --profile-dir /tmp/gpu_traces_$loop --profile-steps 5 --output-file "$results/$0.json" &&
         for case in /tmp/gpu_traces_$loop/*; do $PY scripts/trace_summary.py "$case" --steps 5 --top 25; done' \
-        "$step" "$([ "$step" = profile_decode ] && echo scan || echo unrolled)" "${ONE_BATCH[@]}" ;;
+        "$step" "$([ "$step" = profile_decode ] && echo scan || echo unrolled)" "${ONE_BATCH[@]}" \
+        $([ "$step" = profile_decode_unrolled ] && echo --profile-pipelined) ;;
     host_profile_b64) run_step host_profile_b64 200 bash -c 'serving_host_profile 64' ;;
     serving_pallas_b1) run_step serving_pallas_b1 300 bash -c 'serving pallas 1' ;;
     serving_pallas_b64) run_step serving_pallas_b64 300 bash -c 'serving pallas 64' ;;
     serving_reference_b1) run_step serving_reference_b1 300 bash -c 'serving reference 1' ;;
     serving_reference_b64) run_step serving_reference_b64 300 bash -c 'serving reference 64' ;;
-    # The layers unrolled, served (its own programs: a cold warm-up took 150 s in the second GPU session).
+    # The layers unrolled, served (its own programs: a cold warm-up of the one-buffer-per-layer form took
+    # 150 s in the second GPU session).
     serving_unrolled_b1 | serving_unrolled_b64) run_step "$step" 300 \
         bash -c 'serving reference "${0#serving_unrolled_b}" "${0#serving_}" "--layer-loop unrolled"' "$step" ;;
     # serving_reference_b64's workload in one process, no HTTP server, streamed as the server's

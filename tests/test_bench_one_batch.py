@@ -43,10 +43,12 @@ def test_bench_one_batch_runs_every_case(tiny_llama_path, tmp_path, capsys, give
     assert "decode b=3" in capsys.readouterr().out
 
 
-def test_traced_steps_summarise_op_by_op(tiny_llama_path, tmp_path, capsys):
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_traced_steps_summarise_op_by_op(tiny_llama_path, tmp_path, capsys, pipelined):
     argv = ["--model-path", str(tiny_llama_path), "--decode-batches", "2", "--prefill-cases", "--mixed-cases"]
     argv += ["--iters", "2", "--warmup", "1", "--skip-machine", "--bandwidth", "10", "--matmul-rate", "100"]
-    bench_one_batch.main([*argv, "--profile-dir", str(tmp_path), "--profile-steps", "3"])
+    argv += ["--profile-dir", str(tmp_path), "--profile-steps", "3"] + ["--profile-pipelined"] * pipelined
+    bench_one_batch.main(argv)
     traces = list((tmp_path / "decode_b=2").rglob("*.trace.json.gz"))
     assert len(traces) == 1
     capsys.readouterr()
