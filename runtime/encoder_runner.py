@@ -54,11 +54,19 @@ def _final(
 class EncoderRunner:
     """Batches embedding requests for an encoder model on its own thread."""
 
-    def __init__(self, model: nnx.Module, model_path: str, context_length: int) -> None:
+    def __init__(
+        self,
+        model: nnx.Module,
+        model_path: str,
+        context_length: int,
+        compiler_options: dict[str, Any] | None = None,
+    ) -> None:
         self.graphdef, self.params = nnx.split(model)
         self.pooling = load_pooling(model_path)
         self.context_length = context_length
-        self._encode = jax.jit(self._encode_fn, static_argnames=("pooling",))  # swaps may change it
+        self._encode = jax.jit(  # static pooling: swaps may change it
+            self._encode_fn, static_argnames=("pooling",), compiler_options=compiler_options
+        )
         self._shapes: set[tuple[int, int]] = set()
         self._inbox: queue.Queue = queue.Queue()
         # rids in the inbox, and those of them aborted: answered as aborted when their turn

@@ -143,7 +143,9 @@ class Engine:
         if loaded.architecture == "BertModel":
             from runtime.encoder_runner import EncoderRunner
 
-            self.encoder = EncoderRunner(self.model, args.model_path, self.model_info.context_length)
+            self.encoder = EncoderRunner(
+                self.model, args.model_path, self.model_info.context_length, args.compiler_options
+            )
         else:
             self._warn_if_pooling_differs()
             self._build_scheduler()
@@ -289,6 +291,7 @@ class Engine:
             borrow_programs=args.borrow_compiled_programs,
             fused_greedy={"auto": None, "on": True, "off": False}[args.fused_greedy_sampling],
             mesh=self.mesh,
+            compiler_options=args.compiler_options,
         )
         if self.nodes is not None and not self.is_follower:
             self.runner = multi_node.MirroredRunner(self.runner, self.nodes)

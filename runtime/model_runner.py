@@ -81,6 +81,7 @@ class ModelRunner:
         borrow_programs: bool = True,
         fused_greedy: bool | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        compiler_options: dict[str, Any] | None = None,
     ) -> None:
         """`fused_greedy` (None: on where the backend is not a CPU): every forward also samples
         greedily, with no branch, and an all-greedy step without penalties takes those tokens
@@ -90,7 +91,10 @@ class ModelRunner:
 
         `mesh`: the devices the model's weights and KV pool are split over (tensor parallelism,
         placed so by the engine); the rest of the device state is whole on each of them.
+
+        `compiler_options`: XLA options every program here compiles with (`ServerArgs`).
         """
+        jit = functools.partial(jax.jit, compiler_options=compiler_options)
         self.mesh = mesh
         self.fused_greedy = jax.default_backend() != "cpu" if fused_greedy is None else fused_greedy
         self.graphdef, self.params = nnx.split(model)
@@ -111,12 +115,12 @@ class ModelRunner:
         # The pools and the histogram are written in place; with fused greedy sampling, the slot
         # tokens and output counts too.
         donated = (1, 2, 3, 5, 6) if self.fused_greedy else (1, 2, 3)
-        self._forward = jax.jit(self._forward_fn, donate_argnums=donated)
+        self._forward = jit(self._forward_fn, donate_argnums=donated)
         # The device state's shapes, dtypes and placement, which steps and weight swaps keep.
         self._abstract_state = _abstract(self._forward_state())
         self._abstract_sampler_state = _abstract((self.output_counts, self.prompt_mask, self.slot_tokens))
-        self._sample = jax.jit(self._sample_fn, donate_argnums=(3, 5), static_argnames=("plain",))
-        self._mask_disallowed = jax.jit(mask_disallowed)
+        self._sample = jit(self._sample_fn, donate_argnums=(3, 5), static_argnames=("plain",))
+        self._mask_disallowed = jit(mask_disallowed)
         # A step its forward did not sample that is all greedy without penalties takes a sampler with
         # no branch: off a CPU, each `lax.cond`'s predicate is read back to the host; on a CPU it is
         # the cheaper program (2-core box, batch-32 decode 75.3 -> 73.5 ms, batch 64 172.5 -> 164.7).
@@ -124,10 +128,10 @@ class ModelRunner:
         # a forward takes them when a step's own have another (a wider suppressed-ids table would
         # make the forward compile again).
         self._idle_sampling: dict[int, PackedArrays] = {}
-        self._reset_penalties = jax.jit(reset_penalty_rows, donate_argnums=(0, 1))
-        self._readout = jax.jit(self._readout_fn, static_argnames=("kind",))
-        self._token_logprobs = jax.jit(self._token_logprobs_fn, static_argnames=("whole",))
-        self._full_logprobs = jax.jit(lambda logits: self._whole(full_logprobs(logits)))
+        self._reset_penalties = jit(reset_penalty_rows, donate_argnums=(0, 1))
+        self._readout = jit(self._readout_fn, static_argnames=("kind",))
+        self._token_logprobs = jit(self._token_logprobs_fn, static_argnames=("whole",))
+        self._full_logprobs = jit(lambda logits: self._whole(full_logprobs(logits)))
         # (sampler rows, suppressed-ids width, plain) in _sample's cache
         self._sampler_shapes: set[tuple[int, int, bool]] = set()
         self._background_samplers: dict[tuple[int, int, bool], jax.stages.Compiled] = {}

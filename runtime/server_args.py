@@ -160,6 +160,7 @@ class ServerArgs:
     enable_compile_cache: bool = True
     borrow_compiled_programs: bool = True
     compile_cache_dir: str | None = None
+    xla_backend_optimization_level: int | None = None
 
     def __post_init__(self) -> None:
         """Fill platform defaults and reject settings that cannot work, naming the flag."""
@@ -206,6 +207,9 @@ class ServerArgs:
         _check_choice("--log-level", self.log_level.lower(), LOG_LEVELS)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}.")
+        level = self.xla_backend_optimization_level
+        if level is not None and not 0 <= level <= 3:
+            raise ValueError(f"--xla-backend-optimization-level must be in [0, 3], got {level}.")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"--context-length must be at least 2, got {self.context_length}.")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
@@ -274,6 +278,13 @@ class ServerArgs:
         """The base URL clients use to reach this server."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def compiler_options(self) -> dict[str, Any] | None:
+        """XLA options every program of the engine compiles with (`jax.jit`'s `compiler_options`)."""
+        if self.xla_backend_optimization_level is None:
+            return None
+        return {"xla_backend_optimization_level": self.xla_backend_optimization_level}
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as shown by /get_server_info; the API key is never echoed back."""
@@ -455,6 +466,14 @@ class ServerArgs:
             default=default("borrow_compiled_programs"),
             help="A step of a new shape runs padded to a compiled program while its own compiles in the "
             "background (default on); off: it compiles first, and results never depend on compile timing.",
+        )
+        kern.add_argument(
+            "--xla-backend-optimization-level",
+            type=int,
+            default=None,
+            help="XLA's backend (LLVM) optimisation level for the engine's programs, 0-3 (default: "
+            "XLA's own). 0 compiles faster and runs slower: for models so small that their compiles "
+            "outweigh their steps, as in tests.",
         )
 
         ignored = parser.add_argument_group("reference flags accepted and ignored")

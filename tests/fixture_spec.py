@@ -26,6 +26,20 @@ REFERENCE_JSON = "reference.json"
 SMOLLM2 = paths.DEFAULT_MODEL_NAME
 MINILM = paths.EMBEDDING_MODEL_NAME
 
+
+def compile_level_for(model_path: str | Path) -> int | None:
+    """The `--xla-backend-optimization-level` tests serve `model_path` at. The tiny random models
+    (and copies of them) compile at 0: their programs' compiles outweigh their steps. The real
+    models keep XLA's own level (None), under which their steps run faster."""
+    return None if Path(model_path).name in (SMOLLM2, MINILM) else 0
+
+
+def compile_level_flags(model_path: str | Path) -> tuple[str, ...]:
+    """`compile_level_for` as server flags."""
+    level = compile_level_for(model_path)
+    return () if level is None else ("--xla-backend-optimization-level", str(level))
+
+
 TINY_LLAMA = "tiny-llama"
 TINY_LLAMA_TIED_GQA8 = "tiny-llama-tied-gqa8"
 TINY_QWEN2 = "tiny-qwen2"

@@ -29,6 +29,7 @@ import numpy as np
 import requests
 
 from server.utils import find_free_port, terminate_process, wait_for_server
+from tests.fixture_spec import compile_level_flags
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = float(os.environ.get("SGLAX_TEST_STARTUP_TIMEOUT", "300"))
@@ -99,6 +100,7 @@ def start_server(
         "--port",
         str(port),
         *defaults,
+        *compile_level_flags(model_path),
         *flags,
     ]
     full_env = {**os.environ, **(env or {})}

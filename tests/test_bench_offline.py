@@ -26,7 +26,12 @@ def test_bench_offline_counts_every_token_and_writes_its_result(tmp_path, capsys
         "--model-path",
         str(folder),
         "--server-args",
-        "--max-total-tokens 2048 --max-running-requests 4 --chunked-prefill-size 64",
+        " ".join(
+            [
+                "--max-total-tokens 2048 --max-running-requests 4 --chunked-prefill-size 64",
+                *spec.compile_level_flags(folder),
+            ]
+        ),
         "--num-prompts",
         "6",
         "--input-len-range",

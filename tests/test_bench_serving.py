@@ -56,7 +56,8 @@ def base_url() -> Iterator[str]:
     folder = spec.models_dir() / "tiny-llama"
     if not (folder / "config.json").is_file():
         pytest.skip(f"{folder} missing: run `make fixtures`")
-    server = bench_serving.LaunchedServer(str(folder), SERVER_FLAGS, log=None)
+    flags = [*SERVER_FLAGS, *spec.compile_level_flags(folder)]
+    server = bench_serving.LaunchedServer(str(folder), flags, log=None)
     try:
         ready = server.wait_ready(timeout=300)
         assert ready > 0

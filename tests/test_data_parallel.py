@@ -125,7 +125,8 @@ def test_a_weight_swap_reaches_every_replica(two: ServerProcess) -> None:
     ref = load_reference(spec.TINY_LLAMA)
     prompt = prompts_of(ref)[1]
     other = spec.models_dir() / spec.TINY_LLAMA_SHARDED
-    engine = Engine(model_path=str(other), max_total_tokens=4096)
+    level = spec.compile_level_for(other)
+    engine = Engine(model_path=str(other), max_total_tokens=4096, xla_backend_optimization_level=level)
     try:
         greedy = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
         answer = engine.generate(input_ids=prompt, sampling_params=greedy, return_logprob=True)

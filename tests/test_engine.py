@@ -24,7 +24,7 @@ from runtime.io_struct import EngineRequest
 from runtime.sampling import MIN_SUPPRESSED_WIDTH, is_plain_greedy
 from runtime.sampling_params import SamplingParams
 from tests.conftest import greedy_agrees, load_reference, prompts_of
-from tests.fixture_spec import SMOLLM2, TINY_LLAMA, TINY_QWEN2_MOE
+from tests.fixture_spec import SMOLLM2, TINY_LLAMA, TINY_QWEN2_MOE, compile_level_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +36,7 @@ def _engine(path, **kwargs) -> Engine:
         max_running_requests=32,
         random_seed=0,
         enable_compile_cache=True,
+        xla_backend_optimization_level=compile_level_for(path),
     )
     defaults.update(kwargs)
     return Engine(**defaults)

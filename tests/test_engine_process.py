@@ -28,6 +28,7 @@ from runtime.sampling_params import SamplingParams
 from runtime.server_args import ServerArgs
 from server.engine_client import EngineClient
 from server.utils import find_free_port, terminate_process
+from tests.fixture_spec import compile_level_for
 from tests.server_helpers import start_server
 
 ENGINE_STARTED = re.compile(r"Engine process (\d+) started\.")
@@ -157,7 +158,12 @@ def _run(engine: Any, requests_: list[EngineRequest]) -> dict[str, list[dict[str
 def test_engine_client_streams_what_the_engine_streams(
     tiny_llama_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    args = dict(model_path=str(tiny_llama_path), max_total_tokens=4096, random_seed=0)
+    args = dict(
+        model_path=str(tiny_llama_path),
+        max_total_tokens=4096,
+        random_seed=0,
+        xla_backend_optimization_level=compile_level_for(tiny_llama_path),
+    )
     engine = Engine(ServerArgs(**args))
     try:
         expected = _run(engine, _requests())
@@ -333,7 +339,15 @@ def test_a_crashed_scheduler_answers_its_requests_then_ends_the_engine_process(
 
     from server.engine_worker import OUTPUTS, READY, SUBMIT, EngineWorker
 
-    engine = Engine(ServerArgs(model_path=str(tiny_llama_path), max_total_tokens=1024, random_seed=0))
+    level = compile_level_for(tiny_llama_path)
+    engine = Engine(
+        ServerArgs(
+            model_path=str(tiny_llama_path),
+            max_total_tokens=1024,
+            random_seed=0,
+            xla_backend_optimization_level=level,
+        )
+    )
     here, there = multiprocessing.Pipe()
     worker = EngineWorker(engine, there)
     exits: list[int] = []

@@ -17,6 +17,7 @@ from runtime.grammar import TokenGrammars, _closed_objects, compile_grammar
 from runtime.sampling import SamplingRow, allowed_tokens, make_sampling_batch, mask_disallowed, sample
 from runtime.sampling_params import SamplingParams
 from tests.conftest import greedy_agrees
+from tests.fixture_spec import compile_level_for
 
 PERSON = {
     "type": "object",
@@ -326,7 +327,11 @@ def test_grammar_steps_run_the_warm_ups_samplers(tiny_llama_path) -> None:
     greedy and sampled, compile no sampler (one with the masks inside compiled inline at the first
     grammar step of each row count). The warm-up makes llguidance's view of the tokenizer aside."""
     engine = Engine(
-        model_path=str(tiny_llama_path), max_total_tokens=4096, max_running_requests=16, random_seed=0
+        model_path=str(tiny_llama_path),
+        max_total_tokens=4096,
+        max_running_requests=16,
+        random_seed=0,
+        xla_backend_optimization_level=compile_level_for(tiny_llama_path),
     )
     try:
         engine.warmup()

@@ -65,6 +65,7 @@ def start_follower(address: str, log_path: Path) -> subprocess.Popen:
         str(spec.models_dir() / MODEL),
         *SMALL,
         *NODE_FLAGS,
+        *spec.compile_level_flags(MODEL),  # as start_server gives node 0
         "--max-total-tokens",  # less room here than on node 0: the pool is the size both hold
         str(FOLLOWER_TOKENS),
         "--node-rank",

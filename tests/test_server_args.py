@@ -41,6 +41,12 @@ def test_expert_parallel_flags_parse() -> None:
     assert (args.tp_size, args.ep_size) == (4, 4)
 
 
+def test_the_backend_optimisation_level_reaches_the_compiler_options() -> None:
+    assert ServerArgs(model_path="/m").compiler_options is None
+    args = parse_server_args("--model-path /m --xla-backend-optimization-level 0".split())
+    assert args.compiler_options == {"xla_backend_optimization_level": 0}
+
+
 def test_reference_flags_parse() -> None:
     args = parse_server_args(
         "--model-path /m --tokenizer-path /t --host 0.0.0.0 --port 1234 --is-embedding "
@@ -128,6 +134,7 @@ def test_unknown_flag_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
         ({"layer_loop": "auto"}, "--layer-loop must be one of scan, unrolled"),
         ({"fused_greedy_sampling": "yes"}, "--fused-greedy-sampling must be one of auto, on, off"),
         ({"dispatch_thread": "yes"}, "--dispatch-thread must be one of auto, on, off"),
+        ({"xla_backend_optimization_level": 4}, "--xla-backend-optimization-level must be in [0, 3]"),
         ({"load_format": "pt"}, "--load-format must be one of"),
         ({"context_length": 1}, "--context-length must be at least 2"),
         ({"nnodes": 2, "tp_size": 2}, "--nnodes 2 needs --dist-init-addr host:port"),

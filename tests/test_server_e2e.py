@@ -894,7 +894,7 @@ def tiny_url(tiny_llama_path: Path) -> Iterator[str]:
     compiled inline, and the tiny model's compiles and steps cost a fraction of SmolLM2's."""
     yield from _served(
         f"python3 -m sglang.launch_server --model-path {tiny_llama_path} --host 127.0.0.1 "
-        f"{SERVER_FLAGS} --log-level warning"
+        f"{SERVER_FLAGS} --log-level warning {' '.join(spec.compile_level_flags(tiny_llama_path))}"
     )
 
 
@@ -922,7 +922,7 @@ def small_pool_url(tiny_llama_path: Path) -> Iterator[str]:
     yield from _served(
         f"python3 -m sglang.launch_server --model-path {tiny_llama_path} --host 127.0.0.1 "
         "--max-total-tokens 640 --chunked-prefill-size 64 --max-running-requests 64 --no-warmup "
-        "--log-level warning"
+        f"--log-level warning {' '.join(spec.compile_level_flags(tiny_llama_path))}"
     )
 
 

@@ -242,7 +242,13 @@ def qwen2_tp2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
 
 @pytest.fixture(scope="module")
 def qwen2_one_device() -> Iterator[Engine]:
-    engine = Engine(model_path=str(spec.models_dir() / spec.TINY_QWEN2), max_total_tokens=4096, random_seed=0)
+    model = spec.models_dir() / spec.TINY_QWEN2
+    engine = Engine(
+        model_path=str(model),
+        max_total_tokens=4096,
+        random_seed=0,
+        xla_backend_optimization_level=spec.compile_level_for(model),
+    )
     yield engine
     engine.shutdown()
 
