@@ -81,6 +81,18 @@ def base_url(model_path: Path) -> Iterator[str]:
     )
 
 
+@pytest.fixture(scope="module")
+def tiny_url(tiny_llama_path: Path) -> Iterator[str]:
+    """The main server's flags on the tiny Llama (SmolLM2's tokenizer and vocabulary): for tests
+    of the server's handling, not the model (random loads, fuzzed bodies, streams that leave).
+    Their batches meet many step shapes, each compiled inline, and the tiny model's compiles
+    and steps cost a fraction of SmolLM2's."""
+    yield from _served(
+        f"python3 -m sglang.launch_server --model-path {tiny_llama_path} --host 127.0.0.1 "
+        f"{SERVER_FLAGS} --log-level warning {' '.join(spec.compile_level_flags(tiny_llama_path))}"
+    )
+
+
 def generate(url: str, **body: Any) -> requests.Response:
     return requests.post(url + "/generate", json=body, timeout=300)
 
@@ -887,17 +899,6 @@ def _assert_pool_whole_then_empty(url: str) -> None:
     assert requests.post(url + "/flush_cache", timeout=60).status_code == 200
     info = server_info(url)
     assert info["num_free_pages"] == info["num_total_pages"], info
-
-
-@pytest.fixture(scope="module")
-def tiny_url(tiny_llama_path: Path) -> Iterator[str]:
-    """The main server's flags on the tiny Llama (SmolLM2's tokenizer and vocabulary): for loads
-    that exercise the server, not the model. Its random batches meet many step shapes, each
-    compiled inline, and the tiny model's compiles and steps cost a fraction of SmolLM2's."""
-    yield from _served(
-        f"python3 -m sglang.launch_server --model-path {tiny_llama_path} --host 127.0.0.1 "
-        f"{SERVER_FLAGS} --log-level warning {' '.join(spec.compile_level_flags(tiny_llama_path))}"
-    )
 
 
 def test_random_mixed_load_with_disconnects_and_aborts(
